@@ -1,0 +1,31 @@
+"""nestedfn: functional Nested Learning (multi-timescale) optimizers for MLX.
+
+This module only re-exports the public API; each idea lives in its own module.
+"""
+
+from nestedfn.core import (
+    Optimizer,
+    TrainState,
+    apply_gradients,
+    apply_updates,
+    chain,
+    identity,
+    init,
+    static_step,
+)
+from nestedfn.tree import (
+    PathError,
+    TreeDef,
+    TreeMismatchError,
+    check_fits,
+    flatten,
+    from_flat,
+    leaves,
+    set_paths,
+    to_flat,
+    tree_map,
+    unflatten,
+    update_module,
+)
+
+__version__ = "0.1.0"
