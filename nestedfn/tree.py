@@ -108,9 +108,7 @@ class TreeDef:
         if not isinstance(other, TreeDef) or self._hash != other._hash:
             return False
         return (
-            self.kind == other.kind
-            and self.meta == other.meta
-            and self.children == other.children
+            self.kind == other.kind and self.meta == other.meta and self.children == other.children
         )
 
     def __repr__(self) -> str:
@@ -614,8 +612,9 @@ def _unlanded(current: Any, tree: Any, prefix: str, out: list[tuple[str, str]]) 
         return
     if isinstance(tree, dict):
         for k, v in tree.items():
-            _unlanded(current.get(k) if isinstance(current, dict) else None, v,
-                      _join(prefix, str(k)), out)
+            _unlanded(
+                current.get(k) if isinstance(current, dict) else None, v, _join(prefix, str(k)), out
+            )
     elif isinstance(tree, list):
         for i, v in enumerate(tree):
             c = current[i] if isinstance(current, list) and i < len(current) else None
