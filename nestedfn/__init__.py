@@ -13,6 +13,7 @@ from nestedfn.core import (
     init,
     static_step,
 )
+from nestedfn.distributed import average_gradients
 from nestedfn.tree import (
     PathError,
     TreeDef,

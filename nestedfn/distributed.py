@@ -1,0 +1,339 @@
+"""Data-parallel helpers over MLX's own distributed engine (``mx.distributed``).
+
+Processes are started by ``mlx.launch`` (ring, MPI, NCCL or JACCL backends); every rank runs
+the same program on its own shard of each global batch, and gradients are averaged before the
+optimizer, so every rank applies the identical update and the parameters stay identical.
+
+On one process everything here is a no-op: no backend is initialised (``mx.distributed.init``
+is only called when the environment shows a launcher started us), ``world_size()`` is 1,
+``rank()`` is 0 and the collectives return their input unchanged (the same objects).
+
+Why a flat buffer: a LoRA gradient is hundreds of small arrays (336 for the demo-sized
+adapters), and one collective per array pays per-call latency hundreds of times.  Here the
+leaves of each dtype are concatenated into one buffer, reduced with one ``all_sum`` and split
+back, which is exact (summation is elementwise) and keeps the tree structure exact too
+(``nestedfn.tree.flatten``/``unflatten``, unlike ``mlx.utils.tree_unflatten``).
+
+Every function is traceable by ``mx.compile`` (rank and world size are Python ints fixed for
+the life of the process).  Trees passed to a collective must have the same structure, shapes
+and dtypes on every rank: a mismatch is not detected by the backend (the ring sums buffers of
+different lengths into garbage), so call ``check_identical`` once at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import mlx.core as mx
+
+from nestedfn.tree import flatten, to_flat, unflatten
+
+__all__ = [
+    "DivergenceError",
+    "all_sum",
+    "average_gradients",
+    "broadcast_params",
+    "check_identical",
+    "is_launched",
+    "is_main",
+    "rank",
+    "world",
+    "world_size",
+]
+
+Tree = Any
+Group = mx.distributed.Group
+
+# Environment variables that a launcher sets in every process it starts:
+# mlx.launch (ring, jaccl, nccl) sets MLX_RANK; mpirun sets OMPI_* (Open MPI) or PMI_* (MPICH).
+_LAUNCH_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+_WORLD: Group | None = None
+_WORLD_READY = False
+
+
+class DivergenceError(RuntimeError):
+    """Ranks that must hold identical trees do not; ``paths`` lists the leaves that differ."""
+
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths
+
+
+def _launched_size() -> int | None:
+    """The world size a launcher announced in the environment, ``None`` if not launched.
+
+    ``mlx.launch -n 1`` exports an *empty* ``MLX_HOSTFILE`` on which ``mx.distributed.init``
+    fails with a JSON parse error; we read it as a world of one instead.
+    """
+    env = os.environ
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE"):
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    if "MLX_RANK" not in env:
+        return None
+    hostfile = env.get("MLX_HOSTFILE")
+    if hostfile:  # ring backend: a JSON list with one entry per rank (empty for one rank)
+        try:
+            with open(hostfile) as f:
+                text = f.read().strip()
+        except OSError as e:
+            raise RuntimeError(f"MLX_HOSTFILE={hostfile!r} cannot be read: {e}") from e
+        if not text:
+            return 1
+        try:
+            return len(json.loads(text))
+        except ValueError as e:
+            raise RuntimeError(f"MLX_HOSTFILE={hostfile!r} is not valid JSON: {e}") from e
+    devices = env.get("MLX_IBV_DEVICES")  # jaccl: one row of RDMA devices per rank
+    if devices and os.path.exists(devices):
+        with open(devices) as f:
+            return len(json.load(f))
+    return 2  # launched by an unknown mlx.launch backend: let init() find the size
+
+
+def is_launched() -> bool:
+    """True when a launcher (``mlx.launch``, ``mpirun``) started more than one process."""
+    size = _launched_size()
+    return size is not None and size > 1
+
+
+def world() -> Group | None:
+    """The global group of all launched processes, or ``None`` on a single process.
+
+    Initialised once, on first use, with ``mx.distributed.init(strict=True)``: a launched
+    process that cannot join its peers raises instead of silently training alone (and then
+    writing files as a second "rank 0").
+    """
+    global _WORLD, _WORLD_READY
+    if not _WORLD_READY:
+        if is_launched():
+            group = mx.distributed.init(strict=True)
+            _WORLD = group if group.size() > 1 else None
+        _WORLD_READY = True
+    return _WORLD
+
+
+def _resolve(group: Group | None) -> Group | None:
+    group = world() if group is None else group
+    return group if group is not None and group.size() > 1 else None
+
+
+def world_size(group: Group | None = None) -> int:
+    """Number of processes in ``group`` (default: the global world); 1 when not launched."""
+    g = _resolve(group)
+    return 1 if g is None else g.size()
+
+
+def rank(group: Group | None = None) -> int:
+    """This process's index in ``group`` (default: the global world); 0 when not launched."""
+    g = _resolve(group)
+    return 0 if g is None else g.rank()
+
+
+def is_main(group: Group | None = None) -> bool:
+    """True on rank 0: the one process that writes files and prints progress."""
+    return rank(group) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives on trees
+
+
+def _leaf_paths(tree: Tree) -> list[str]:
+    """Dotted paths of the leaves (for error messages), or ``#i`` where a path cannot say it."""
+    try:
+        return list(to_flat(tree))
+    except Exception:  # keys that a dotted path cannot express: fall back to leaf indices
+        return [f"#{i}" for i in range(len(flatten(tree)[0]))]
+
+
+def _check_arrays(leaves: list[Any], tree: Tree, what: str, floating: bool = False) -> None:
+    for i, x in enumerate(leaves):
+        bad = None
+        if not isinstance(x, mx.array):
+            bad = f"is a {type(x).__name__}, not an mx.array"
+        elif floating and not mx.issubdtype(x.dtype, mx.floating):
+            bad = f"has dtype {x.dtype}; only floating gradients can be averaged"
+        if bad:
+            raise TypeError(f"{what}: leaf {_leaf_paths(tree)[i]!r} {bad}")
+
+
+def _by_dtype(leaves: list[mx.array]) -> dict[mx.Dtype, list[int]]:
+    groups: dict[mx.Dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(x.dtype, []).append(i)
+    return groups
+
+
+def _concat(leaves: list[mx.array], idx: list[int]) -> mx.array:
+    parts = [leaves[i].reshape(-1) for i in idx]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def _split(buf: mx.array, leaves: list[mx.array], idx: list[int]) -> Iterable[mx.array]:
+    if len(idx) == 1:
+        return [buf.reshape(leaves[idx[0]].shape)]
+    offsets, total = [], 0
+    for i in idx[:-1]:
+        total += leaves[i].size
+        offsets.append(total)
+    return (p.reshape(leaves[i].shape) for p, i in zip(mx.split(buf, offsets), idx))
+
+
+def _flat_all_sum(leaves: list[mx.array], group: Group) -> list[mx.array]:
+    """Sum every leaf over ``group`` with one ``all_sum`` per dtype (concatenate, sum, split)."""
+    out: list[mx.array] = list(leaves)
+    for idx in _by_dtype(leaves).values():
+        summed = mx.distributed.all_sum(_concat(leaves, idx), group=group)
+        for i, part in zip(idx, _split(summed, leaves, idx)):
+            out[i] = part
+    return out
+
+
+def all_sum(tree: Tree, group: Group | None = None, *, fused: bool = True) -> Tree:
+    """Elementwise sum of ``tree`` over all processes: ``Σ_r tree_r`` (same structure, dtypes).
+
+    Use it for metrics (loss sums, token counts) as well as gradients.  With ``fused`` (the
+    default) the leaves of each dtype travel in one flat buffer and one ``all_sum``;
+    ``fused=False`` issues one ``all_sum`` per leaf (kept for benchmarks).
+    On one process returns ``tree`` itself.
+    """
+    g = _resolve(group)
+    if g is None:
+        return tree
+    leaves, treedef = flatten(tree)
+    if not leaves:
+        return tree
+    _check_arrays(leaves, tree, "all_sum")
+    if fused:
+        summed = _flat_all_sum(leaves, g)
+    else:
+        summed = [mx.distributed.all_sum(x, group=g) for x in leaves]
+    return unflatten(treedef, summed)
+
+
+def average_gradients(
+    grads: Tree,
+    group: Group | None = None,
+    *,
+    weight: float | mx.array | None = None,
+    fused: bool = True,
+) -> Tree:
+    """Average a gradient tree over all processes, so every rank applies the same update.
+
+    Without ``weight``: ``ḡ = (1/N) Σ_r g_r``, right when every rank's gradient is a mean over
+    the same number of examples/tokens.
+
+    With ``weight`` (this rank's token count, say): ``ḡ = Σ_r w_r g_r / Σ_r w_r``.  If ``g_r``
+    is rank r's per-token mean gradient and ``w_r`` its token count, this is exactly the
+    per-token mean gradient of the whole global batch, i.e. what one process would compute on
+    it, even when padding leaves the ranks with different token counts.  The weight rides in
+    the same float32 buffer as the gradients: still one ``all_sum`` per dtype.
+
+    The leaves must be floating ``mx.array`` s (a clear ``TypeError`` names the path
+    otherwise, on one process too); dtypes are kept.  On one process returns ``grads`` itself
+    (the same objects).
+    """
+    leaves, treedef = flatten(grads)
+    # Checked on one process too, so a bad tree fails on a laptop, not first on the cluster.
+    _check_arrays(leaves, grads, "average_gradients", floating=True)
+    g = _resolve(group)
+    if g is None or not leaves:
+        return grads
+    n = g.size()
+    if weight is None:
+        summed = _flat_all_sum(leaves, g) if fused else _per_leaf(leaves, g)
+        return unflatten(treedef, [s / n for s in summed])
+    if isinstance(weight, mx.array):
+        w = weight.astype(mx.float32).reshape(())
+    else:
+        w = mx.array(float(weight), dtype=mx.float32)
+    scaled = [(x * w).astype(x.dtype) for x in leaves] + [w]
+    summed = _flat_all_sum(scaled, g) if fused else _per_leaf(scaled, g)
+    total = summed[-1]
+    return unflatten(treedef, [(s / total).astype(x.dtype) for s, x in zip(summed[:-1], leaves)])
+
+
+def _per_leaf(leaves: list[mx.array], group: Group) -> list[mx.array]:
+    return [mx.distributed.all_sum(x, group=group) for x in leaves]
+
+
+def broadcast_params(tree: Tree, group: Group | None = None, root: int = 0) -> Tree:
+    """Every rank gets ``root``'s values of ``tree``, bit for bit (structure must match).
+
+    Done with one ``all_gather`` per dtype over the flat buffer, keeping root's slice (exact,
+    NaNs and signed zeros included; costs ``world_size`` times the tree in transit).  Use it
+    at start-up when ranks could have initialised differently.  On one process returns
+    ``tree`` itself.
+    """
+    g = _resolve(group)
+    if g is None:
+        return tree
+    if not 0 <= root < g.size():
+        raise ValueError(f"broadcast_params: root={root} is not a rank of a world of {g.size()}")
+    leaves, treedef = flatten(tree)
+    if not leaves:
+        return tree
+    _check_arrays(leaves, tree, "broadcast_params")
+    out: list[mx.array] = list(leaves)
+    for idx in _by_dtype(leaves).values():
+        buf = _concat(leaves, idx)
+        gathered = mx.distributed.all_gather(buf, group=g)
+        mine = gathered[root * buf.size : (root + 1) * buf.size]
+        for i, part in zip(idx, _split(mine, leaves, idx)):
+            out[i] = part
+    return unflatten(treedef, out)
+
+
+_BITS = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+def _signature(tree: Tree) -> int:
+    """A process-independent checksum of structure, paths, shapes and dtypes (crc32)."""
+    leaves, treedef = flatten(tree)
+    text = repr(treedef) + "|" + ";".join(f"{x.shape}:{x.dtype}" for x in leaves)
+    return zlib.crc32(text.encode())
+
+
+def check_identical(tree: Tree, group: Group | None = None, what: str = "params") -> None:
+    """Raise ``DivergenceError`` unless every rank holds a bit-identical ``tree``.
+
+    First the structure (a checksum of paths, shapes and dtypes: the collectives above would
+    silently mis-sum trees that differ), then the values: the bits of every leaf are reduced
+    with ``all_max`` and ``all_min`` and must agree, which needs no gather.  The message names
+    the leaves that differ.  On one process this does nothing (there is nothing to compare).
+    """
+    g = _resolve(group)
+    if g is None:
+        return
+    leaves, _ = flatten(tree)
+    _check_arrays(leaves, tree, "check_identical")
+    sig = mx.array([_signature(tree)], dtype=mx.uint32)
+    lo, hi = mx.distributed.all_min(sig, group=g), mx.distributed.all_max(sig, group=g)
+    if lo.item() != hi.item():
+        raise DivergenceError(
+            f"{what}: rank {g.rank()} of {g.size()} sees a tree whose structure, shapes or "
+            "dtypes differ from another rank's (same program and config on every rank?)",
+            [],
+        )
+    order: list[int] = []
+    flags: list[mx.array] = []
+    for idx in _by_dtype(leaves).values():
+        buf = _concat(leaves, idx)
+        bits = buf.view(_BITS[buf.dtype.size])
+        neq = mx.distributed.all_max(bits, group=g) != mx.distributed.all_min(bits, group=g)
+        order += idx
+        flags += [part.any() for part in _split(neq, leaves, idx)]
+    differs = mx.stack(flags).tolist() if flags else []
+    differ = sorted(i for i, d in zip(order, differs) if d)
+    if differ:
+        paths = [_leaf_paths(tree)[i] for i in differ]
+        shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+        raise DivergenceError(
+            f"{what}: {len(paths)} leaf/leaves differ across the {g.size()} ranks: {shown}", paths
+        )

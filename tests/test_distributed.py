@@ -1,0 +1,324 @@
+"""Tests for nestedfn.distributed: no-ops on one process, exact collectives on two.
+
+The two-process tests start real processes with ``mlx.launch -n 2`` (ring backend over
+loopback) and compare what each rank computed with a numpy reference computed here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import nestedfn.distributed as dist
+
+LAUNCH_TIMEOUT = 120  # seconds; a hung ring (e.g. a peer that died) must not hang the suite
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers (also used by the end-to-end training test)
+
+
+def _launcher() -> list[str]:
+    """The ``mlx.launch`` next to this interpreter, else the one on PATH, else its module."""
+    here = Path(sys.executable).with_name("mlx.launch")
+    if here.exists():
+        return [str(here)]
+    found = shutil.which("mlx.launch")
+    if found:
+        return [found]
+    try:
+        import mlx._distributed_utils.launch  # noqa: F401
+    except ImportError:
+        pytest.skip("mlx.launch is not available in this MLX install")
+    code = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+    return [sys.executable, "-c", code]
+
+
+def _free_ports(n: int) -> int:
+    """A port p such that p .. p+n-1 are free on loopback now (the ring listens on them)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for k in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
+def launch(args: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=None):
+    """Run ``mlx.launch -n N python ARGS...`` on loopback; return the CompletedProcess.
+
+    ``mlx.launch`` exits 0 even when a rank fails, so callers must check what the ranks
+    wrote.  The launcher and its ranks run in their own process group, killed on timeout.
+    """
+    cmd = [*_launcher(), "-n", str(n), "-p", str(_free_ports(n)), sys.executable, *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mlx.launch timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process: everything is a no-op returning its input
+
+
+def _grads():
+    return {
+        "layers": [{"w": mx.ones((3, 2))}, {}, {"w": mx.zeros((4,), dtype=mx.bfloat16)}],
+        "head": (mx.array(2.0), None),
+    }
+
+
+def test_single_process_world():
+    assert dist.world() is None
+    assert dist.world_size() == 1
+    assert dist.rank() == 0
+    assert dist.is_main()
+    assert not dist.is_launched()
+
+
+def test_single_process_collectives_return_input_unchanged():
+    g = _grads()
+    before = [id(x) for x in (g["layers"][0]["w"], g["layers"][2]["w"], g["head"][0])]
+    for out in (
+        dist.average_gradients(g),
+        dist.average_gradients(g, weight=7),
+        dist.average_gradients(g, fused=False),
+        dist.all_sum(g),
+        dist.broadcast_params(g),
+    ):
+        assert out is g
+    after = [id(x) for x in (g["layers"][0]["w"], g["layers"][2]["w"], g["head"][0])]
+    assert before == after
+    assert dist.check_identical(g) is None
+
+
+def test_average_gradients_rejects_non_float_leaf_on_one_process():
+    with pytest.raises(TypeError, match=r"'layers\.1\.b'.*int32"):
+        dist.average_gradients({"layers": [{"a": mx.ones(2)}, {"b": mx.ones(2, mx.int32)}]})
+    with pytest.raises(TypeError, match=r"'x'.*float, not an mx.array"):
+        dist.average_gradients({"x": 1.5})
+
+
+def test_launch_detection_from_environment(monkeypatch, tmp_path):
+    for var in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not dist.is_launched()
+
+    # mlx.launch -n 1 exports an empty hostfile, on which mx.distributed.init crashes.
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("\n")
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    assert not dist.is_launched()
+
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
+    assert dist.is_launched()
+
+    hostfile.write_text("[not json")
+    with pytest.raises(RuntimeError, match="not valid JSON"):
+        dist.is_launched()
+
+    monkeypatch.delenv("MLX_RANK")
+    monkeypatch.delenv("MLX_HOSTFILE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    assert not dist.is_launched()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert dist.is_launched()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two launched processes
+
+
+def make_inputs(r: int) -> dict:
+    """Rank r's gradient tree as numpy float32 (the same code runs in the ranks and here)."""
+    rng = np.random.default_rng(100 + r)
+
+    def a(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    return {
+        "layers": [{"lora_a": a(5, 3), "lora_b": a(3, 5)}, {}, {"lora_a": a(7), "bias": a()}],
+        "half": a(4, 2),  # travels as float16
+        "brain": a(6),  # travels as bfloat16
+        "empty": a(0, 3),
+        "pair": (a(2), None),
+    }
+
+
+WORKER = """
+import json, sys, traceback
+import numpy as np
+import mlx.core as mx
+import nestedfn.distributed as dist
+from nestedfn.tree import flatten, unflatten, to_flat
+
+CAST = {"half": mx.float16, "brain": mx.bfloat16}
+
+def to_mx(tree):
+    return {k: (unflatten(flatten(v)[1], [mx.array(x) for x in flatten(v)[0]])
+                if k not in CAST else mx.array(v).astype(CAST[k])) for k, v in tree.items()}
+
+def to_np(tree):
+    return {p: np.array(x.astype(mx.float32)) for p, x in to_flat(tree).items()}
+
+out = sys.argv[1]
+r, n = dist.rank(), dist.world_size()
+res = {"rank": r, "size": n, "main": dist.is_main(), "launched": dist.is_launched()}
+arrays = {}
+try:
+    g = to_mx(make_inputs(r))
+    avg = dist.average_gradients(g)
+    res["dtypes"] = {p: str(x.dtype) for p, x in to_flat(avg).items()}
+    res["same_structure"] = flatten(avg)[1] == flatten(g)[1]
+    per_leaf = dist.average_gradients(g, fused=False)
+    res["fused_equals_per_leaf"] = all(
+        bool(mx.array_equal(a, b)) for a, b in zip(flatten(avg)[0], flatten(per_leaf)[0]))
+    weighted = dist.average_gradients(g, weight=mx.array(r + 1))
+    compiled = mx.compile(lambda t: dist.average_gradients(t, weight=r + 1))(g["layers"][0])
+    sums = dist.all_sum({"loss": mx.array(float(r + 1)), "ntok": mx.array(r + 10)})
+    res["sums"] = [sums["loss"].item(), sums["ntok"].item(), str(sums["ntok"].dtype)]
+    bcast = dist.broadcast_params(g)
+    res["bcast_bits_equal_rank0"] = all(
+        np.array_equal(np.array(x.reshape(-1).view(mx.uint8)), np.array(y.reshape(-1).view(mx.uint8)))
+        for x, y in zip(flatten(bcast)[0], flatten(to_mx(make_inputs(0)))[0]))
+    dist.check_identical(bcast)  # must pass
+    try:
+        dist.check_identical(g)
+        res["diverged_paths"] = None
+    except dist.DivergenceError as e:
+        res["diverged_paths"] = e.paths
+    one_off = dict(bcast, half=bcast["half"] + r)
+    try:
+        dist.check_identical(one_off)
+        res["one_off_paths"] = None
+    except dist.DivergenceError as e:
+        res["one_off_paths"] = e.paths
+    try:
+        dist.check_identical({"x": mx.zeros(3 + r)})
+        res["structure_error"] = None
+    except dist.DivergenceError as e:
+        res["structure_error"] = str(e)
+    for name, tree in (("avg", avg), ("weighted", weighted), ("compiled", compiled)):
+        arrays.update({name + ":" + p: x for p, x in to_np(tree).items()})
+    np.savez(f"{out}/rank{r}.npz", **arrays)
+except Exception:
+    res["error"] = traceback.format_exc()
+with open(f"{out}/rank{r}.json", "w") as f:
+    json.dump(res, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run WORKER on 2 launched processes once; return (json results, arrays) per rank."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    script = out / "worker.py"
+    script.write_text(
+        "import numpy as np\n"
+        + textwrap.dedent(inspect.getsource(make_inputs))
+        + textwrap.dedent(WORKER)
+    )
+    proc = launch([str(script), str(out)])
+    results, arrays = [], []
+    for r in range(2):
+        path = out / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote nothing\n{proc.stdout}\n{proc.stderr}"
+        res = json.loads(path.read_text())
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        results.append(res)
+        arrays.append(dict(np.load(out / f"rank{r}.npz")))
+    return results, arrays
+
+
+def _flat_np(tree: dict) -> dict[str, np.ndarray]:
+    from nestedfn.tree import to_flat
+
+    return {p: x for p, x in to_flat(tree).items()}
+
+
+def _tol(path: str) -> dict:
+    if path.startswith("brain"):
+        return {"rtol": 2e-2, "atol": 2e-2}
+    if path.startswith("half"):
+        return {"rtol": 2e-3, "atol": 2e-3}
+    return {"rtol": 1e-6, "atol": 1e-6}
+
+
+def test_two_ranks_world(two_ranks):
+    results, _ = two_ranks
+    assert [(r["rank"], r["size"], r["main"], r["launched"]) for r in results] == [
+        (0, 2, True, True),
+        (1, 2, False, True),
+    ]
+
+
+def test_two_ranks_average_equals_numpy_mean(two_ranks):
+    results, arrays = two_ranks
+    g0, g1 = _flat_np(make_inputs(0)), _flat_np(make_inputs(1))
+    for r in range(2):
+        assert results[r]["same_structure"]
+        assert results[r]["fused_equals_per_leaf"]
+        assert results[r]["dtypes"]["half"] == "mlx.core.float16"
+        assert results[r]["dtypes"]["brain"] == "mlx.core.bfloat16"
+        for p in g0:
+            mean = (g0[p] + g1[p]) / 2
+            np.testing.assert_allclose(arrays[r]["avg:" + p], mean, **_tol(p), err_msg=p)
+            weighted = (1 * g0[p] + 2 * g1[p]) / 3
+            np.testing.assert_allclose(arrays[r]["weighted:" + p], weighted, **_tol(p), err_msg=p)
+        for p in ("lora_a", "lora_b"):
+            ref = (1 * g0["layers.0." + p] + 2 * g1["layers.0." + p]) / 3
+            np.testing.assert_allclose(arrays[r]["compiled:" + p], ref, rtol=1e-6, atol=1e-6)
+    for key in arrays[0]:  # every rank ends with bit-identical averages
+        np.testing.assert_array_equal(arrays[0][key], arrays[1][key], err_msg=key)
+
+
+def test_two_ranks_all_sum_broadcast_and_divergence_check(two_ranks):
+    results, _ = two_ranks
+    nonempty = [p for p, x in _flat_np(make_inputs(0)).items() if x.size]
+    for res in results:
+        assert res["sums"] == [3.0, 21, "mlx.core.int32"]
+        assert res["bcast_bits_equal_rank0"]
+        assert sorted(res["diverged_paths"]) == sorted(nonempty)
+        assert res["one_off_paths"] == ["half"]
+        assert "structure, shapes or dtypes differ" in res["structure_error"]
