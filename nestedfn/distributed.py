@@ -185,14 +185,31 @@ def _split(buf: mx.array, leaves: list[mx.array], idx: list[int]) -> Iterable[mx
     return (p.reshape(leaves[i].shape) for p, i in zip(mx.split(buf, offsets), idx))
 
 
-def _flat_all_sum(leaves: list[mx.array], group: Group) -> list[mx.array]:
-    """Sum every leaf over ``group`` with one ``all_sum`` per dtype (concatenate, sum, split)."""
-    out: list[mx.array] = list(leaves)
+def _reduce_buffers(
+    leaves: list[mx.array], group: Group, scale: mx.array | None = None
+) -> list[tuple[list[int], mx.array]]:
+    """``(leaf indices, summed flat buffer)`` per dtype: one ``all_sum`` per dtype.
+
+    With ``scale`` each buffer is multiplied by it before the sum: one op per dtype, not one
+    per leaf (hundreds of small ops cost more than the communication on a CPU).
+    """
+    out = []
     for idx in _by_dtype(leaves).values():
-        summed = mx.distributed.all_sum(_concat(leaves, idx), group=group)
-        for i, part in zip(idx, _split(summed, leaves, idx)):
-            out[i] = part
+        buf = _concat(leaves, idx)
+        if scale is not None:
+            buf = buf * scale.astype(buf.dtype)
+        out.append((idx, mx.distributed.all_sum(buf, group=group)))
     return out
+
+
+def _unflatten_buffers(
+    treedef: Any, leaves: list[mx.array], buffers: list[tuple[list[int], mx.array]]
+) -> Tree:
+    out: list[mx.array] = list(leaves)
+    for idx, buf in buffers:
+        for i, part in zip(idx, _split(buf, leaves, idx)):
+            out[i] = part
+    return unflatten(treedef, out)
 
 
 def all_sum(tree: Tree, group: Group | None = None, *, fused: bool = True) -> Tree:
@@ -210,11 +227,9 @@ def all_sum(tree: Tree, group: Group | None = None, *, fused: bool = True) -> Tr
     if not leaves:
         return tree
     _check_arrays(leaves, tree, "all_sum")
-    if fused:
-        summed = _flat_all_sum(leaves, g)
-    else:
-        summed = [mx.distributed.all_sum(x, group=g) for x in leaves]
-    return unflatten(treedef, summed)
+    if not fused:
+        return unflatten(treedef, [mx.distributed.all_sum(x, group=g) for x in leaves])
+    return _unflatten_buffers(treedef, leaves, _reduce_buffers(leaves, g))
 
 
 def average_gradients(
@@ -232,8 +247,11 @@ def average_gradients(
     With ``weight`` (this rank's token count, say): ``ḡ = Σ_r w_r g_r / Σ_r w_r``.  If ``g_r``
     is rank r's per-token mean gradient and ``w_r`` its token count, this is exactly the
     per-token mean gradient of the whole global batch, i.e. what one process would compute on
-    it, even when padding leaves the ranks with different token counts.  The weight rides in
-    the same float32 buffer as the gradients: still one ``all_sum`` per dtype.
+    it, even when padding leaves the ranks with different token counts.  The weight rides as
+    one extra float32 element in the flat buffers: still one ``all_sum`` per dtype.
+
+    ``fused=False`` issues one ``all_sum`` per leaf instead (about 10x slower on the 336-leaf
+    LoRA tree over 2 ranks here; kept for ``benchmarks/distributed_allreduce.py``).
 
     The leaves must be floating ``mx.array`` s (a clear ``TypeError`` names the path
     otherwise, on one process too); dtypes are kept.  On one process returns ``grads`` itself
@@ -245,22 +263,33 @@ def average_gradients(
     g = _resolve(group)
     if g is None or not leaves:
         return grads
-    n = g.size()
     if weight is None:
-        summed = _flat_all_sum(leaves, g) if fused else _per_leaf(leaves, g)
-        return unflatten(treedef, [s / n for s in summed])
+        if not fused:
+            return unflatten(
+                treedef, [mx.distributed.all_sum(x, group=g) / g.size() for x in leaves]
+            )
+        buffers = _reduce_buffers(leaves, g)
+        return _unflatten_buffers(treedef, leaves, [(i, b / g.size()) for i, b in buffers])
     if isinstance(weight, mx.array):
         w = weight.astype(mx.float32).reshape(())
     else:
         w = mx.array(float(weight), dtype=mx.float32)
-    scaled = [(x * w).astype(x.dtype) for x in leaves] + [w]
-    summed = _flat_all_sum(scaled, g) if fused else _per_leaf(scaled, g)
-    total = summed[-1]
-    return unflatten(treedef, [(s / total).astype(x.dtype) for s, x in zip(summed[:-1], leaves)])
-
-
-def _per_leaf(leaves: list[mx.array], group: Group) -> list[mx.array]:
-    return [mx.distributed.all_sum(x, group=group) for x in leaves]
+    if not fused:
+        total = mx.distributed.all_sum(w, group=g)
+        summed = [mx.distributed.all_sum(x * w.astype(x.dtype), group=g) for x in leaves]
+        return unflatten(treedef, [(s / total).astype(s.dtype) for s in summed])
+    # A trailing float32 one becomes w after the scaling, so Σ_r w_r arrives in the same sum.
+    extended = [*leaves, mx.ones((), dtype=mx.float32)]
+    buffers = _reduce_buffers(extended, g, scale=w)
+    last = len(leaves)
+    total = next(b for i, b in buffers if i[-1] == last)[-1]
+    averaged = []
+    for idx, buf in buffers:
+        if idx[-1] == last:  # drop the weight's slot
+            idx, buf = idx[:-1], buf[:-1]
+        if idx:
+            averaged.append((idx, (buf / total).astype(buf.dtype)))
+    return _unflatten_buffers(treedef, leaves, averaged)
 
 
 def broadcast_params(tree: Tree, group: Group | None = None, root: int = 0) -> Tree:
