@@ -1,0 +1,119 @@
+"""Compiled training steps: ``compile_step(opt)`` is ``apply_gradients`` under ``mx.compile``.
+
+``mx.compile`` traces a pure function of arrays.  A ``TrainState`` is a tree, so the step
+flattens ``(params, opt_state)`` and ``grads`` with ``nestedfn.tree.flatten``, hands the
+compiled function the leaf lists, and rebuilds the trees inside it with ``unflatten``.
+
+The step count stays a Python int outside (``TrainState.step``), but the graph receives it as
+an ``mx.array`` input so that a schedule ``lr(step)`` does not force a retrace every step.
+Optimizers whose *control flow* depends on the step (nested tiers, gradient accumulation)
+declare ``Optimizer.period`` and branch on ``static_step(step)``; each graph is traced under
+``tracing_step(s)`` for a concrete ``s``, so there is one graph per phase ``step % period``
+(at most ``lcm(frequencies)`` for a nested optimizer), built once and reused.
+
+Graphs are cached per ``(state structure, grads structure, leaf shapes and dtypes, phase)``:
+a change of any of these builds a new graph (counted in ``graphs_built``) instead of
+silently reusing a graph traced for another tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from nestedfn.core import Grads, Optimizer, TrainState, apply_updates, static_step, tracing_step
+from nestedfn.tree import TreeDef, flatten, unflatten
+
+__all__ = ["CompiledStep", "compile_step"]
+
+
+def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
+    """``mx.compile`` only passes arrays through a graph: anything else would be frozen into
+    the graph as a constant and silently go stale, so refuse it naming the path."""
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, mx.array):
+            path = treedef.paths()[i]
+            raise TypeError(
+                f"compile_step: {what} leaf {path!r} is a {type(leaf).__name__}, not an "
+                "mx.array; a compiled step can only carry arrays (keep counters as mx.array)"
+            )
+
+
+def _signature(leaves: list[mx.array]) -> tuple[Any, ...]:
+    return tuple((tuple(x.shape), x.dtype) for x in leaves)
+
+
+class CompiledStep:
+    """``(state, grads) -> state`` equal to ``apply_gradients(opt, state, grads)``, compiled.
+
+    ``graphs_built`` counts the graphs traced so far (1 for a ``period == 1`` optimizer on a
+    fixed tree; ``period`` for one whose control flow repeats every ``period`` steps).
+    """
+
+    def __init__(self, opt: Optimizer, shapeless: bool = False):
+        if not isinstance(opt.period, int) or opt.period < 1:
+            raise ValueError(
+                f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
+            )
+        self.opt = opt
+        self.shapeless = shapeless
+        self._graphs: dict[Any, tuple[Callable[..., Any], list[TreeDef]]] = {}
+
+    @property
+    def graphs_built(self) -> int:
+        """How many compiled graphs this step function has traced."""
+        return len(self._graphs)
+
+    def _build(self, state_td: TreeDef, grads_td: TreeDef, trace_step: int) -> Any:
+        opt = self.opt
+        out_td: list[TreeDef] = []
+
+        def pure_step(step: mx.array, state_leaves: list[mx.array], grad_leaves: list[mx.array]):
+            st = unflatten(state_td, state_leaves)
+            params, opt_state = st["params"], st["opt_state"]
+            grads = unflatten(grads_td, grad_leaves)
+            with tracing_step(trace_step):
+                updates, new_opt_state = opt.update(grads, opt_state, params, step)
+            new_params = apply_updates(params, updates)
+            leaves, td = flatten({"params": new_params, "opt_state": new_opt_state})
+            _check_arrays(leaves, td, "new state")
+            out_td.append(td)
+            return leaves
+
+        return mx.compile(pure_step, shapeless=self.shapeless), out_td
+
+    def __call__(self, state: TrainState, grads: Grads) -> TrainState:
+        step = state.step
+        concrete = step if isinstance(step, int) else static_step(step)
+        state_leaves, state_td = flatten({"params": state.params, "opt_state": state.opt_state})
+        grad_leaves, grads_td = flatten(grads)
+        _check_arrays(state_leaves, state_td, "state")
+        _check_arrays(grad_leaves, grads_td, "grads")
+        key = (
+            state_td,
+            grads_td,
+            concrete % self.opt.period,
+            None if self.shapeless else _signature(state_leaves),
+            None if self.shapeless else _signature(grad_leaves),
+        )
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._build(state_td, grads_td, concrete)
+        fn, out_td = entry
+        out = fn(mx.array(concrete, dtype=mx.int32), state_leaves, grad_leaves)
+        new = unflatten(out_td[0], out)
+        return TrainState(new["params"], new["opt_state"], step + 1)
+
+
+def compile_step(opt: Optimizer, shapeless: bool = False) -> CompiledStep:
+    """A compiled ``(state, grads) -> state`` giving the same results as
+    ``apply_gradients(opt, state, grads)`` (up to float rounding of a schedule evaluated on
+    an ``mx.array`` step instead of a Python int).
+
+    One graph is traced per ``(tree structure, leaf shapes/dtypes, step % opt.period)`` and
+    reused; ``shapeless=True`` lets one graph serve changing leaf shapes (only valid for
+    optimizers whose graph does not depend on shapes).
+    """
+    return CompiledStep(opt, shapeless=shapeless)
