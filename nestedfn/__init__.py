@@ -15,6 +15,7 @@ from nestedfn.core import (
     static_step,
 )
 from nestedfn.distributed import average_gradients
+from nestedfn.nested import NestedState, TierStats, nested, tier_stats
 from nestedfn.tree import (
     PathError,
     TreeDef,

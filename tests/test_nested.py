@@ -1,0 +1,354 @@
+"""Tests for nestedfn.nested: tier schedule, CMS rule, tier-local inner state, errors.
+
+The inner optimizers here are written in the test (a few lines each) so that the expected
+values come from an independent numpy reference, not from nestedfn's own optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nestedfn.core import Optimizer, apply_updates, tracing_step
+from nestedfn.nested import NestedState, TierStats, nested, tier_stats
+from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
+
+
+def sgd(lr: float) -> Optimizer:
+    """Test-local SGD: updates = -lr * g, no state."""
+    return Optimizer(lambda p: (), lambda g, s, p, step: (tree_map(lambda x: -lr * x, g), s))
+
+
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
+    """Test-local Adam with bias correction from the step it is called with (0-based)."""
+
+    def init(p):
+        return (tree_map(mx.zeros_like, p), tree_map(mx.zeros_like, p))
+
+    def update(g, s, p, step):
+        m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, s[0], g)
+        v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, s[1], g)
+        t = step + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        u = tree_map(lambda m, v: -lr * (m / c1) / (mx.sqrt(v / c2) + eps), m, v)
+        return u, (m, v)
+
+    return Optimizer(init, update)
+
+
+def np_adam_step(x, m, v, g, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
+    return x - lr * mh / (np.sqrt(vh) + eps), m, v
+
+
+def run(opt, params, grads_at, steps, start=0):
+    """Apply ``opt`` for ``steps`` steps; ``grads_at(i)`` gives step i's gradient tree."""
+    state = opt.init(params)
+    history = []
+    for i in range(start, start + steps):
+        updates, state = opt.update(grads_at(i), state, params, i)
+        params = apply_updates(params, updates)
+        history.append(params)
+    return params, state, history
+
+
+def three_leaf_params():
+    return {"a": mx.zeros((3,)), "b": mx.zeros((2, 2)), "c": mx.zeros((4,))}
+
+
+TIERS3 = {"a": 0, "b": 1, "c": 2}
+
+
+def test_schedule_10_steps_updates_10_5_2_times_through_the_params():
+    params = three_leaf_params()
+    ones = tree_map(mx.ones_like, params)
+    opt = nested(sgd(1.0), TIERS3, (1, 2, 4))
+    final, state, _ = run(opt, params, lambda i: ones, 10)
+    # constant gradient 1, chunk mean 1, lr 1: each update moves every entry by exactly -1
+    assert np.array_equal(np.array(final["a"]), np.full((3,), -10.0))
+    assert np.array_equal(np.array(final["b"]), np.full((2, 2), -5.0))
+    assert np.array_equal(np.array(final["c"]), np.full((4,), -2.0))
+    assert [s.updates for s in tier_stats(state)] == [10, 5, 2]
+    assert tier_stats(state) == [
+        TierStats(0, 1, 1, 3, 10),
+        TierStats(1, 2, 1, 4, 5),
+        TierStats(2, 4, 1, 4, 2),
+    ]
+    assert opt.period == 4
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_cms_rule_frequency_4_under_sgd_matches_hand_reference(reduce):
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((5, 3)).astype(np.float32)
+    fast0 = rng.standard_normal((2,)).astype(np.float32)
+    gs = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(8)]
+    lr = 0.1
+    params = {"fast": mx.array(fast0), "slow": mx.array(p0)}
+    opt = nested(sgd(lr), {"fast": 0, "slow": 1}, (1, 4), reduce=reduce)
+    grads_at = lambda i: {"fast": mx.ones((2,)), "slow": mx.array(gs[i])}  # noqa: E731
+    _, _, hist = run(opt, params, grads_at, 8)
+    for i in range(3):  # steps 0, 1, 2: not moved at all, bit for bit
+        assert np.array_equal(np.array(hist[i]["slow"]).view(np.uint32), p0.view(np.uint32))
+    chunk = ((np.zeros_like(p0) + gs[0]) + gs[1] + gs[2]) + gs[3]
+    if reduce == "mean":
+        chunk = chunk / np.float32(4)
+    expected = p0 + np.float32(-lr) * chunk
+    np.testing.assert_allclose(np.array(hist[3]["slow"]), expected, rtol=0, atol=1e-6)
+    # the next chunk starts from a reset accumulator: only gradients 4..7 count
+    for i in range(4, 7):
+        assert np.array_equal(np.array(hist[i]["slow"]), np.array(hist[3]["slow"]))
+    chunk2 = ((np.zeros_like(p0) + gs[4]) + gs[5] + gs[6]) + gs[7]
+    if reduce == "mean":
+        chunk2 = chunk2 / np.float32(4)
+    np.testing.assert_allclose(
+        np.array(hist[7]["slow"]), expected + np.float32(-lr) * chunk2, rtol=0, atol=1e-6
+    )
+    # the fast tier moved every step
+    np.testing.assert_allclose(np.array(hist[7]["fast"]), fast0 - 8 * lr, atol=1e-6)
+
+
+def test_inactive_leaves_come_back_bit_identical_including_signed_zero_and_nan():
+    special = mx.array([-0.0, 0.0, float("nan"), float("inf"), -1e-38, 3.5])
+    params = {"fast": mx.ones((2,)), "slow": special, "half": mx.array([-0.0, 2.0], mx.bfloat16)}
+    grads = tree_map(lambda p: mx.ones(p.shape, p.dtype), params)
+    opt = nested(sgd(0.5), {"fast": 0, "slow": 1, "half": 1}, (1, 3))
+    state = opt.init(params)
+    p = params
+    for i in range(2):
+        updates, state = opt.update(grads, state, p, i)
+        new = apply_updates(p, updates)
+        for key in ("slow", "half"):
+            a, b = np.array(new[key].astype(mx.float32)), np.array(p[key].astype(mx.float32))
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), key
+            assert new[key].dtype == p[key].dtype
+        p = new
+    assert not np.array_equal(np.array(p["fast"]), np.ones((2,)))
+
+
+def test_per_tier_adam_state_advances_only_on_its_steps_and_counts_its_updates():
+    rng = np.random.default_rng(1)
+    shapes = {"a": (3,), "b": (2, 3)}
+    x0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    gs = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(9)
+    ]
+    lr = 0.01
+    opt = nested(adam(lr), {"a": 0, "b": 1}, (1, 3))
+    params = {k: mx.array(v) for k, v in x0.items()}
+    state = opt.init(params)
+    ref = {k: [x0[k], np.zeros(shapes[k], np.float32), np.zeros(shapes[k], np.float32)] for k in x0}
+    acc = np.zeros(shapes["b"], np.float32)
+    for i in range(9):
+        before_b = state.inner[1]
+        updates, state = opt.update({k: mx.array(v) for k, v in gs[i].items()}, state, params, i)
+        params = apply_updates(params, updates)
+        ref["a"] = list(np_adam_step(*ref["a"], gs[i]["a"], i, lr))
+        acc = acc + gs[i]["b"]
+        if (i + 1) % 3 == 0:
+            ref["b"] = list(np_adam_step(*ref["b"], acc / 3, (i + 1) // 3 - 1, lr))
+            acc = np.zeros_like(acc)
+        else:  # tier 1's inner state is the very same object: it did not advance
+            assert state.inner[1] is before_b
+        for k in x0:
+            np.testing.assert_allclose(np.array(params[k]), ref[k][0], rtol=1e-5, atol=1e-6)
+    assert [s.updates for s in tier_stats(state)] == [9, 3]
+
+
+def test_one_inner_per_tier_and_function_tiers_by_path():
+    params = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((2,))}], "head": mx.ones((3,))}
+    opt = nested(
+        [sgd(1.0), sgd(10.0)],
+        lambda path, leaf: 0 if path.startswith("layers.0") else 1,
+        (1, 2),
+        reduce="sum",
+    )
+    grads = tree_map(mx.ones_like, params)
+    final, state, _ = run(opt, params, lambda i: grads, 2)
+    np.testing.assert_array_equal(np.array(final["layers"][0]["w"]), [-1.0, -1.0])
+    # tier 1 (lr 10, sum of 2 grads of 1) moved once by -20
+    np.testing.assert_array_equal(np.array(final["layers"][1]["w"]), [-19.0, -19.0])
+    np.testing.assert_array_equal(np.array(final["head"]), [-19.0] * 3)
+    assert [(s.arrays, s.parameters) for s in tier_stats(state)] == [(1, 2), (2, 5)]
+
+
+def test_pure_inputs_untouched_and_state_is_all_arrays():
+    params = three_leaf_params()
+    grads = tree_map(lambda p: mx.ones_like(p) * 2, params)
+    opt = nested(adam(0.1), TIERS3, (1, 2, 4))
+    state = opt.init(params)
+    snap = [np.array(x) for x in flatten((params, grads, state))[0]]
+    opt.update(grads, state, params, 0)
+    assert all(
+        np.array_equal(a, np.array(b)) for a, b in zip(snap, flatten((params, grads, state))[0])
+    )
+    assert all(isinstance(x, mx.array) for x in flatten(state)[0])
+    assert isinstance(state, NestedState)
+
+
+def test_array_step_under_mx_compile_per_phase_matches_eager():
+    """One compiled graph per phase, traced with ``tracing_step``, equals the eager result."""
+    rng = np.random.default_rng(2)
+    params = {k: mx.array(rng.standard_normal((3,)).astype(np.float32)) for k in "abc"}
+    opt = nested(adam(0.1), TIERS3, (1, 2, 4))
+    gs = [
+        tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)), params)
+        for _ in range(8)
+    ]
+    eager, _, _ = run(opt, params, lambda i: gs[i], 8)
+
+    state0 = opt.init(params)
+    _, std = flatten((params, state0))
+    graphs = {}
+
+    def compiled_for(phase):
+        def fn(step, leaves, g_leaves):
+            p, s = unflatten(std, leaves)
+            g = unflatten(flatten(params)[1], g_leaves)
+            with tracing_step(phase):
+                u, s = opt.update(g, s, p, step)
+            return flatten((apply_updates(p, u), s))[0]
+
+        return graphs.setdefault(phase, mx.compile(fn))
+
+    leaves = flatten((params, state0))[0]
+    for i in range(8):
+        leaves = compiled_for(i % opt.period)(mx.array(i), leaves, flatten(gs[i])[0])
+    p, s = unflatten(std, leaves)
+    assert len(graphs) == 4
+    for k in "abc":
+        # Adam's b**t is float32 with an array step, float64 with a Python int step
+        np.testing.assert_allclose(np.array(p[k]), np.array(eager[k]), rtol=2e-5, atol=1e-6)
+    assert [t.updates for t in tier_stats(s)] == [8, 4, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# property: random trees x random tier maps x random frequencies vs a numpy reference loop
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def tiered_problems(draw):
+    n_tiers = draw(st.integers(1, 3))
+    freqs = tuple(draw(st.lists(st.integers(1, 4), min_size=n_tiers, max_size=n_tiers)))
+    n_leaves = draw(st.integers(n_tiers, 6))
+    labels = list(range(n_tiers)) + draw(
+        st.lists(
+            st.integers(0, n_tiers - 1), min_size=n_leaves - n_tiers, max_size=n_leaves - n_tiers
+        )
+    )
+    labels = draw(st.permutations(labels))
+    shapes = draw(
+        st.lists(
+            st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple),
+            min_size=n_leaves,
+            max_size=n_leaves,
+        )
+    )
+    # a tree mixing dicts, lists and tuples: leaves split over nested containers
+    layout = draw(st.sampled_from(["dict", "layers", "tuple"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    reduce = draw(st.sampled_from(["mean", "sum"]))
+    return freqs, labels, shapes, layout, seed, reduce
+
+
+def build(layout, leaves):
+    if layout == "dict":
+        return {f"w{i}": x for i, x in enumerate(leaves)}
+    if layout == "layers":
+        half = len(leaves) // 2
+        return {"layers": [{"x": x} for x in leaves[:half]], "rest": list(leaves[half:])}
+    return (leaves[0], {"inner": tuple(leaves[1:])})
+
+
+@given(tiered_problems())
+def test_property_matches_numpy_reference_over_two_periods(problem):
+    freqs, labels, shapes, layout, seed, reduce = problem
+    rng = np.random.default_rng(seed)
+    x0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    period = math.lcm(*freqs)
+    steps = 2 * period
+    gs = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(steps)]
+    lr = 0.25
+
+    params = build(layout, [mx.array(x) for x in x0])
+    tiers = build(layout, labels)
+    opt = nested(sgd(lr), tiers, freqs, reduce=reduce)
+    final, state, _ = run(opt, params, lambda i: build(layout, [mx.array(g) for g in gs[i]]), steps)
+
+    # reference: plain numpy CMS loop
+    x = [v.copy() for v in x0]
+    acc = [np.zeros_like(v) for v in x0]
+    for i in range(steps):
+        for j, k in enumerate(labels):
+            acc[j] = acc[j] + gs[i][j]
+            if (i + 1) % freqs[k] == 0:
+                chunk = acc[j] / np.float32(freqs[k]) if reduce == "mean" else acc[j]
+                x[j] = x[j] + np.float32(-lr) * chunk
+                acc[j] = np.zeros_like(acc[j])
+    got = flatten(final)[0]
+    for j in range(len(x0)):
+        np.testing.assert_allclose(np.array(got[j]), x[j], rtol=1e-5, atol=1e-5)
+    assert [s.updates for s in tier_stats(state)] == [steps // f for f in freqs]
+    assert opt.period == period
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_error_empty_tier():
+    with pytest.raises(ValueError, match=r"tier 2 \(frequency 4\) has no leaves"):
+        nested(sgd(1.0), {"a": 0, "b": 1, "c": 1}, (1, 2, 4)).init(three_leaf_params())
+
+
+def test_error_leaf_without_tier():
+    opt = nested(sgd(1.0), lambda path, leaf: None if path == "b" else 0, (1,))
+    with pytest.raises(ValueError, match=r"leaf 'b' has no tier"):
+        opt.init(three_leaf_params())
+    with pytest.raises(ValueError, match=r"leaf 'c' has tier 3, out of range"):
+        nested(sgd(1.0), {"a": 0, "b": 1, "c": 3}, (1, 2, 4)).init(three_leaf_params())
+    with pytest.raises(ValueError, match=r"leaf 'a' has no tier"):
+        nested(sgd(1.0), {"a": True, "b": 1, "c": 0}, (1, 2)).init(three_leaf_params())
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2", None])
+def test_error_bad_frequency(bad):
+    with pytest.raises(ValueError, match="is not a positive int"):
+        nested(sgd(1.0), TIERS3, (1, bad, 4))
+
+
+def test_error_labels_shaped_unlike_params():
+    with pytest.raises(
+        TreeMismatchError, match=r"tiers tree is shaped unlike params(.|\n)*c: missing in tiers"
+    ):
+        nested(sgd(1.0), {"a": 0, "b": 1}, (1, 2)).init(three_leaf_params())
+    with pytest.raises(TreeMismatchError, match="shaped unlike params"):
+        nested(sgd(1.0), {"a": 0, "b": None, "c": 1}, (1, 2)).init(three_leaf_params())
+
+
+def test_error_wrong_inner_count_reduce_and_grads():
+    with pytest.raises(ValueError, match="one Optimizer or 3"):
+        nested([sgd(1.0), sgd(1.0)], TIERS3, (1, 2, 4))
+    with pytest.raises(ValueError, match="reduce must be"):
+        nested(sgd(1.0), TIERS3, (1, 2, 4), reduce="max")
+    opt = nested(sgd(1.0), TIERS3, (1, 2, 4))
+    params = three_leaf_params()
+    with pytest.raises(TreeMismatchError, match="grads shaped unlike params"):
+        opt.update({"a": mx.ones((3,))}, opt.init(params), params, 0)
+    with pytest.raises(ValueError, match="no NestedState"):
+        tier_stats(((), ()))
+
+
+def test_tier_stats_finds_state_inside_a_chain_state():
+    params = three_leaf_params()
+    state = nested(sgd(1.0), TIERS3, (1, 2, 4)).init(params)
+    assert tier_stats(((), state)) == tier_stats(state)
