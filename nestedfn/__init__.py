@@ -16,6 +16,7 @@ from nestedfn.core import (
 )
 from nestedfn.distributed import average_gradients
 from nestedfn.nested import NestedState, TierStats, nested, tier_stats
+from nestedfn.tiers import TierRule, by_depth, by_grad_norm, by_pattern, describe, manual
 from nestedfn.tree import (
     PathError,
     TreeDef,

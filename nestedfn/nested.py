@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn.core import Optimizer, OptState, Params, Step, static_step, tracing_step
+from nestedfn.tiers import TierRule, resolve
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = ["NestedState", "TierStats", "nested", "tier_stats"]
@@ -124,20 +125,12 @@ def _make_plan(params: Params, spec: TierSpec, frequencies: tuple[int, ...]) -> 
     empty, the labels tree shaped like params."""
     leaves, td = flatten(params)
     n_tiers = len(frequencies)
+    if isinstance(spec, TierRule):
+        spec = spec.resolve(params)
     if callable(spec):
         labels_leaves = [spec(p, x) for p, x in zip(td.paths(), leaves)]
     else:
-        labels_leaves, ltd = flatten(spec)
-        if ltd != td:
-            try:
-                tree_map(lambda a, b: None, params, spec)
-            except TreeMismatchError as e:
-                raise TreeMismatchError(
-                    _rename(e.problems, "tiers"), "nested: the tiers tree is shaped unlike params"
-                ) from None
-            raise TreeMismatchError(  # same problems tree_map found; unreachable in practice
-                [("", f"{ltd!r} vs {td!r}")], "nested: the tiers tree is shaped unlike params"
-            )
+        labels_leaves = flatten(resolve(spec, params))[0]
     paths = _paths(td)
     index: list[list[int]] = [[] for _ in range(n_tiers)]
     for i, (path, lab) in enumerate(zip(paths, labels_leaves)):

@@ -352,3 +352,16 @@ def test_tier_stats_finds_state_inside_a_chain_state():
     params = three_leaf_params()
     state = nested(sgd(1.0), TIERS3, (1, 2, 4)).init(params)
     assert tier_stats(((), state)) == tier_stats(state)
+
+
+def test_tier_rules_are_checked_when_nested_meets_the_params():
+    from nestedfn.tiers import by_pattern, manual
+    from nestedfn.tree import PathError
+
+    params = three_leaf_params()
+    opt = nested(sgd(1.0), manual({"a": 0, "b": 1}, default=2), (1, 2, 4))
+    assert [s.arrays for s in tier_stats(opt.init(params))] == [1, 1, 1]
+    with pytest.raises(PathError, match="unknown path 'd'"):
+        nested(sgd(1.0), manual({"d": 0}, default=1), (1, 2)).init(params)
+    with pytest.raises(ValueError, match="pattern 'z' matches no parameter path"):
+        nested(sgd(1.0), by_pattern({"z": 0}, default=1), (1, 2)).init(params)
