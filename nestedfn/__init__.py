@@ -15,7 +15,14 @@ from nestedfn.core import (
     static_step,
 )
 from nestedfn.distributed import average_gradients
-from nestedfn.nested import NestedState, TierStats, nested, tier_stats
+from nestedfn.nested import (
+    MultiscaleMomentumState,
+    NestedState,
+    TierStats,
+    multiscale_momentum,
+    nested,
+    tier_stats,
+)
 from nestedfn.tiers import TierRule, by_depth, by_grad_norm, by_pattern, describe, manual
 from nestedfn.tree import (
     PathError,

@@ -365,3 +365,95 @@ def test_tier_rules_are_checked_when_nested_meets_the_params():
         nested(sgd(1.0), manual({"d": 0}, default=1), (1, 2)).init(params)
     with pytest.raises(ValueError, match="pattern 'z' matches no parameter path"):
         nested(sgd(1.0), by_pattern({"z": 0}, default=1), (1, 2)).init(params)
+
+
+# --------------------------------------------------------------------------------------------
+# multiscale_momentum (M3) against a numpy reference of its equations
+# --------------------------------------------------------------------------------------------
+
+
+def np_newton_schulz(g, steps):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.astype(np.float64)
+    tr = x.shape[0] > x.shape[1]
+    x = x.T if tr else x
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tr else x
+
+
+@pytest.mark.parametrize(
+    "form,orthogonalize,slow_every", [("paper", True, 3), ("ema", True, 4), ("paper", False, 1)]
+)
+def test_multiscale_momentum_matches_numpy_reference(form, orthogonalize, slow_every):
+    from nestedfn.nested import multiscale_momentum
+
+    rng = np.random.default_rng(3)
+    shapes = {"w": (5, 3), "u": (3, 6), "bias": (4,)}
+    x = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    lr, b1, b2, b3, alpha, eps = 0.01, 0.9, 0.99, 0.8, 0.5, 1e-8
+    opt = multiscale_momentum(
+        lambda step: lr * (1 + 0 * step),  # a schedule: called with the step
+        b1=b1,
+        b2=b2,
+        b3=b3,
+        alpha=alpha,
+        eps=eps,
+        slow_every=slow_every,
+        ns_steps=5,
+        orthogonalize=orthogonalize,
+        form=form,
+    )
+    assert opt.period == slow_every
+    params = {k: mx.array(v.astype(np.float32)) for k, v in x.items()}
+    state = opt.init(params)
+    mem = {k: {n: np.zeros(s) for n in ("m1", "v", "m2", "o2", "acc")} for k, s in shapes.items()}
+    orth = lambda m: np_newton_schulz(m, 5) if orthogonalize and m.ndim == 2 else m  # noqa: E731
+    for t in range(13):
+        gs = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        updates, state = opt.update(
+            {k: mx.array(g.astype(np.float32)) for k, g in gs.items()}, state, params, t
+        )
+        params = apply_updates(params, updates)
+        for k, g in gs.items():
+            m = mem[k]
+            if form == "paper":
+                m["m1"] = m["m1"] + b1 * g
+                m["v"] = m["v"] + b2 * g * g
+            else:
+                m["m1"] = b1 * m["m1"] + (1 - b1) * g
+                m["v"] = b2 * m["v"] + (1 - b2) * g * g
+            m["acc"] = m["acc"] + g
+            if (t + 1) % slow_every == 0:
+                if form == "paper":
+                    m["m2"] = m["m2"] + b3 * m["acc"]
+                else:
+                    m["m2"] = b3 * m["m2"] + (1 - b3) * m["acc"] / slow_every
+                m["o2"] = orth(m["m2"])
+                m["acc"] = np.zeros_like(m["acc"])
+            x[k] = x[k] - lr * (orth(m["m1"]) + alpha * m["o2"]) / np.sqrt(m["v"] + eps)
+        for k in shapes:
+            np.testing.assert_allclose(np.array(params[k]), x[k], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(state.m2["w"]), mem["w"]["m2"], rtol=1e-4, atol=1e-5)
+
+
+def test_newton_schulz_orthogonalizes():
+    from nestedfn.nested import _newton_schulz
+
+    g = mx.array(np.random.default_rng(4).standard_normal((6, 3)).astype(np.float32))
+    o = np.array(_newton_schulz(g, 5))
+    # Muon's quintic iteration lands singular values in roughly [0.7, 1.2], not exactly 1
+    s = np.linalg.svd(o, compute_uv=False)
+    assert o.shape == (6, 3) and np.all((s > 0.6) & (s < 1.25)), s
+    np.testing.assert_allclose(o, np_newton_schulz(np.array(g), 5), rtol=1e-4, atol=1e-5)
+
+
+def test_multiscale_momentum_errors():
+    from nestedfn.nested import multiscale_momentum
+
+    with pytest.raises(ValueError, match="slow_every must be a positive int"):
+        multiscale_momentum(0.1, slow_every=0)
+    with pytest.raises(ValueError, match="form must be"):
+        multiscale_momentum(0.1, form="adam")
