@@ -23,6 +23,7 @@ inactive tier's inner optimizer is not in its graph at all.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -97,7 +98,8 @@ def _rename(problems: list[tuple[str, str]], second: str) -> list[tuple[str, str
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__.startswith("int")
+    """Python and numpy integers; not ``bool`` (a ``True`` label is a bug, not tier 1)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _prune(node: Any, labels: Any, k: int) -> tuple[Any, bool]:
@@ -168,11 +170,11 @@ def _check_frequencies(frequencies: Sequence[int]) -> tuple[int, ...]:
     if not freqs:
         raise ValueError("nested: frequencies is empty; give at least one tier frequency")
     for k, f in enumerate(freqs):
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+        if not _is_int(f) or f < 1:
             raise ValueError(
                 f"nested: frequency {f!r} of tier {k} is not a positive int (frequencies={freqs!r})"
             )
-    return freqs
+    return tuple(int(f) for f in freqs)
 
 
 def _zero_like(p: Any) -> Any:

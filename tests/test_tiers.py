@@ -184,3 +184,31 @@ def test_resolve_checks_shape():
     with pytest.raises(TreeMismatchError, match="b: missing in tiers"):
         resolve({"a": 0}, params)
     assert resolve(lambda p, x: int(x.size), params) == {"a": 2, "b": 3}
+
+
+def test_by_depth_drives_nested_on_the_lora_model_every_tier_moves_on_its_steps(lora_params):
+    """The seed app's failure (tiers matching no real path) made slow tiers never move: here
+    each tier's leaves change exactly on that tier's steps, seen through the params."""
+    from nestedfn.core import Optimizer, apply_updates
+    from nestedfn.nested import nested, tier_stats
+    from nestedfn.tree import tree_map
+
+    sgd = Optimizer(lambda p: (), lambda g, s, p, step: (tree_map(lambda x: -0.1 * x, g), s))
+    labels = by_depth(lora_params, 3)
+    opt = nested(sgd, labels, (1, 2, 4))
+    state = opt.init(lora_params)
+    assert [t.parameters for t in tier_stats(state)] == tier_sizes(labels, lora_params, 3)
+    params = lora_params
+    tier_of = flatten(labels)[0]
+    for step in range(4):
+        grads = tree_map(lambda p: mx.ones(p.shape, p.dtype), params)
+        updates, state = opt.update(grads, state, params, step)
+        new = apply_updates(params, updates)
+        moved = [
+            not np.array_equal(np.array(a), np.array(b))
+            for a, b in zip(flatten(new)[0], flatten(params)[0])
+        ]
+        for k, freq in enumerate((1, 2, 4)):
+            in_k = [m for m, t in zip(moved, tier_of) if t == k]
+            assert all(in_k) if (step + 1) % freq == 0 else not any(in_k), (step, k)
+        params = new
