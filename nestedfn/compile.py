@@ -33,7 +33,6 @@ from nestedfn.core import (
     tracing_step,
 )
 from nestedfn.packing import (
-    DEFAULT_CHUNK,
     NotPackableError,
     PackLayout,
     StatePlan,
@@ -131,7 +130,7 @@ def compile_step(
     opt: Optimizer,
     shapeless: bool = False,
     packed: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     verify: bool = True,
 ) -> CompiledStep | PackedCompiledStep:
     """A compiled ``(state, grads) -> state`` giving the same results as
@@ -143,7 +142,7 @@ def compile_step(
     optimizers whose graph does not depend on shapes).
 
     ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
-    elements per dtype (``PackedCompiledStep``): same inputs, outputs and tree layout, far
+    elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``) (``PackedCompiledStep``): same inputs, outputs and tree layout, far
     fewer kernel dispatches on trees of many small arrays.  ``verify`` checks its first step
     of every graph against the eager per-leaf step.
     """
@@ -182,7 +181,7 @@ class PackedCompiledStep:
     and a mismatch raises ``NotPackableError`` naming the path.
     """
 
-    def __init__(self, opt: Optimizer, chunk_size: int = DEFAULT_CHUNK, verify: bool = True):
+    def __init__(self, opt: Optimizer, chunk_size: int | None = None, verify: bool = True):
         if not isinstance(opt.period, int) or opt.period < 1:
             raise ValueError(
                 f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"

@@ -28,6 +28,7 @@ __all__ = [
     "NotPackableError",
     "PackLayout",
     "StatePlan",
+    "default_chunk",
     "pack",
     "pack_layout",
     "pack_state",
@@ -36,7 +37,19 @@ __all__ = [
     "unpack_state",
 ]
 
-DEFAULT_CHUNK = 1 << 22  # elements per buffer (16 MB of float32)
+CPU_CHUNK = 1 << 18  # elements per buffer on the CPU (1 MB of float32)
+GPU_CHUNK = 1 << 26  # on a GPU: one buffer per dtype for any adapter-sized tree
+
+
+def default_chunk() -> int:
+    """Buffer size for the default device.
+
+    On the CPU, small buffers keep every allocation under glibc's mmap threshold, so a step's
+    fresh outputs reuse heap pages instead of page-faulting new ones (a 4.4M-element Adam
+    update measured 33 ms as one buffer, 19 ms as 1M-element buffers on this machine).  On a
+    GPU every buffer is one kernel launch, so fewer is better.
+    """
+    return CPU_CHUNK if mx.default_device() == mx.cpu else GPU_CHUNK
 
 
 class NotPackableError(ValueError):
@@ -60,10 +73,12 @@ class PackLayout(NamedTuple):
 
 
 def pack_layout(
-    leaves: list[mx.array], treedef: TreeDef, chunk_size: int = DEFAULT_CHUNK
+    leaves: list[mx.array], treedef: TreeDef, chunk_size: int | None = None
 ) -> PackLayout:
     """Group ``leaves`` by dtype (first-seen order) and cut each group into buffers that close
-    as soon as they reach ``chunk_size`` elements."""
+    as soon as they reach ``chunk_size`` elements (``default_chunk()`` when ``None``)."""
+    if chunk_size is None:
+        chunk_size = default_chunk()
     if chunk_size < 1:
         raise ValueError(f"pack_layout: chunk_size must be >= 1, got {chunk_size}")
     paths = None
