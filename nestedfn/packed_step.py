@@ -1,0 +1,303 @@
+"""``compile_step(opt, packed=True)``: an elementwise optimizer stepped on flat buffers.
+
+Why: on a tree of hundreds of small arrays (a LoRA adapter: 336 arrays) a compiled step still
+launches one fused kernel per leaf and per operation group, and Python walks every leaf;
+dispatch, not arithmetic, dominates.  Here the optimizer state lives in a few flat buffers
+per dtype (``nestedfn.packing``) and one step is
+
+1. the gradient leaves concatenated into the buffers' layout (inside the compiled graph);
+2. ``opt.update`` once over the buffers: one fused kernel per buffer;
+3. the new params returned as zero-copy views of the new param buffers, in the params' own
+   tree layout (what the model needs); the state stays packed (``PackedState``).
+
+When the next call receives exactly the views it returned (the usual training loop), the
+param buffers behind them are reused; any other params (edited, restored) are packed afresh,
+so results never depend on that cache.  A tree-layout ``opt_state`` (from ``nestedfn.init``
+or a checkpoint) is accepted and packed on the way in; ``unpack_state`` gives the tree
+layout back.
+
+Valid for optimizers that are elementwise over params (Adam, SGD, momentum, Lion, weight
+decay without a mask, ...; global reductions such as ``clip_by_global_norm`` are fine).
+Per-leaf shapes, labels, masks or tier maps are not: with ``verify`` (default) the first step
+of every graph is also computed eagerly per leaf and a mismatch raises ``NotPackableError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+from nestedfn.core import (
+    Grads,
+    Optimizer,
+    OptState,
+    Params,
+    TrainState,
+    apply_gradients,
+    apply_updates,
+    static_step,
+    tracing_step,
+)
+from nestedfn.packing import (
+    NotPackableError,
+    PackLayout,
+    StatePlan,
+    pack,
+    pack_layout,
+    pack_state,
+    plan_state,
+    unpack,
+    unpack_state,
+)
+from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
+
+__all__ = ["PackedCompiledStep", "PackedState"]
+
+
+class PackedState(NamedTuple):
+    """The ``opt_state`` a packed step returns: the optimizer's state over flat buffers."""
+
+    inner: OptState
+
+
+def _leaves_key(tree: Any, out: list) -> Any:
+    """Leaves of ``tree`` (``flatten`` order) appended to ``out``; returns a hashable key equal
+    for equal structures.  A fast path for the per-step check (``flatten`` builds a TreeDef
+    per node; this builds tuples)."""
+    if isinstance(tree, dict):
+        return (dict, tuple(tree), tuple([_leaves_key(v, out) for v in tree.values()]))
+    if isinstance(tree, list):
+        return (list, tuple([_leaves_key(v, out) for v in tree]))
+    if isinstance(tree, tuple):
+        return (type(tree), tuple([_leaves_key(v, out) for v in tree]))
+    if tree is None:
+        return None
+    out.append(tree)
+    return 0
+
+
+def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, mx.array):
+            raise TypeError(
+                f"compile_step(packed=True): {what} leaf {treedef.paths()[i]!r} is a "
+                f"{type(leaf).__name__}, not an mx.array"
+            )
+
+
+class _Layout(NamedTuple):
+    """Everything fixed by one params structure (shapes and dtypes included)."""
+
+    layout: PackLayout
+    params_def: TreeDef
+    packed_def: TreeDef  # structure of opt.init(buffers)
+    tree_def: TreeDef  # structure of opt.init(params)
+    plan: StatePlan
+    packed_sig: tuple  # (shape, dtype) of every packed-state leaf
+
+
+class _Last(NamedTuple):
+    key: Any
+    views: tuple
+    buffers: list
+    entry: _Layout
+
+
+class PackedCompiledStep:
+    """``(state, grads) -> state``: ``apply_gradients`` on flat buffers, compiled.
+
+    ``state.params`` is the usual tree; ``state.opt_state`` is a ``PackedState`` (or, on the
+    way in, the tree layout ``opt.init(params)`` makes).  ``graphs_built`` counts compiled
+    graphs (one per params layout and ``step % opt.period``).
+    """
+
+    def __init__(self, opt: Optimizer, chunk_size: int | None = None, verify: bool = True):
+        if not isinstance(opt.period, int) or opt.period < 1:
+            raise ValueError(
+                f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
+            )
+        self.opt = opt
+        self.chunk_size = chunk_size
+        self.verify = verify
+        self._layouts: dict[Any, _Layout] = {}
+        self._graphs: dict[Any, Callable[..., Any]] = {}
+        self._verified: set[Any] = set()
+        self._last: _Last | None = None
+
+    @property
+    def graphs_built(self) -> int:
+        """How many compiled graphs this step function has traced."""
+        return len(self._graphs)
+
+    # -- layouts ---------------------------------------------------------------------------
+
+    def _entry(self, params: Params) -> tuple[_Layout, list[mx.array]]:
+        """The layout for ``params`` (cached per structure, shapes and dtypes) and its leaves."""
+        leaves, td = flatten(params)
+        _check_arrays(leaves, td, "params")
+        key = (td, tuple((tuple(x.shape), x.dtype) for x in leaves))
+        entry = self._layouts.get(key)
+        if entry is None:
+            entry = self._layouts[key] = self._make_layout(params, leaves, td)
+        return entry, leaves
+
+    def _make_layout(self, params: Params, leaves: list[mx.array], td: TreeDef) -> _Layout:
+        layout = pack_layout(leaves, td, self.chunk_size)
+        zeros = [
+            mx.zeros((n,), dtype=leaves[idx[0]].dtype)
+            for n, idx in zip(layout.sizes, layout.buffers)
+        ]
+        try:
+            packed_leaves, packed_def = flatten(self.opt.init(zeros))
+        except (ValueError, TypeError, LookupError) as e:
+            raise NotPackableError(
+                "compile_step(packed=True): the optimizer cannot be initialised on packed "
+                f"buffers ({type(e).__name__}: {e}); it is not elementwise over params, use "
+                "compile_step(opt) instead"
+            ) from e
+        _check_arrays(packed_leaves, packed_def, "packed opt_state")
+        tree_def = flatten(self.opt.init(params))[1]
+        plan = plan_state(tree_def, packed_def, td, flatten(zeros)[1])
+        sig = tuple((tuple(x.shape), x.dtype) for x in packed_leaves)
+        return _Layout(layout, td, packed_def, tree_def, plan, sig)
+
+    # -- state conversions -----------------------------------------------------------------
+
+    def pack_state(self, state: TrainState) -> TrainState:
+        """``state`` with a tree-layout ``opt_state`` converted to a ``PackedState``."""
+        if isinstance(state.opt_state, PackedState):
+            return state
+        entry, _ = self._entry(state.params)
+        return state._replace(opt_state=PackedState(self._pack_tree_state(entry, state.opt_state)))
+
+    def unpack_state(self, state: TrainState) -> TrainState:
+        """``state`` with its ``PackedState`` as the tree layout ``opt.init(params)`` makes
+        (params-shaped parts as views of the buffers): for checkpoints, inspection, or
+        ``apply_gradients``."""
+        if not isinstance(state.opt_state, PackedState):
+            return state
+        entry, _ = self._entry(state.params)
+        leaves = self._packed_leaves(entry, state.opt_state)
+        tree = unflatten(entry.tree_def, unpack_state(entry.plan, entry.layout, leaves))
+        return state._replace(opt_state=tree)
+
+    def init(self, params: Params) -> TrainState:
+        """``nestedfn.init(opt, params)`` with the state packed."""
+        return self.pack_state(TrainState(params, self.opt.init(params), 0))
+
+    def _pack_tree_state(self, entry: _Layout, opt_state: OptState) -> OptState:
+        leaves, td = flatten(opt_state)
+        if td != entry.tree_def:
+            raise TreeMismatchError(
+                [("opt_state", f"{td!r} vs opt.init(params) {entry.tree_def!r}")],
+                "compile_step(packed=True): opt_state is shaped unlike opt.init(params)",
+            )
+        _check_arrays(leaves, td, "opt_state")
+        return unflatten(entry.packed_def, pack_state(entry.plan, entry.layout, leaves))
+
+    def _packed_leaves(self, entry: _Layout, packed: PackedState) -> list[mx.array]:
+        leaves: list = []
+        _leaves_key(packed.inner, leaves)
+        sig = tuple((tuple(x.shape), x.dtype) if isinstance(x, mx.array) else x for x in leaves)
+        if sig != entry.packed_sig or flatten(packed.inner)[1] != entry.packed_def:
+            raise TreeMismatchError(
+                [("opt_state", "a PackedState made for another params layout or optimizer")],
+                "compile_step(packed=True): opt_state does not fit these params",
+            )
+        return leaves
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _build(self, entry: _Layout, trace_step: int) -> Callable[..., Any]:
+        opt, layout, packed_def = self.opt, entry.layout, entry.packed_def
+
+        def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_leaves: list) -> list:
+            g_bufs = pack(layout, g_leaves)
+            opt_state = unflatten(packed_def, ps_leaves)
+            with tracing_step(trace_step):
+                updates, new_state = opt.update(g_bufs, opt_state, list(p_bufs), step)
+            new_p = apply_updates(list(p_bufs), updates)
+            leaves, td = flatten(new_state)
+            if td != packed_def:
+                raise NotPackableError(
+                    "compile_step(packed=True): the optimizer's state changed structure from "
+                    f"{packed_def!r} to {td!r} in one step"
+                )
+            _check_arrays(leaves, td, "new packed opt_state")
+            return list(new_p) + leaves
+
+        return mx.compile(pure_step)
+
+    def __call__(self, state: TrainState, grads: Grads) -> TrainState:
+        step = state.step
+        concrete = step if isinstance(step, int) else static_step(step)
+        p_leaves: list = []
+        p_key = _leaves_key(state.params, p_leaves)
+        last = self._last
+        if (
+            last is not None
+            and last.key == p_key
+            and len(last.views) == len(p_leaves)
+            and all(a is b for a, b in zip(last.views, p_leaves))
+        ):
+            entry, p_bufs = last.entry, last.buffers
+        else:
+            entry, p_leaves = self._entry(state.params)
+            p_bufs = pack(entry.layout, p_leaves)
+        g_leaves: list = []
+        g_key = _leaves_key(grads, g_leaves)
+        if g_key != p_key or any(
+            not isinstance(g, mx.array) or g.shape != p.shape for g, p in zip(g_leaves, p_leaves)
+        ):
+            raise TreeMismatchError(
+                [("grads", "structure or leaf shapes differ from params")],
+                "compile_step(packed=True): grads shaped unlike params",
+            )
+        opt_state = state.opt_state
+        if isinstance(opt_state, PackedState):
+            ps_leaves = self._packed_leaves(entry, opt_state)
+        else:
+            ps_leaves = flatten(self._pack_tree_state(entry, opt_state))[0]
+        gkey = (id(entry), tuple(g.dtype for g in g_leaves), concrete % self.opt.period)
+        fn = self._graphs.get(gkey)
+        if fn is None:
+            fn = self._graphs[gkey] = self._build(entry, concrete)
+        out = fn(mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_leaves)
+        nb = len(entry.layout.buffers)
+        new_bufs, new_ps = out[:nb], out[nb:]
+        views = unpack(entry.layout, new_bufs)
+        new = TrainState(
+            unflatten(entry.params_def, views),
+            PackedState(unflatten(entry.packed_def, new_ps)),
+            step + 1,
+        )
+        if self.verify and gkey not in self._verified:
+            self._check(state, grads, new)
+            self._verified.add(gkey)
+        self._last = _Last(p_key, tuple(views), new_bufs, entry)
+        return new
+
+    def _check(self, state: TrainState, grads: Grads, got: TrainState) -> None:
+        """Raise ``NotPackableError`` naming the first leaf where this step differs from the
+        eager per-leaf ``apply_gradients``."""
+        expected = apply_gradients(self.opt, self.unpack_state(state), grads)
+        got = self.unpack_state(got)
+        e_leaves, td = flatten({"params": expected.params, "opt_state": expected.opt_state})
+        g_leaves = flatten({"params": got.params, "opt_state": got.opt_state})[0]
+        for path, e, g in zip(td.paths(), e_leaves, g_leaves):
+            # a fused kernel rounds once where eager ops round each intermediate: allow a few
+            # ulps (of float32, or of the leaf's own low precision); non-elementwise
+            # optimizers differ grossly
+            low = e.dtype in (mx.float16, mx.bfloat16)
+            rtol, atol = (3e-2, 1e-3) if low else (1e-4, 1e-6)
+            close = e.shape == g.shape and mx.allclose(
+                e.astype(mx.float32), g.astype(mx.float32), rtol=rtol, atol=atol, equal_nan=True
+            )
+            if not close:
+                raise NotPackableError(
+                    "compile_step(packed=True): the packed step differs from apply_gradients at "
+                    f"{path!r}; the optimizer is not elementwise over params (per-leaf shapes, "
+                    "labels, masks or tiers), use compile_step(opt) instead"
+                )
