@@ -5,7 +5,8 @@ launches one fused kernel per leaf and per operation group, and Python walks eve
 dispatch, not arithmetic, dominates.  Here the optimizer state lives in a few flat buffers
 per dtype (``nestedfn.packing``) and one step is
 
-1. the gradient leaves concatenated into the buffers' layout (inside the compiled graph);
+1. the gradient leaves concatenated into the buffers' layout (``nestedfn.gather``: one
+   kernel per buffer on CUDA);
 2. ``opt.update`` once over the buffers: one fused kernel per buffer;
 3. the new params returned as zero-copy views of the new param buffers, in the params' own
    tree layout (what the model needs); the state stays packed (``PackedState``).
@@ -40,6 +41,7 @@ from nestedfn.core import (
     static_step,
     tracing_step,
 )
+from nestedfn.gather import gather
 from nestedfn.packing import (
     NotPackableError,
     PackLayout,
@@ -211,10 +213,9 @@ class PackedCompiledStep:
     # -- the step --------------------------------------------------------------------------
 
     def _build(self, entry: _Layout, trace_step: int) -> Callable[..., Any]:
-        opt, layout, packed_def = self.opt, entry.layout, entry.packed_def
+        opt, packed_def = self.opt, entry.packed_def
 
-        def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_leaves: list) -> list:
-            g_bufs = pack(layout, g_leaves)
+        def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
             opt_state = unflatten(packed_def, ps_leaves)
             with tracing_step(trace_step):
                 updates, new_state = opt.update(g_bufs, opt_state, list(p_bufs), step)
@@ -264,7 +265,8 @@ class PackedCompiledStep:
         fn = self._graphs.get(gkey)
         if fn is None:
             fn = self._graphs[gkey] = self._build(entry, concrete)
-        out = fn(mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_leaves)
+        g_bufs = gather(entry.layout, g_leaves)
+        out = fn(mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
         nb = len(entry.layout.buffers)
         new_bufs, new_ps = out[:nb], out[nb:]
         views = unpack(entry.layout, new_bufs)

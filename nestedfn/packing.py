@@ -73,10 +73,14 @@ class PackLayout(NamedTuple):
 
 
 def pack_layout(
-    leaves: list[mx.array], treedef: TreeDef, chunk_size: int | None = None
+    leaves: list[mx.array],
+    treedef: TreeDef,
+    chunk_size: int | None = None,
+    max_leaves: int = 256,
 ) -> PackLayout:
     """Group ``leaves`` by dtype (first-seen order) and cut each group into buffers that close
-    as soon as they reach ``chunk_size`` elements (``default_chunk()`` when ``None``)."""
+    as soon as they reach ``chunk_size`` elements (``default_chunk()`` when ``None``) or
+    ``max_leaves`` leaves (what one gather kernel takes, ``nestedfn.gather``)."""
     if chunk_size is None:
         chunk_size = default_chunk()
     if chunk_size < 1:
@@ -99,7 +103,7 @@ def pack_layout(
             cur.append(i)
             offs.append(n)
             n += leaves[i].size
-            if n >= chunk_size:
+            if n >= chunk_size or len(cur) >= max_leaves:
                 buffers.append(tuple(cur))
                 offsets.append(tuple(offs))
                 sizes.append(n)

@@ -1,0 +1,96 @@
+"""One-kernel gather of many small arrays into a flat buffer, on CUDA GPUs.
+
+``mx.concatenate`` of ``k`` arrays launches ``k`` copy kernels; on a GPU each launch costs a
+few microseconds, so concatenating a LoRA adapter's 336 gradients costs about 1.5 ms on an
+H100 -- twenty times the optimizer arithmetic.  ``gather`` does the same copy with one custom
+CUDA kernel per buffer (``mx.fast.cuda_kernel``): block row ``y`` copies leaf ``y`` to its
+offset.  Anywhere else (CPU, Metal) it is ``nestedfn.packing.pack``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import mlx.core as mx
+
+from nestedfn.packing import NotPackableError, PackLayout, pack
+
+__all__ = ["MAX_KERNEL_INPUTS", "cuda_gather_available", "gather"]
+
+MAX_KERNEL_INPUTS = 256  # pointers per launch: well inside CUDA's 4 KB parameter limit
+_KERNELS: dict[tuple[int, ...], object] = {}
+_THREADS = 256
+
+
+def cuda_gather_available() -> bool:
+    """True when the default device is a CUDA GPU (where ``gather`` uses its kernel)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def _kernel(offsets: tuple[int, ...]) -> object:
+    """The gather kernel for leaves starting at ``offsets`` (last entry: the total size)."""
+    k = _KERNELS.get(offsets)
+    if k is None:
+        n = len(offsets) - 1
+        tag = hashlib.sha1(repr(offsets).encode()).hexdigest()[:16]
+        table = ", ".join(f"{o}LL" for o in offsets)
+        header = f"__device__ const long long nestedfn_off_{tag}[{n + 1}] = {{{table}}};\n"
+        cases = "\n".join(f"    case {i}: src = x{i}; break;" for i in range(n))
+        source = f"""
+  const int leaf = blockIdx.y;
+  const long long start = nestedfn_off_{tag}[leaf];
+  const long long size = nestedfn_off_{tag}[leaf + 1] - start;
+  const T* src = nullptr;
+  switch (leaf) {{
+{cases}
+  }}
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += stride) {{
+    out[start + i] = src[i];
+  }}
+"""
+        k = _KERNELS[offsets] = mx.fast.cuda_kernel(
+            name=f"nestedfn_gather_{n}_{tag}",
+            input_names=[f"x{i}" for i in range(n)],
+            output_names=["out"],
+            header=header,
+            source=source,
+        )
+    return k
+
+
+def _gather_one(parts: list[mx.array], offsets: tuple[int, ...]) -> mx.array:
+    dtype = parts[0].dtype
+    biggest = max(int(p.size) for p in parts)
+    threads = min(-(-biggest // _THREADS) * _THREADS, _THREADS * 1024)
+    return _kernel(offsets)(
+        inputs=parts,
+        template=[("T", dtype)],
+        grid=(threads, len(parts), 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(offsets[-1],)],
+        output_dtypes=[dtype],
+    )[0]
+
+
+def gather(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
+    """``pack(layout, leaves)``: the same buffers, with one kernel per buffer on CUDA."""
+    if not cuda_gather_available():
+        return pack(layout, leaves)
+    out = []
+    for idx, offs, size in zip(layout.buffers, layout.offsets, layout.sizes):
+        parts = [leaves[i] for i in idx]
+        dt = parts[0].dtype
+        for i, p in zip(idx, parts):
+            if p.dtype != dt or tuple(p.shape) != layout.shapes[i]:
+                raise NotPackableError(
+                    f"gather: leaf {layout.treedef.paths()[i]!r} is {p.dtype} {tuple(p.shape)}; "
+                    f"its buffer holds {dt} and the params leaf is {layout.shapes[i]}"
+                )
+        if len(parts) == 1:
+            out.append(parts[0].reshape(-1))
+        elif len(parts) > MAX_KERNEL_INPUTS:
+            out.append(mx.concatenate([p.reshape(-1) for p in parts]))
+        else:
+            out.append(_gather_one(parts, tuple(offs) + (size,)))
+    return out
