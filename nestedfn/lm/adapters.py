@@ -1,0 +1,105 @@
+"""Adapters in mlx-lm's format: ``adapters.safetensors`` + ``adapter_config.json``.
+
+``mlx_lm.load(model, adapter_path=DIR)`` (and ``mlx_lm.generate --adapter-path DIR``) read
+``adapter_config.json`` for ``fine_tune_type``, ``num_layers`` and ``lora_parameters`` (rank,
+scale, dropout, keys), rebuild the LoRA layers with ``linear_to_lora_layers`` and load the
+safetensors file, whose keys are the trainable leaves' dotted paths
+(``model.layers.3.self_attn.q_proj.lora_a``), i.e. ``nestedfn.tree.to_flat`` of the tree.
+
+Both files are written atomically (a temporary file in the same directory, then
+``os.replace``), so a reader never sees a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from nestedfn.lm.lora import LoraSpec
+from nestedfn.tree import from_flat, to_flat
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "adapter_config", "load_adapters", "save_adapters"]
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_config(spec: LoraSpec, n_blocks: int, extra: dict[str, Any] | None = None) -> dict:
+    """The ``adapter_config.json`` mlx-lm reads; ``extra`` adds informative fields."""
+    num_layers = n_blocks if spec.num_layers == -1 else spec.num_layers
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": spec.lora_parameters(),
+    }
+    for k, v in (extra or {}).items():
+        config.setdefault(k, v)
+    return config
+
+
+def _atomic_write(path: Path, write: Any, suffix: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapters(
+    directory: str | Path,
+    params: Any,
+    spec: LoraSpec,
+    n_blocks: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``params`` (the trainable tree) and its config to ``directory``; returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = to_flat(params)
+    if not flat:
+        raise ValueError("save_adapters: the trainable tree holds no arrays")
+    mx.eval(list(flat.values()))
+    _atomic_write(directory / ADAPTER_FILE, lambda p: mx.save_safetensors(p, flat), ".safetensors")
+    text = json.dumps(adapter_config(spec, n_blocks, extra), indent=2, sort_keys=False)
+
+    def write_json(p: str) -> None:
+        with open(p, "w") as f:
+            f.write(text + "\n")
+
+    _atomic_write(directory / ADAPTER_CONFIG, write_json, ".json")
+    return directory
+
+
+def load_adapters(directory: str | Path, like: Any) -> Any:
+    """The adapter tree saved in ``directory``, shaped exactly like ``like``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the paths when
+    the saved keys differ from ``like``'s or a shape does not match.
+    """
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapters at {path}")
+    saved = mx.load(str(path))
+    want = to_flat(like)
+    missing = [k for k in want if k not in saved]
+    unknown = [k for k in saved if k not in want]
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(want[k].shape)}"
+        for k in want
+        if k in saved and saved[k].shape != want[k].shape
+    ]
+    if missing or unknown or shapes:
+        raise ValueError(
+            f"adapters in {path} do not fit the model: missing {missing[:5]}, "
+            f"unknown {unknown[:5]}, shapes {shapes[:5]}"
+        )
+    return from_flat({k: saved[k] for k in want}, like=like)
