@@ -23,6 +23,7 @@ from nestedfn.nested import (
     nested,
     tier_stats,
 )
+from nestedfn.optimizers import adam, adamw, lion, momentum, muon, sgd
 from nestedfn.tiers import TierRule, by_depth, by_grad_norm, by_pattern, describe, manual
 from nestedfn.tree import (
     PathError,
