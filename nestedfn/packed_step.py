@@ -64,20 +64,47 @@ class PackedState(NamedTuple):
     inner: OptState
 
 
-def _leaves_key(tree: Any, out: list) -> Any:
-    """Leaves of ``tree`` (``flatten`` order) appended to ``out``; returns a hashable key equal
-    for equal structures.  A fast path for the per-step check (``flatten`` builds a TreeDef
-    per node; this builds tuples)."""
+def _leaves(tree: Any, out: list) -> None:
+    """Append the leaves of ``tree`` (``flatten`` order) to ``out``; no structure recorded."""
     if isinstance(tree, dict):
-        return (dict, tuple(tree), tuple([_leaves_key(v, out) for v in tree.values()]))
-    if isinstance(tree, list):
-        return (list, tuple([_leaves_key(v, out) for v in tree]))
-    if isinstance(tree, tuple):
-        return (type(tree), tuple([_leaves_key(v, out) for v in tree]))
-    if tree is None:
-        return None
-    out.append(tree)
-    return 0
+        for v in tree.values():
+            _leaves(v, out)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            _leaves(v, out)
+    elif tree is not None:
+        out.append(tree)
+
+
+def _leaves_as(tree: Any, td: TreeDef, out: list) -> bool:
+    """Append the leaves of ``tree`` to ``out`` if ``tree`` has exactly the structure ``td``
+    (node kinds, dict keys in order, lengths, NamedTuple types); False at the first
+    difference.  The per-step check that grads are shaped like params, without building a
+    TreeDef."""
+    kind = td.kind
+    if kind == "leaf":
+        if tree is None or isinstance(tree, (dict, list, tuple)):
+            return False
+        out.append(tree)
+        return True
+    if kind == "dict":
+        if not isinstance(tree, dict) or len(tree) != len(td.meta):
+            return False
+        for key, want, child in zip(tree, td.meta, td.children):
+            if key != want or not _leaves_as(tree[key], child, out):
+                return False
+        return True
+    if kind == "none":
+        return tree is None
+    if kind == "list":
+        ok = type(tree) is list
+    elif kind == "tuple":
+        ok = type(tree) is tuple
+    else:
+        ok = type(tree) is td.meta
+    if not ok or len(tree) != len(td.children):
+        return False
+    return all(_leaves_as(c, cd, out) for c, cd in zip(tree, td.children))
 
 
 def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
@@ -101,7 +128,6 @@ class _Layout(NamedTuple):
 
 
 class _Last(NamedTuple):
-    key: Any
     views: tuple
     buffers: list
     entry: _Layout
@@ -201,7 +227,7 @@ class PackedCompiledStep:
 
     def _packed_leaves(self, entry: _Layout, packed: PackedState) -> list[mx.array]:
         leaves: list = []
-        _leaves_key(packed.inner, leaves)
+        _leaves(packed.inner, leaves)
         sig = tuple((tuple(x.shape), x.dtype) if isinstance(x, mx.array) else x for x in leaves)
         if sig != entry.packed_sig or flatten(packed.inner)[1] != entry.packed_def:
             raise TreeMismatchError(
@@ -213,7 +239,7 @@ class PackedCompiledStep:
     # -- the step --------------------------------------------------------------------------
 
     def _build(self, entry: _Layout, trace_step: int) -> Callable[..., Any]:
-        opt, packed_def = self.opt, entry.packed_def
+        opt, layout, packed_def = self.opt, entry.layout, entry.packed_def
 
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
             opt_state = unflatten(packed_def, ps_leaves)
@@ -227,19 +253,22 @@ class PackedCompiledStep:
                     f"{packed_def!r} to {td!r} in one step"
                 )
             _check_arrays(leaves, td, "new packed opt_state")
-            return list(new_p) + leaves
+            # the views are made inside the graph: one C++ replay instead of a Python slice and
+            # reshape per leaf
+            return list(new_p) + unpack(layout, list(new_p)) + leaves
 
         return mx.compile(pure_step)
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
         step = state.step
         concrete = step if isinstance(step, int) else static_step(step)
+        # fast path: the params are exactly the views the last call returned (same objects,
+        # same order), so their buffers are the last call's buffers
         p_leaves: list = []
-        p_key = _leaves_key(state.params, p_leaves)
+        _leaves(state.params, p_leaves)
         last = self._last
         if (
             last is not None
-            and last.key == p_key
             and len(last.views) == len(p_leaves)
             and all(a is b for a, b in zip(last.views, p_leaves))
         ):
@@ -248,13 +277,20 @@ class PackedCompiledStep:
             entry, p_leaves = self._entry(state.params)
             p_bufs = pack(entry.layout, p_leaves)
         g_leaves: list = []
-        g_key = _leaves_key(grads, g_leaves)
-        if g_key != p_key or any(
-            not isinstance(g, mx.array) or g.shape != p.shape for g, p in zip(g_leaves, p_leaves)
+        shapes = entry.layout.shapes
+        if not _leaves_as(grads, entry.params_def, g_leaves) or any(
+            not isinstance(g, mx.array) or g.shape != s for g, s in zip(g_leaves, shapes)
         ):
+            problems = [
+                (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
+                for path, g, s in zip(entry.params_def.paths(), g_leaves, shapes)
+                if not isinstance(g, mx.array) or g.shape != s
+            ]
+            g_def = flatten(grads)[1]
+            if g_def != entry.params_def:
+                problems.insert(0, ("", f"grads {g_def!r} vs params {entry.params_def!r}"))
             raise TreeMismatchError(
-                [("grads", "structure or leaf shapes differ from params")],
-                "compile_step(packed=True): grads shaped unlike params",
+                problems, "compile_step(packed=True): grads shaped unlike params"
             )
         opt_state = state.opt_state
         if isinstance(opt_state, PackedState):
@@ -268,8 +304,8 @@ class PackedCompiledStep:
         g_bufs = gather(entry.layout, g_leaves)
         out = fn(mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
         nb = len(entry.layout.buffers)
-        new_bufs, new_ps = out[:nb], out[nb:]
-        views = unpack(entry.layout, new_bufs)
+        nl = len(shapes)
+        new_bufs, views, new_ps = out[:nb], out[nb : nb + nl], out[nb + nl :]
         new = TrainState(
             unflatten(entry.params_def, views),
             PackedState(unflatten(entry.packed_def, new_ps)),
@@ -278,7 +314,7 @@ class PackedCompiledStep:
         if self.verify and gkey not in self._verified:
             self._check(state, grads, new)
             self._verified.add(gkey)
-        self._last = _Last(p_key, tuple(views), new_bufs, entry)
+        self._last = _Last(tuple(views), new_bufs, entry)
         return new
 
     def _check(self, state: TrainState, grads: Grads, got: TrainState) -> None:
