@@ -112,3 +112,114 @@ def test_adam_matches_mlx_optimizers_adam():
         their_params = theirs.apply_gradients(grads, their_params)
         for a, b in zip(flatten(state.params)[0], flatten(their_params)[0]):
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_matches_numpy(nesterov):
+    lr, d = 0.03, 0.8
+
+    def ref(p, g, m, k):
+        m = g + d * (m if m is not None else 0.0)
+        u = g + d * m if nesterov else m
+        return (p - lr * u).astype(np.float32), m
+
+    _run(opt.momentum(lr, decay=d, nesterov=nesterov), ref, seed=4)
+
+
+def test_adamw_matches_numpy():
+    lr, wd = 0.01, 0.1
+    _run(
+        opt.adamw(lr, b1=0.9, b2=0.99, eps=1e-8, weight_decay=wd),
+        _np_adam(lambda k: lr, 0.9, 0.99, 1e-8, wd=wd),
+        seed=5,
+    )
+
+
+def test_adamw_mask_decays_only_masked_leaves():
+    lr, wd = 0.01, 0.5
+    decay_2d = lambda params: nf.tree_map(lambda x: x.ndim == 2, params)  # noqa: E731
+    full = _np_adam(lambda k: lr, 0.9, 0.999, 1e-8, wd=wd)
+    plain = _np_adam(lambda k: lr, 0.9, 0.999, 1e-8, wd=0.0)
+
+    def ref(p, g, s, k):
+        return (full if p.ndim == 2 else plain)(p, g, s, k)
+
+    _run(opt.adamw(lr, weight_decay=wd, mask=decay_2d), ref, seed=6)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.2])
+def test_lion_matches_numpy(wd):
+    lr, b1, b2 = 3e-3, 0.9, 0.99
+
+    def ref(p, g, m, k):
+        m = np.zeros_like(p) if m is None else m
+        u = np.sign(b1 * m + (1 - b1) * g) + wd * p
+        return (p - lr * u).astype(np.float32), (b2 * m + (1 - b2) * g).astype(np.float32)
+
+    _run(opt.lion(lr, b1=b1, b2=b2, weight_decay=wd), ref, seed=7)
+
+
+def _np_newton_schulz(g: np.ndarray, steps: int = 5, eps: float = 1e-7) -> np.ndarray:
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.astype(np.float64)
+    tr = x.shape[0] > x.shape[1]
+    x = x.T if tr else x
+    x = x / (np.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tr else x
+
+
+def test_muon_matches_numpy():
+    lr, beta = 0.02, 0.95
+
+    def ref(p, g, m, k):
+        m = g + beta * (m if m is not None else 0.0)
+        u = g + beta * m  # nesterov
+        if p.ndim == 2:
+            u = _np_newton_schulz(u)
+        return (p - lr * u).astype(np.float32), m
+
+    _run(opt.muon(lr, beta=beta), ref, seed=8, atol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("name", ["adam", "adamw", "lion", "momentum"])
+def test_low_precision_params_keep_dtype_and_float32_state(dtype, name):
+    make = {
+        "adam": lambda: opt.adam(1e-2, state_dtype=mx.float32),
+        "adamw": lambda: opt.adamw(1e-2, weight_decay=0.1, state_dtype=mx.float32),
+        "lion": lambda: opt.lion(1e-3, weight_decay=0.1, state_dtype=mx.float32),
+        "momentum": lambda: opt.momentum(1e-2, state_dtype=mx.float32),
+    }[name]
+    optimizer = make()
+    rng = np.random.default_rng(9)
+    lv, td = flatten(_tree(rng))
+    p32 = unflatten(td, [mx.array(x) for x in lv])
+    p_lo = nf.tree_map(lambda x: x.astype(dtype), p32)
+    s_lo, s32 = nf.init(optimizer, p_lo), nf.init(optimizer, p_lo)
+    s32 = nf.TrainState(nf.tree_map(lambda x: x.astype(mx.float32), p_lo), s32.opt_state, 0)
+    for _ in range(10):
+        g = unflatten(td, [mx.array(rng.standard_normal(x.shape).astype(np.float32)) for x in lv])
+        s_lo = nf.apply_gradients(optimizer, s_lo, nf.tree_map(lambda x: x.astype(dtype), g))
+        s32 = nf.apply_gradients(optimizer, s32, g)
+    for x in flatten(s_lo.params)[0]:
+        assert x.dtype == dtype
+    for x in flatten(s_lo.opt_state)[0]:
+        assert x.dtype == mx.float32
+    # the low-precision run tracks the float32 one to within its own rounding: each of the
+    # 10 steps rounds the param to half an ulp, |p| * 2**-8 for bfloat16 (2**-11 for float16)
+    for a, b in zip(flatten(s_lo.params)[0], flatten(s32.params)[0]):
+        np.testing.assert_allclose(
+            np.array(a.astype(mx.float32)), np.array(b), rtol=0.05, atol=0.02
+        )
+
+
+def test_adam_default_state_follows_param_dtype():
+    p = {"w": mx.ones((3,), dtype=mx.float16)}
+    s = nf.init(opt.adam(1e-2), p)
+    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.float16}
+    s = nf.apply_gradients(opt.adam(1e-2), s, p)
+    assert s.params["w"].dtype == mx.float16
+    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.float16}
