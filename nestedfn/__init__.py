@@ -21,6 +21,7 @@ from nestedfn.nested import (
     TierStats,
     multiscale_momentum,
     nested,
+    nested_adam,
     tier_stats,
 )
 from nestedfn.optimizers import adam, adamw, lion, momentum, muon, sgd

@@ -29,8 +29,9 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from nestedfn.core import Optimizer, OptState, Params, Step, static_step, tracing_step
+from nestedfn.core import Optimizer, OptState, Params, Step, chain, static_step, tracing_step
 from nestedfn.tiers import TierRule, resolve
+from nestedfn.transforms import newton_schulz
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "TierStats",
     "multiscale_momentum",
     "nested",
+    "nested_adam",
     "tier_stats",
 ]
 
@@ -355,29 +357,6 @@ def tier_stats(opt_state: OptState) -> list[TierStats]:
 # multi-scale momentum (M3)
 # ---------------------------------------------------------------------------------------------
 
-_NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def _newton_schulz(g: mx.array, steps: int, eps: float = 1e-7) -> mx.array:
-    """Muon's quintic Newton–Schulz iteration: an approximate orthogonalisation of a 2-D
-    ``g`` (its singular values pushed towards 1), computed in float32.
-
-    ``X = G / (||G||_F + eps)`` (transposed so rows <= columns), then ``steps`` times
-    ``A = X Xᵀ;  X = a X + (b A + c A²) X`` with ``(a, b, c) = (3.4445, -4.7750, 2.0315)``.
-    """
-    a, b, c = _NS_COEFFS
-    x = g.astype(mx.float32)
-    transpose = x.shape[0] > x.shape[1]
-    if transpose:
-        x = x.T
-    x = x / (mx.sqrt(mx.sum(x * x)) + eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
-    if transpose:
-        x = x.T
-    return x.astype(g.dtype)
-
 
 class MultiscaleMomentumState(NamedTuple):
     """State of ``multiscale_momentum``: trees shaped like params.
@@ -432,7 +411,7 @@ def multiscale_momentum(
         raise ValueError(f"multiscale_momentum: ns_steps must be an int >= 0, got {ns_steps!r}")
 
     def orth(m: mx.array) -> mx.array:
-        return _newton_schulz(m, ns_steps) if orthogonalize and m.ndim == 2 else m
+        return newton_schulz(m, ns_steps) if orthogonalize and m.ndim == 2 else m
 
     def init_fn(params: Params) -> MultiscaleMomentumState:
         z = lambda: tree_map(mx.zeros_like, params)  # noqa: E731
@@ -477,3 +456,67 @@ def multiscale_momentum(
         return unflatten(td, out["u"]), new
 
     return Optimizer(init_fn, update_fn, slow_every)
+
+
+# ---------------------------------------------------------------------------------------------
+# nested_adam: the seed app's optimizer in one call
+# ---------------------------------------------------------------------------------------------
+
+
+def _scale_by_global_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
+    """Multiply updates by ``schedule(step)`` at the global step (a non-negative value keeps
+    the ``-0.0`` updates of inactive tiers ``-0.0``, so their leaves stay bit-identical)."""
+
+    def init_fn(params: Params) -> tuple:
+        return ()
+
+    def update_fn(updates: Any, state: tuple, params: Params, step: Step) -> Any:
+        lr = schedule(step)
+        return tree_map(lambda u: u * lr, updates), state
+
+    return Optimizer(init_fn, update_fn)
+
+
+def nested_adam(
+    learning_rate: float | Callable[[Step], Any],
+    frequencies: Sequence[int] = (1, 2, 4),
+    tiers: Any = "depth",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    reduce: str = "mean",
+    order: str = "shallow_fast",
+) -> Optimizer:
+    """Adam (AdamW when ``weight_decay > 0``) in multi-frequency tiers: the seed app's
+    optimizer, done right.
+
+    ``tiers="depth"`` splits the params at ``init`` with ``nestedfn.tiers.by_depth(params,
+    len(frequencies), order)`` (contiguous blocks of ``layers.N``); any other value is a tier
+    spec for ``nested``.  Each tier keeps its own Adam moments and bias correction counted in
+    its own updates, and feeds Adam the mean (``reduce``) of its chunk's gradients.
+
+    A constant ``learning_rate`` goes to each tier's Adam; a schedule is read at the *global*
+    step (warmup and decay in training steps for every tier): the tiers run Adam with learning
+    rate 1 and the updates are scaled by ``learning_rate(step)`` (Adam and decoupled weight
+    decay are linear in the learning rate).
+    """
+    from nestedfn import optimizers
+    from nestedfn.tiers import by_depth
+
+    freqs = _check_frequencies(frequencies)
+    lr = 1.0 if callable(learning_rate) else learning_rate
+    if weight_decay:
+        inner = optimizers.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    else:
+        inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps)
+    if isinstance(tiers, str):
+        if tiers != "depth":
+            raise ValueError(f"nested_adam: tiers must be 'depth' or a tier spec, got {tiers!r}")
+        resolve_fn = lambda params: by_depth(params, len(freqs), order)  # noqa: E731
+    else:
+        resolve_fn = lambda params: tiers  # noqa: E731
+    opt = _nested(inner, resolve_fn, freqs, reduce)
+    if callable(learning_rate):
+        return chain(opt, _scale_by_global_schedule(learning_rate))
+    return opt

@@ -439,17 +439,6 @@ def test_multiscale_momentum_matches_numpy_reference(form, orthogonalize, slow_e
     np.testing.assert_allclose(np.array(state.m2["w"]), mem["w"]["m2"], rtol=1e-4, atol=1e-5)
 
 
-def test_newton_schulz_orthogonalizes():
-    from nestedfn.nested import _newton_schulz
-
-    g = mx.array(np.random.default_rng(4).standard_normal((6, 3)).astype(np.float32))
-    o = np.array(_newton_schulz(g, 5))
-    # Muon's quintic iteration lands singular values in roughly [0.7, 1.2], not exactly 1
-    s = np.linalg.svd(o, compute_uv=False)
-    assert o.shape == (6, 3) and np.all((s > 0.6) & (s < 1.25)), s
-    np.testing.assert_allclose(o, np_newton_schulz(np.array(g), 5), rtol=1e-4, atol=1e-5)
-
-
 def test_multiscale_momentum_errors():
     from nestedfn.nested import multiscale_momentum
 
@@ -457,3 +446,89 @@ def test_multiscale_momentum_errors():
         multiscale_momentum(0.1, slow_every=0)
     with pytest.raises(ValueError, match="form must be"):
         multiscale_momentum(0.1, form="adam")
+
+
+# --------------------------------------------------------------------------------------------
+# nested_adam: per-tier Adam on chunk means, tiers by depth, against numpy
+# --------------------------------------------------------------------------------------------
+
+
+def depth_params(rng):
+    shapes = {"embed": (5,), "l0": (3, 2), "l1": (4,), "l2": (2, 2)}
+    x = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    return shapes, x
+
+
+def as_tree(d):
+    return {
+        "model": {
+            "embed": mx.array(d["embed"]),
+            "layers": [
+                {"w": mx.array(d["l0"])},
+                {"w": mx.array(d["l1"])},
+                {"w": mx.array(d["l2"])},
+            ],
+        }
+    }
+
+
+def from_tree(t):
+    m = t["model"]
+    return {"embed": m["embed"], **{f"l{i}": m["layers"][i]["w"] for i in range(3)}}
+
+
+@pytest.mark.parametrize("variant", ["constant", "weight_decay", "schedule"])
+def test_nested_adam_matches_numpy_reference(variant):
+    from nestedfn.nested import nested_adam
+
+    rng = np.random.default_rng(5)
+    shapes, x = depth_params(rng)
+    tier = {"embed": 0, "l0": 0, "l1": 1, "l2": 2}  # by_depth: layer i -> tier i, outside -> 0
+    freqs = (1, 2, 4)
+    wd = 0.1 if variant == "weight_decay" else 0.0
+    sched = lambda s: 0.01 * (s + 1) / 8  # noqa: E731
+    lr_arg = sched if variant == "schedule" else 0.01
+    opt = nested_adam(lr_arg, frequencies=freqs, weight_decay=wd)
+    params = as_tree(x)
+    state = opt.init(params)
+    m = {k: np.zeros(s, np.float64) for k, s in shapes.items()}
+    v = {k: np.zeros(s, np.float64) for k, s in shapes.items()}
+    acc = {k: np.zeros(s, np.float64) for k, s in shapes.items()}
+    ref = {k: a.astype(np.float64) for k, a in x.items()}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for step in range(8):
+        g = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        updates, state = opt.update(as_tree(g), state, params, step)
+        params = apply_updates(params, updates)
+        for k in shapes:
+            f = freqs[tier[k]]
+            acc[k] = acc[k] + g[k]
+            if (step + 1) % f:
+                continue
+            t = (step + 1) // f  # tier's own update count, 1-based
+            chunk, acc[k] = acc[k] / f, np.zeros(shapes[k])
+            m[k] = b1 * m[k] + (1 - b1) * chunk
+            v[k] = b2 * v[k] + (1 - b2) * chunk * chunk
+            lr = sched(step) if variant == "schedule" else 0.01
+            direction = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            ref[k] = ref[k] - lr * (direction + wd * ref[k])
+        got = from_tree(params)
+        for k in shapes:
+            np.testing.assert_allclose(np.array(got[k]), ref[k], rtol=1e-5, atol=1e-6)
+    assert [s.updates for s in tier_stats(state)] == [8, 4, 2]
+    assert [s.arrays for s in tier_stats(state)] == [2, 1, 1]
+
+
+def test_nested_adam_tiers_errors_and_explicit_spec():
+    from nestedfn.nested import nested_adam
+
+    params = {"layers": [{"w": mx.zeros(2)}, {"w": mx.zeros(2)}]}
+    with pytest.raises(ValueError, match="3 tiers need at least 3 distinct layer indices"):
+        nested_adam(0.1).init(params)
+    with pytest.raises(ValueError, match="tiers must be 'depth'"):
+        nested_adam(0.1, tiers="width")
+    state = nested_adam(0.1, frequencies=(1, 3), tiers={"layers": [{"w": 1}, {"w": 0}]}).init(
+        params
+    )
+    assert nested_adam(0.1, frequencies=(1, 3)).period == 3
+    assert [s.frequency for s in tier_stats(state)] == [1, 3]
