@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn.core import Optimizer, OptState, Params, Schedule, Step
-from nestedfn.tree import flatten, tree_map, unflatten
+from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = [
     "AddDecayedWeightsState",
@@ -236,7 +236,12 @@ def add_decayed_weights(
         if mask is None:
             return tree_map(decay, grads, params), state
         m = mask(params) if callable(mask) else mask
-        out = tree_map(lambda g, p, keep: decay(g, p) if keep else g, grads, params, m)
+        try:
+            out = tree_map(lambda g, p, keep: decay(g, p) if keep else g, grads, params, m)
+        except TreeMismatchError as e:
+            raise TreeMismatchError(
+                e.problems, "add_decayed_weights: grads, params and mask differ in structure"
+            ) from None
         return out, state
 
     return Optimizer(_empty_init, update_fn)

@@ -7,9 +7,13 @@ import mlx.core as mx
 import mlx.optimizers
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nestedfn as nf
 from nestedfn import optimizers as opt
+from nestedfn import transforms as t
+from nestedfn.testing import strategies as nfs
 from nestedfn.tree import flatten, unflatten
 
 STEPS = 60
@@ -223,3 +227,51 @@ def test_adam_default_state_follows_param_dtype():
     s = nf.apply_gradients(opt.adam(1e-2), s, p)
     assert s.params["w"].dtype == mx.float16
     assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.float16}
+
+
+def _snapshot(tree) -> tuple:
+    lv, td = flatten(tree)
+    return td, [np.array(x) if isinstance(x, mx.array) else x for x in lv]
+
+
+def _assert_same(tree, snap) -> None:
+    td, want = snap
+    lv, got_td = flatten(tree)
+    assert got_td == td
+    for x, y in zip(lv, want):
+        np.testing.assert_array_equal(np.array(x) if isinstance(x, mx.array) else x, y)
+
+
+PURE = {
+    "sgd": lambda: opt.sgd(0.1),
+    "momentum": lambda: opt.momentum(0.1, nesterov=True),
+    "adam": lambda: opt.adam(0.1),
+    "adamw": lambda: opt.adamw(0.1, weight_decay=0.1),
+    "lion": lambda: opt.lion(0.1, weight_decay=0.1),
+    "muon": lambda: opt.muon(0.1, weight_decay=0.1),
+    "clipped_adam": lambda: nf.chain(t.clip_by_global_norm(0.5), opt.adam(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+@settings(max_examples=8)
+@given(params=nfs.param_trees(max_layers=3), seed=st.integers(0, 2**16))
+def test_init_update_apply_gradients_leave_inputs_untouched(name, params, seed):
+    optimizer = PURE[name]()
+    rng = np.random.default_rng(seed)
+    lv, td = flatten(params)
+    grads = unflatten(td, [mx.array(rng.standard_normal(x.shape).astype(np.float32)) for x in lv])
+    p_snap, g_snap = _snapshot(params), _snapshot(grads)
+    state = nf.init(optimizer, params)
+    _assert_same(params, p_snap)
+    s_snap = _snapshot(state.opt_state)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, params, 0)
+    state2 = nf.apply_gradients(optimizer, state, grads)
+    state3 = nf.apply_gradients(optimizer, state2, grads)
+    mx.eval(updates, new_opt_state, state3)
+    _assert_same(params, p_snap)
+    _assert_same(grads, g_snap)
+    _assert_same(state.opt_state, s_snap)
+    assert state.step == 0 and state2.step == 1 and state3.step == 2
+    # the step's result is what update + apply_updates say it is
+    _assert_same(state2.params, _snapshot(nf.apply_updates(params, updates)))
