@@ -25,6 +25,7 @@ from nestedfn.nested import (
     tier_stats,
 )
 from nestedfn.optimizers import adam, adamw, lion, momentum, muon, sgd
+from nestedfn.schedules import constant, cosine_decay, join, linear_warmup, warmup_cosine
 from nestedfn.tiers import TierRule, by_depth, by_grad_norm, by_pattern, describe, manual
 from nestedfn.tree import (
     PathError,
