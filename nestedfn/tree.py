@@ -458,6 +458,8 @@ def set_paths(tree: Tree, updates: Mapping[str, Leaf], check: bool = True) -> Tr
     unknown path raises ``PathError`` naming it and its longest existing prefix; with
     ``check`` a leaf whose shape or dtype would change raises ``TreeMismatchError``.
     """
+    if not updates:
+        return tree  # nothing to replace: everything is shared
     grouped: dict[str, dict[str, Leaf]] = {}
     for path, value in updates.items():
         head, _, rest = path.partition(".")
@@ -534,36 +536,92 @@ def _set(
 # ---------------------------------------------------------------------------------------------
 
 
-def _target_tree(target: nn.Module | Tree) -> Tree:
-    return target.parameters() if isinstance(target, nn.Module) else target
+_PARAM_TYPES = (dict, list, mx.array)
+_MISSING = object()
 
 
-def _fits(target: Any, tree: Any, prefix: str, problems: list[tuple[str, str]]) -> None:
+def _fits_quick(target: Any, tree: Any) -> bool:
+    """True when ``tree`` surely fits ``target``: one lean walk, no paths, no messages.
+
+    ``False`` only means "not sure" (a mismatch, or a case the lean walk leaves to ``_fits``:
+    tuples, non-array leaves, ``_``-keys); ``check_fits`` then runs the full diagnostic walk.
+    """
+    if type(tree) is dict:
+        if not isinstance(target, dict):
+            return False
+        get = target.get
+        for k, v in tree.items():
+            c = get(k, _MISSING)
+            if c is _MISSING or (type(k) is str and k.startswith("_")):
+                return False
+            if type(v) is mx.array:
+                if type(c) is not mx.array or c.shape != v.shape or c.dtype != v.dtype:
+                    return False
+            elif v is not None and not _fits_quick(c, v):
+                return False
+        return True
+    if type(tree) is list:
+        if not isinstance(target, list) or len(tree) > len(target):
+            return False
+        for c, v in zip(target, tree):
+            if type(v) is mx.array:
+                if type(c) is not mx.array or c.shape != v.shape or c.dtype != v.dtype:
+                    return False
+            elif v is not None and not _fits_quick(c, v):
+                return False
+        return True
+    return tree is None
+
+
+def _fits(
+    target: Any, tree: Any, prefix: str, problems: list[tuple[str, str]], in_module: bool
+) -> None:
+    """Collect every way ``tree`` does not fit ``target``.
+
+    With ``in_module`` the target is walked as ``Module.parameters()`` would show it, without
+    building that tree (the walk touches only the paths ``tree`` holds): a sub-module's keys
+    that start with ``_`` or hold no parameters do not exist, and a non-parameter value in a
+    plain dict or list of a module reads as ``{}``.
+    """
     if tree is None:
         return
+    if in_module and not isinstance(target, _PARAM_TYPES):
+        target = {}
     if isinstance(tree, dict):
         if not isinstance(target, dict):
             problems.append((prefix, f"dict where {_describe(target)} belongs"))
             return
+        is_module = in_module and isinstance(target, nn.Module)
         for k, v in tree.items():
-            p = _join(prefix, str(k))
-            if k not in target:
-                known = ", ".join(map(str, list(target.keys())[:8]))
-                problems.append((p, f"unknown path (keys here: {known or 'none'})"))
+            if is_module and (not isinstance(k, str) or k.startswith("_")):
+                t = _MISSING
             else:
-                _fits(target[k], v, p, problems)
+                t = target.get(k, _MISSING)
+                if is_module and not isinstance(t, _PARAM_TYPES):
+                    t = _MISSING
+            p = _join(prefix, str(k))
+            if t is _MISSING:
+                known = [
+                    str(key)
+                    for key, val in target.items()
+                    if not is_module or (not key.startswith("_") and isinstance(val, _PARAM_TYPES))
+                ]
+                problems.append((p, f"unknown path (keys here: {', '.join(known[:8]) or 'none'})"))
+            else:
+                _fits(t, v, p, problems, in_module)
         return
     if isinstance(tree, (list, tuple)):
-        if not isinstance(tree, list) or _is_namedtuple(tree):
-            problems.append((prefix, f"{type(tree).__name__} where a list is expected"))
+        if isinstance(tree, tuple) and (in_module or type(target) is not type(tree)):
+            what = "a list" if in_module else _describe(target)
+            problems.append((prefix, f"{type(tree).__name__} where {what} belongs"))
             return
-        if not isinstance(target, list):
+        if isinstance(tree, list) and not isinstance(target, list):
             problems.append((prefix, f"list where {_describe(target)} belongs"))
             return
-        if len(tree) > len(target):
-            problems.append((prefix, f"list of {len(tree)} where the target has {len(target)}"))
+        if len(tree) > len(target) or (isinstance(tree, tuple) and len(tree) != len(target)):
+            problems.append((prefix, f"length {len(tree)} where the target has {len(target)}"))
         for i, v in enumerate(tree[: len(target)]):
-            _fits(target[i], v, _join(prefix, str(i)), problems)
+            _fits(target[i], v, _join(prefix, str(i)), problems, in_module)
         return
     # leaf
     if not isinstance(target, mx.array):
@@ -581,19 +639,25 @@ def _describe(x: Any) -> str:
         return "a dict"
     if isinstance(x, list):
         return "a list"
+    if x is None:
+        return "None"
     return f"a {type(x).__name__}"
 
 
 def check_fits(target: nn.Module | Tree, tree: Tree) -> None:
     """Raise ``TreeMismatchError`` listing every way ``tree`` does not fit ``target``.
 
-    ``target`` is an ``nn.Module`` (its ``parameters()``) or a tree.  ``tree`` may be partial
-    (a subset of ``target``'s paths, with ``{}``/``None`` for untouched list entries, as
-    ``Module.update`` accepts) but every path it holds must exist with the same container
-    kind, and every leaf must be an ``mx.array`` of the same shape and dtype.
+    ``target`` is an ``nn.Module`` (checked against what its ``parameters()`` holds, walking
+    only the paths ``tree`` names) or a tree.  ``tree`` may be partial (a subset of
+    ``target``'s paths, with ``{}``/``None`` for untouched list entries, as ``Module.update``
+    accepts) but every path it holds must exist with the same container kind (a tuple only
+    where the target tree has a tuple of the same type and length; a module has none), and
+    every leaf must be an ``mx.array`` of the same shape and dtype.
     """
+    if _fits_quick(target, tree):
+        return
     problems: list[tuple[str, str]] = []
-    _fits(_target_tree(target), tree, "", problems)
+    _fits(target, tree, "", problems, isinstance(target, nn.Module))
     if problems:
         raise TreeMismatchError(problems, "tree does not fit the target")
 
@@ -623,6 +687,33 @@ def _unlanded(current: Any, tree: Any, prefix: str, out: list[tuple[str, str]]) 
         out.append((prefix, "value did not land in the module after update()"))
 
 
+def _landed(current: Any, tree: Any) -> bool:
+    """True when every leaf of ``tree`` is the very object at its path in ``current``."""
+    if type(tree) is dict:
+        if not isinstance(current, dict):
+            return False
+        get = current.get
+        for k, v in tree.items():
+            c = get(k, _MISSING)
+            if type(v) is mx.array:
+                if c is not v:
+                    return False
+            elif v is not None and not _landed(c, v):
+                return False
+        return True
+    if type(tree) is list:
+        if not isinstance(current, list) or len(tree) > len(current):
+            return False
+        for c, v in zip(current, tree):
+            if type(v) is mx.array:
+                if c is not v:
+                    return False
+            elif v is not None and not _landed(c, v):
+                return False
+        return True
+    return tree is None or current is tree
+
+
 def update_module(module: nn.Module, tree: Tree, verify: bool = True) -> nn.Module:
     """Checked ``module.update(tree)``: every value lands, or an error names the path.
 
@@ -632,9 +723,9 @@ def update_module(module: nn.Module, tree: Tree, verify: bool = True) -> nn.Modu
     """
     check_fits(module, tree)
     module.update(_strip_none(tree))
-    if verify:
+    if verify and not _landed(module, tree):
         unlanded: list[tuple[str, str]] = []
-        _unlanded(module.parameters(), tree, "", unlanded)
+        _unlanded(module, tree, "", unlanded)  # a Module is a dict: walk it, no parameters()
         if unlanded:
             raise TreeMismatchError(unlanded, "update_module: values did not land")
     return module

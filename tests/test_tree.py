@@ -390,7 +390,7 @@ def test_update_module_unknown_path(llama):
     bad = {"model": {"layers": [{}, {}, {}, {"self_attn": {"x_proj": {"lora_a": mx.zeros(1)}}}]}}
     with pytest.raises(TreeMismatchError, match="model.layers.3.self_attn.x_proj: unknown path"):
         nf.update_module(llama, bad)
-    with pytest.raises(TreeMismatchError, match="list of 5 where the target has 4"):
+    with pytest.raises(TreeMismatchError, match="model.layers: length 5 where the target has 4"):
         nf.update_module(llama, {"model": {"layers": [{}] * 5}})
 
 
