@@ -29,8 +29,9 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nestedfn import optimizers
 from nestedfn.core import Optimizer, OptState, Params, Step, chain, static_step, tracing_step
-from nestedfn.tiers import TierRule, resolve
+from nestedfn.tiers import TierRule, by_depth, resolve
 from nestedfn.transforms import newton_schulz
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
@@ -204,8 +205,10 @@ def nested(
     Args:
       inner: one ``Optimizer`` used by every tier (each tier gets its own state over its own
         leaves) or a sequence with one per tier.
-      tiers: a tree of ints shaped like params (see ``nestedfn.tiers``) or a function
-        ``(path, leaf) -> int`` over dotted paths (``nestedfn.tree.to_flat``'s keys).
+      tiers: a tree of ints shaped like params (see ``nestedfn.tiers``), a function
+        ``(path, leaf) -> int`` over dotted paths (``nestedfn.tree.to_flat``'s keys), a
+        ``nestedfn.tiers.TierRule``, or ``"depth"``: ``by_depth(params, len(frequencies))``
+        computed at ``init``.
       frequencies: positive ints; tier ``k`` updates on 0-based steps ``i`` with
         ``(i + 1) % frequencies[k] == 0``.
       reduce: ``"mean"`` (default: a learning rate means the same at every frequency) or
@@ -218,7 +221,17 @@ def nested(
     construction: a frequency that is not a positive int, a wrong number of inner optimizers.
     """
     freqs = _check_frequencies(frequencies)
-    return _nested(inner, lambda params: tiers, freqs, reduce)
+    return _nested(inner, _resolver(tiers, len(freqs), "shallow_fast", "nested"), freqs, reduce)
+
+
+def _resolver(tiers: Any, n_tiers: int, order: str, who: str) -> Callable[[Params], TierSpec]:
+    """``params -> tier spec``: ``"depth"`` is resolved against the params, anything else is
+    passed on as is."""
+    if isinstance(tiers, str):
+        if tiers != "depth":
+            raise ValueError(f"{who}: tiers must be 'depth' or a tier spec, got {tiers!r}")
+        return lambda params: by_depth(params, n_tiers, order)
+    return lambda params: tiers
 
 
 def _nested(
@@ -501,22 +514,13 @@ def nested_adam(
     rate 1 and the updates are scaled by ``learning_rate(step)`` (Adam and decoupled weight
     decay are linear in the learning rate).
     """
-    from nestedfn import optimizers
-    from nestedfn.tiers import by_depth
-
     freqs = _check_frequencies(frequencies)
     lr = 1.0 if callable(learning_rate) else learning_rate
     if weight_decay:
         inner = optimizers.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     else:
         inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps)
-    if isinstance(tiers, str):
-        if tiers != "depth":
-            raise ValueError(f"nested_adam: tiers must be 'depth' or a tier spec, got {tiers!r}")
-        resolve_fn = lambda params: by_depth(params, len(freqs), order)  # noqa: E731
-    else:
-        resolve_fn = lambda params: tiers  # noqa: E731
-    opt = _nested(inner, resolve_fn, freqs, reduce)
+    opt = _nested(inner, _resolver(tiers, len(freqs), order, "nested_adam"), freqs, reduce)
     if callable(learning_rate):
         return chain(opt, _scale_by_global_schedule(learning_rate))
     return opt

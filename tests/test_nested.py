@@ -532,3 +532,12 @@ def test_nested_adam_tiers_errors_and_explicit_spec():
     )
     assert nested_adam(0.1, frequencies=(1, 3)).period == 3
     assert [s.frequency for s in tier_stats(state)] == [1, 3]
+
+
+def test_nested_depth_string_splits_by_layers_at_init():
+    params = {"embed": mx.zeros(3), "layers": [{"w": mx.zeros(2)} for _ in range(4)]}
+    opt = nested(sgd(1.0), "depth", (1, 2))
+    # layers 0, 1 and the embedding -> tier 0; layers 2, 3 -> tier 1
+    assert [(s.arrays, s.parameters) for s in tier_stats(opt.init(params))] == [(3, 7), (2, 4)]
+    with pytest.raises(ValueError, match="nested: tiers must be 'depth' or a tier spec"):
+        nested(sgd(1.0), "width", (1, 2))
