@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from nestedfn.core import Optimizer, apply_updates, tracing_step
 from nestedfn.nested import NestedState, TierStats, nested, tier_stats
+from nestedfn.testing import strategies as nfs
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
 
 
@@ -236,67 +237,55 @@ def test_array_step_under_mx_compile_per_phase_matches_eager():
 
 @st.composite
 def tiered_problems(draw):
-    n_tiers = draw(st.integers(1, 3))
+    """A random tree (dict/list/tuple/NamedTuple/None nodes, awkward keys included), a tier
+    map with every tier non-empty, random frequencies, reduce and per-tier learning rates."""
+    params = draw(
+        nfs.trees(nfs.mlx_arrays(max_dims=2, max_side=3), max_leaves=8).filter(
+            lambda t: len(flatten(t)[0]) >= 1
+        )
+    )
+    n_leaves = len(flatten(params)[0])
+    n_tiers = draw(st.integers(1, min(3, n_leaves)))
     freqs = tuple(draw(st.lists(st.integers(1, 4), min_size=n_tiers, max_size=n_tiers)))
-    n_leaves = draw(st.integers(n_tiers, 6))
-    labels = list(range(n_tiers)) + draw(
-        st.lists(
-            st.integers(0, n_tiers - 1), min_size=n_leaves - n_tiers, max_size=n_leaves - n_tiers
-        )
+    rest = draw(
+        st.lists(st.integers(0, n_tiers - 1), min_size=n_leaves - n_tiers, max_size=n_leaves)
     )
-    labels = draw(st.permutations(labels))
-    shapes = draw(
-        st.lists(
-            st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple),
-            min_size=n_leaves,
-            max_size=n_leaves,
-        )
-    )
-    # a tree mixing dicts, lists and tuples: leaves split over nested containers
-    layout = draw(st.sampled_from(["dict", "layers", "tuple"]))
+    labels = draw(st.permutations(list(range(n_tiers)) + rest[: n_leaves - n_tiers]))
+    lrs = draw(st.lists(st.sampled_from([0.5, 0.25, 2.0]), min_size=n_tiers, max_size=n_tiers))
     seed = draw(st.integers(0, 2**31 - 1))
     reduce = draw(st.sampled_from(["mean", "sum"]))
-    return freqs, labels, shapes, layout, seed, reduce
-
-
-def build(layout, leaves):
-    if layout == "dict":
-        return {f"w{i}": x for i, x in enumerate(leaves)}
-    if layout == "layers":
-        half = len(leaves) // 2
-        return {"layers": [{"x": x} for x in leaves[:half]], "rest": list(leaves[half:])}
-    return (leaves[0], {"inner": tuple(leaves[1:])})
+    return params, freqs, labels, lrs, seed, reduce
 
 
 @given(tiered_problems())
 def test_property_matches_numpy_reference_over_two_periods(problem):
-    freqs, labels, shapes, layout, seed, reduce = problem
+    params, freqs, labels, lrs, seed, reduce = problem
     rng = np.random.default_rng(seed)
-    x0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    x0, td = flatten(params)
+    x = [np.array(v) for v in x0]
     period = math.lcm(*freqs)
     steps = 2 * period
-    gs = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(steps)]
-    lr = 0.25
+    gs = [[rng.standard_normal(v.shape).astype(np.float32) for v in x] for _ in range(steps)]
 
-    params = build(layout, [mx.array(x) for x in x0])
-    tiers = build(layout, labels)
-    opt = nested(sgd(lr), tiers, freqs, reduce=reduce)
-    final, state, _ = run(opt, params, lambda i: build(layout, [mx.array(g) for g in gs[i]]), steps)
+    opt = nested([sgd(lr) for lr in lrs], unflatten(td, labels), freqs, reduce=reduce)
+    grads_at = lambda i: unflatten(td, [mx.array(g) for g in gs[i]])  # noqa: E731
+    final, state, _ = run(opt, params, grads_at, steps)
 
     # reference: plain numpy CMS loop
-    x = [v.copy() for v in x0]
-    acc = [np.zeros_like(v) for v in x0]
+    acc = [np.zeros_like(v) for v in x]
     for i in range(steps):
         for j, k in enumerate(labels):
             acc[j] = acc[j] + gs[i][j]
             if (i + 1) % freqs[k] == 0:
                 chunk = acc[j] / np.float32(freqs[k]) if reduce == "mean" else acc[j]
-                x[j] = x[j] + np.float32(-lr) * chunk
+                x[j] = x[j] + np.float32(-lrs[k]) * chunk
                 acc[j] = np.zeros_like(acc[j])
-    got = flatten(final)[0]
-    for j in range(len(x0)):
+    got, final_td = flatten(final)
+    assert final_td == td
+    for j in range(len(x)):
         np.testing.assert_allclose(np.array(got[j]), x[j], rtol=1e-5, atol=1e-5)
     assert [s.updates for s in tier_stats(state)] == [steps // f for f in freqs]
+    assert [s.arrays for s in tier_stats(state)] == [labels.count(k) for k in range(len(freqs))]
     assert opt.period == period
 
 
