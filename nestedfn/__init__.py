@@ -3,6 +3,7 @@
 This module only re-exports the public API; each idea lives in its own module.
 """
 
+from nestedfn.combinators import accumulate, masked, partition, skip_nonfinite
 from nestedfn.compile import compile_step
 from nestedfn.core import (
     Optimizer,

@@ -1,0 +1,331 @@
+"""Combinators: accumulate, skip_nonfinite, partition, masked — against the optimizers they
+wrap run by hand, eager and compiled, plus errors and purity."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import nestedfn as nf
+from nestedfn import combinators as C
+from nestedfn import optimizers as opt
+from nestedfn.compile import compile_step
+from nestedfn.core import Optimizer, static_step
+from nestedfn.testing import strategies as nfs
+from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
+
+
+def _params(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    f = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    return {"layers": [{"w": f(3, 4), "b": f(4)}, {"w": f(4, 2), "b": f(2)}], "head": f(2)}
+
+
+def _grads_seq(n: int, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    lv, td = flatten(_params())
+    return [
+        unflatten(td, [mx.array(rng.standard_normal(x.shape).astype(np.float32)) for x in lv])
+        for _ in range(n)
+    ]
+
+
+def _equal(a, b) -> None:
+    la, ta = flatten(a)
+    lb, tb = flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+def _close(a, b, rtol=1e-6, atol=1e-7) -> None:
+    la, ta = flatten(a)
+    lb, tb = flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------- accumulate
+
+
+def test_accumulate_holds_params_then_applies_opt_to_the_mean():
+    inner = opt.adam(0.05)
+    acc_opt = C.accumulate(inner, 4)
+    assert acc_opt.period == 4
+    params = _params()
+    state = nf.init(acc_opt, params)
+    ref = nf.init(inner, params)  # adam run by hand on the chunk means
+    grads = _grads_seq(12)
+    for k, g in enumerate(grads):
+        state = nf.apply_gradients(acc_opt, state, g)
+        if (k + 1) % 4:
+            _equal(state.params, ref.params)  # unchanged between updates
+        else:
+            chunk = grads[k - 3 : k + 1]
+            mean = tree_map(lambda *xs: sum(xs[1:], xs[0]) / 4, *chunk)
+            ref = nf.apply_gradients(inner, ref, mean)  # adam's own step: k // 4
+            _equal(state.params, ref.params)
+            _equal(state.opt_state.inner, ref.opt_state)
+            assert all(not np.any(np.array(a)) for a in flatten(state.opt_state.acc)[0])
+    assert ref.step == 3
+
+
+def _phase_opt() -> Optimizer:
+    """A period-2 toy: even steps give ``-g``, odd steps ``-10 g`` (branching on the static
+    step, as nested tiers do)."""
+
+    def update(grads, state, params, step):
+        f = -1.0 if static_step(step) % 2 == 0 else -10.0
+        return tree_map(lambda g: g * f, grads), state
+
+    return Optimizer(lambda p: (), update, period=2)
+
+
+def test_accumulate_period_and_inner_phase_eager_and_compiled():
+    acc_opt = C.accumulate(_phase_opt(), 3)
+    assert acc_opt.period == 6
+    params = _params()
+    eager = nf.init(acc_opt, params)
+    step_fn = compile_step(acc_opt)
+    compiled = nf.init(acc_opt, params)
+    grads = _grads_seq(12, seed=2)
+    expected = params
+    for k, g in enumerate(grads):
+        eager = nf.apply_gradients(acc_opt, eager, g)
+        compiled = step_fn(compiled, g)
+        if (k + 1) % 3 == 0:  # inner update number (k + 1) // 3 - 1: even -> -1x, odd -> -10x
+            f = -1.0 if ((k + 1) // 3 - 1) % 2 == 0 else -10.0
+            mean = tree_map(lambda *xs: sum(xs[1:], xs[0]) / 3, *grads[k - 2 : k + 1])
+            expected = tree_map(lambda p, m, f=f: p + m * f, expected, mean)
+        _close(eager.params, expected, rtol=1e-5, atol=1e-6)
+        _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
+    assert step_fn.graphs_built == 6
+
+
+def test_accumulate_adam_compiled_equals_eager():
+    acc_opt = C.accumulate(opt.adam(0.01), 4)
+    eager = compiled = nf.init(acc_opt, _params())
+    step_fn = compile_step(acc_opt)
+    for g in _grads_seq(8, seed=3):
+        eager = nf.apply_gradients(acc_opt, eager, g)
+        compiled = step_fn(compiled, g)
+    _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
+    _close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulate_rejects_bad_every():
+    for every in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="every"):
+            C.accumulate(opt.sgd(0.1), every)
+
+
+# --------------------------------------------------------------------------- skip_nonfinite
+
+
+def _poison(g: dict, where: str, value: float) -> dict:
+    lv, td = flatten(g)
+    paths = td.paths()
+    out = []
+    for p, x in zip(paths, lv):
+        if p == where:
+            a = np.array(x)
+            a.flat[1] = value
+            x = mx.array(a)
+        out.append(x)
+    return unflatten(td, out)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_skip_nonfinite_changes_nothing_and_counts(compiled):
+    inner = opt.adam(0.05)
+    skip = C.skip_nonfinite(inner)
+    step_fn = compile_step(skip) if compiled else (lambda s, g: nf.apply_gradients(skip, s, g))
+    state = nf.init(skip, _params())
+    ref = nf.init(inner, _params())
+    grads = _grads_seq(8, seed=4)
+    bad = {
+        2: ("layers.0.w", math.nan),
+        3: ("head", math.inf),
+        5: ("layers.1.b", -math.inf),
+    }
+    for k, g in enumerate(grads):
+        if k in bad:
+            before = state
+            state = step_fn(state, _poison(g, *bad[k]))
+            _equal(state.params, before.params)
+            _equal(state.opt_state.inner, before.opt_state.inner)
+        else:
+            state = step_fn(state, g)
+            # the inner optimizer saw the global step (skipped ones included)
+            ref = nf.apply_gradients(inner, nf.TrainState(ref.params, ref.opt_state, k), g)
+            # compiled: float32 bias correction and fused arithmetic, a few ulps apart
+            _close(state.params, ref.params, rtol=1e-5, atol=5e-6 if compiled else 1e-6)
+        assert int(state.opt_state.skipped) == sum(1 for j in bad if j <= k)
+    assert int(state.step) == 8
+
+
+def test_skip_nonfinite_keeps_period():
+    assert C.skip_nonfinite(C.accumulate(opt.sgd(0.1), 3)).period == 3
+
+
+# -------------------------------------------------------------------------------- partition
+
+
+def _by_ndim(path: str, leaf) -> str:
+    return "matrix" if leaf.ndim == 2 else "vector"
+
+
+def test_partition_equals_each_optimizer_on_its_own_leaves():
+    adam, sgd = opt.adam(0.02), opt.sgd(0.1)
+    part = C.partition({"matrix": adam, "vector": sgd}, _by_ndim)
+    params = _params()
+    state = nf.init(part, params)
+    mats = {"w0": params["layers"][0]["w"], "w1": params["layers"][1]["w"]}
+    vecs = {"b0": params["layers"][0]["b"], "b1": params["layers"][1]["b"], "h": params["head"]}
+    sa, sb = nf.init(adam, mats), nf.init(sgd, vecs)
+    for g in _grads_seq(10, seed=5):
+        state = nf.apply_gradients(part, state, g)
+        sa = nf.apply_gradients(adam, sa, {"w0": g["layers"][0]["w"], "w1": g["layers"][1]["w"]})
+        sb = nf.apply_gradients(
+            sgd, sb, {"b0": g["layers"][0]["b"], "b1": g["layers"][1]["b"], "h": g["head"]}
+        )
+    p = state.params
+    _equal({"w0": p["layers"][0]["w"], "w1": p["layers"][1]["w"]}, sa.params)
+    _equal({"b0": p["layers"][0]["b"], "b1": p["layers"][1]["b"], "h": p["head"]}, sb.params)
+
+
+def test_partition_labels_tree_and_function_see_dotted_paths():
+    seen = []
+
+    def label(path, leaf):
+        seen.append(path)
+        return "a" if path.endswith("w") else "b"
+
+    part_fn = C.partition({"a": opt.sgd(1.0), "b": opt.sgd(0.0)}, label)
+    tree_labels = {"layers": [{"w": "a", "b": "b"}, {"w": "a", "b": "b"}], "head": "b"}
+    part_tree = C.partition({"a": opt.sgd(1.0), "b": opt.sgd(0.0)}, tree_labels)
+    params, (g,) = _params(), _grads_seq(1)
+    s1 = nf.apply_gradients(part_fn, nf.init(part_fn, params), g)
+    s2 = nf.apply_gradients(part_tree, nf.init(part_tree, params), g)
+    assert seen[:5] == ["layers.0.w", "layers.0.b", "layers.1.w", "layers.1.b", "head"]
+    _equal(s1.params, s2.params)
+    np.testing.assert_array_equal(np.array(s1.params["head"]), np.array(params["head"]))
+    np.testing.assert_allclose(
+        np.array(s1.params["layers"][1]["w"]),
+        np.array(params["layers"][1]["w"]) - np.array(g["layers"][1]["w"]),
+    )
+
+
+def test_partition_unknown_label_names_path():
+    labels = {"layers": [{"w": "a", "b": "a"}, {"w": "a", "b": "oops"}], "head": "a"}
+    with pytest.raises(KeyError, match=r"layers\.1\.b.*'oops'"):
+        C.partition({"a": opt.sgd(0.1)}, labels).init(_params())
+    with pytest.raises(KeyError, match=r"'head'"):
+        C.partition({"a": opt.sgd(0.1)}, lambda p, x: "a" if "layers" in p else 7).init(_params())
+
+
+def test_partition_labels_shaped_unlike_params_names_path():
+    labels = {"layers": [{"w": "a", "b": "a"}], "head": "a"}
+    with pytest.raises(TreeMismatchError, match=r"partition labels(.|\n)*layers"):
+        C.partition({"a": opt.sgd(0.1)}, labels).init(_params())
+    labels = {"layers": [{"w": "a", "b": "a"}, {"w": "a", "bias": "a"}], "head": "a"}
+    with pytest.raises(TreeMismatchError, match=r"layers\.1"):
+        C.partition({"a": opt.sgd(0.1)}, labels).init(_params())
+
+
+def test_partition_optimizer_without_leaves_raises():
+    with pytest.raises(ValueError, match="'unused'"):
+        C.partition({"a": opt.sgd(0.1), "unused": opt.adam(0.1)}, lambda p, x: "a").init(_params())
+
+
+def test_partition_period_is_lcm_and_compiles():
+    part = C.partition(
+        {"matrix": C.accumulate(opt.sgd(0.1), 2), "vector": C.accumulate(opt.adam(0.1), 3)},
+        _by_ndim,
+    )
+    assert part.period == 6
+    eager = compiled = nf.init(part, _params())
+    step_fn = compile_step(part)
+    for g in _grads_seq(7, seed=6):
+        eager = nf.apply_gradients(part, eager, g)
+        compiled = step_fn(compiled, g)
+    _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- masked
+
+
+def test_masked_applies_opt_to_masked_leaves_and_passes_the_rest():
+    mask = {"layers": [{"w": True, "b": False}, {"w": True, "b": False}], "head": False}
+    m = C.masked(opt.adam(0.1), mask)
+    params, (g,) = _params(), _grads_seq(1)
+    u, s = m.update(g, m.init(params), params, 0)
+    ua, _ = opt.adam(0.1).update(
+        {"w": g["layers"][0]["w"]}, opt.adam(0.1).init({"w": params["layers"][0]["w"]}), None, 0
+    )
+    _equal(u["layers"][0]["w"], ua["w"])
+    _equal(u["layers"][0]["b"], g["layers"][0]["b"])
+    _equal(u["head"], g["head"])
+    # the inner state holds only the masked leaves
+    assert len(flatten(s.inner)[0]) == 2 * 2
+
+
+def test_masked_callable_mask_and_bad_mask():
+    m = C.masked(opt.sgd(1.0), lambda p: tree_map(lambda x: x.ndim == 1, p))
+    params, (g,) = _params(), _grads_seq(1)
+    u, _ = m.update(g, m.init(params), params, 0)
+    _equal(u["head"], tree_map(lambda x: -x, g["head"]))
+    _equal(u["layers"][0]["w"], g["layers"][0]["w"])
+    with pytest.raises(TreeMismatchError, match="masked mask"):
+        C.masked(opt.sgd(1.0), {"layers": [], "head": True}).init(params)
+
+
+# ----------------------------------------------------------------------------------- purity
+
+
+def _snapshot(tree):
+    lv, td = flatten(tree)
+    return td, [np.array(x) if isinstance(x, mx.array) else x for x in lv]
+
+
+def _same(tree, snap):
+    lv, td = flatten(tree)
+    assert td == snap[0]
+    for x, y in zip(lv, snap[1]):
+        np.testing.assert_array_equal(np.array(x) if isinstance(x, mx.array) else x, y)
+
+
+@settings(max_examples=10)
+@given(params=nfs.param_trees(max_layers=3), seed=st.integers(0, 2**16), nan=st.booleans())
+def test_combinators_leave_inputs_untouched(params, seed, nan):
+    lv, td = flatten(params)
+    assume(len(lv) >= 2)
+    rng = np.random.default_rng(seed)
+    g_np = [rng.standard_normal(x.shape).astype(np.float32) for x in lv]
+    if nan:
+        g_np[-1].flat[0] = np.nan
+    grads = unflatten(td, [mx.array(x) for x in g_np])
+    labels = unflatten(td, ["a" if i % 2 else "b" for i in range(len(lv))])
+    mask = unflatten(td, [i % 2 == 0 for i in range(len(lv))])
+    optimizers = [
+        C.partition({"a": opt.adam(0.1), "b": opt.momentum(0.1)}, labels),
+        C.masked(opt.adamw(0.1), mask),
+        C.accumulate(opt.adam(0.1), 2),
+        C.skip_nonfinite(opt.adam(0.1)),
+    ]
+    p_snap, g_snap = _snapshot(params), _snapshot(grads)
+    for o in optimizers:
+        state = nf.init(o, params)
+        s_snap = _snapshot(state.opt_state)
+        s1 = nf.apply_gradients(o, state, grads)
+        s2 = nf.apply_gradients(o, s1, grads)
+        mx.eval(s2)
+        _same(params, p_snap)
+        _same(grads, g_snap)
+        _same(state.opt_state, s_snap)
