@@ -36,6 +36,7 @@ __all__ = [
     "DivergenceError",
     "all_sum",
     "average_gradients",
+    "barrier",
     "broadcast_params",
     "check_identical",
     "is_launched",
@@ -138,6 +139,17 @@ def rank(group: Group | None = None) -> int:
 def is_main(group: Group | None = None) -> bool:
     """True on rank 0: the one process that writes files and prints progress."""
     return rank(group) == 0
+
+
+def barrier(group: Group | None = None) -> None:
+    """Return only when every rank has called it (a one-element ``all_sum``); no-op alone.
+
+    Use it to order file-system effects across ranks, e.g. every rank checks (or reads) the
+    run directory, *then* rank 0 writes into it, so no rank sees a half-written run.
+    """
+    g = _resolve(group)
+    if g is not None:
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,), dtype=mx.float32), group=g, stream=mx.cpu))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def test_single_process_collectives_return_input_unchanged():
     after = [id(x) for x in (g["layers"][0]["w"], g["layers"][2]["w"], g["head"][0])]
     assert before == after
     assert dist.check_identical(g) is None
+    assert dist.barrier() is None
 
 
 def test_average_gradients_rejects_non_float_leaf_on_one_process():
@@ -187,7 +188,7 @@ def make_inputs(r: int) -> dict:
 
 
 WORKER = """
-import json, sys, traceback
+import json, os, sys, time, traceback
 import numpy as np
 import mlx.core as mx
 import nestedfn.distributed as dist
@@ -207,6 +208,12 @@ r, n = dist.rank(), dist.world_size()
 res = {"rank": r, "size": n, "main": dist.is_main(), "launched": dist.is_launched()}
 arrays = {}
 try:
+    flag = out + "/written_by_rank1_before_barrier"
+    if r == 1:
+        time.sleep(0.5)
+        open(flag, "w").close()
+    dist.barrier()
+    res["flag_seen_after_barrier"] = os.path.exists(flag)
     g = to_mx(make_inputs(r))
     avg = dist.average_gradients(g)
     res["dtypes"] = {p: str(x.dtype) for p, x in to_flat(avg).items()}
@@ -285,8 +292,9 @@ def _tol(path: str) -> dict:
     return {"rtol": 1e-6, "atol": 1e-6}
 
 
-def test_two_ranks_world(two_ranks):
+def test_two_ranks_world_and_barrier(two_ranks):
     results, _ = two_ranks
+    assert all(r["flag_seen_after_barrier"] for r in results)
     assert [(r["rank"], r["size"], r["main"], r["launched"]) for r in results] == [
         (0, 2, True, True),
         (1, 2, False, True),
