@@ -500,6 +500,7 @@ def nested_adam(
     weight_decay: float = 0.0,
     reduce: str = "mean",
     order: str = "shallow_fast",
+    state_dtype: mx.Dtype | None = None,
 ) -> Optimizer:
     """Adam (AdamW when ``weight_decay > 0``) in multi-frequency tiers: the seed app's
     optimizer, done right.
@@ -512,14 +513,18 @@ def nested_adam(
     A constant ``learning_rate`` goes to each tier's Adam; a schedule is read at the *global*
     step (warmup and decay in training steps for every tier): the tiers run Adam with learning
     rate 1 and the updates are scaled by ``learning_rate(step)`` (Adam and decoupled weight
-    decay are linear in the learning rate).
+    decay are linear in the learning rate).  ``state_dtype=mx.float32`` keeps the moments in
+    float32 for low-precision params (the chunk accumulators are float32 for float16/bfloat16
+    gradients regardless).
     """
     freqs = _check_frequencies(frequencies)
     lr = 1.0 if callable(learning_rate) else learning_rate
     if weight_decay:
-        inner = optimizers.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        inner = optimizers.adamw(
+            lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype
+        )
     else:
-        inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps)
+        inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps, state_dtype=state_dtype)
     opt = _nested(inner, _resolver(tiers, len(freqs), order, "nested_adam"), freqs, reduce)
     if callable(learning_rate):
         return chain(opt, _scale_by_global_schedule(learning_rate))

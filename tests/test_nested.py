@@ -530,3 +530,28 @@ def test_nested_depth_string_splits_by_layers_at_init():
     assert [(s.arrays, s.parameters) for s in tier_stats(opt.init(params))] == [(3, 7), (2, 4)]
     with pytest.raises(ValueError, match="nested: tiers must be 'depth' or a tier spec"):
         nested(sgd(1.0), "width", (1, 2))
+
+
+def test_nested_adam_bfloat16_params_keep_dtype_and_float32_state():
+    from nestedfn.nested import nested_adam
+
+    rng = np.random.default_rng(6)
+    params = {
+        "layers": [{"w": mx.array(rng.standard_normal((3, 2)), mx.bfloat16)} for _ in range(3)]
+    }
+    opt = nested_adam(1e-2, state_dtype=mx.float32)
+    state = opt.init(params)
+    dtypes0 = [x.dtype for x in flatten(state)[0]]
+    assert mx.float32 in dtypes0 and mx.bfloat16 not in dtypes0  # moments and accumulators
+    for step in range(3):
+        g = tree_map(lambda p: mx.array(rng.standard_normal(p.shape), mx.bfloat16), params)
+        updates, state = opt.update(g, state, params, step)
+        new = apply_updates(params, updates)
+        assert all(x.dtype == mx.bfloat16 for x in flatten(new)[0])
+        assert [x.dtype for x in flatten(state)[0]] == dtypes0
+        # layer 2 (frequency 4) has not updated yet: bit-identical
+        assert np.array_equal(
+            np.array(new["layers"][2]["w"].view(mx.uint16)),
+            np.array(params["layers"][2]["w"].view(mx.uint16)),
+        )
+        params = new
