@@ -42,6 +42,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 __all__ = [
+    "Dense",
     "LoRABlock",
     "Pair",
     "Triple",
@@ -259,31 +260,55 @@ def param_trees(
 # ---------------------------------------------------------------------------------------------
 
 
-class LoRABlock(nn.Module):
-    """A block with a ``proj`` Linear and, optionally, LoRA-like ``lora_a``/``lora_b`` arrays."""
+def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> mx.array:
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
 
-    def __init__(self, dims: int, bias: bool, rank: int | None):
+
+class Dense(nn.Module):
+    """``nn.Linear``'s parameters (``weight`` ``(out, in)``, optional ``bias``), drawn from a
+    numpy ``Generator`` so that building one never touches MLX's global random state."""
+
+    def __init__(self, din: int, dout: int, bias: bool, rng: np.random.Generator):
         super().__init__()
-        self.proj = nn.Linear(dims, dims, bias=bias)
+        self.weight = _normal(rng, (dout, din))
+        if bias:
+            self.bias = _normal(rng, (dout,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.weight.T
+        return y + self.bias if "bias" in self else y
+
+
+class LoRABlock(nn.Module):
+    """A block with a ``proj`` ``Dense`` and, optionally, LoRA-like ``lora_a``/``lora_b``."""
+
+    def __init__(self, dims: int, bias: bool, rank: int | None, rng: np.random.Generator):
+        super().__init__()
+        self.proj = Dense(dims, dims, bias, rng)
         if rank is not None:
-            self.lora_a = mx.zeros((dims, rank))
-            self.lora_b = mx.zeros((rank, dims))
+            self.lora_a = _normal(rng, (dims, rank))
+            self.lora_b = _normal(rng, (rank, dims))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.proj(x)
+        if "lora_a" in self:
+            y = y + (x @ self.lora_a) @ self.lora_b
+        return y
 
 
 class TinyNet(nn.Module):
-    """``layers`` (a list of ``LoRABlock``) followed by a ``head`` Linear."""
+    """``layers`` (a list of ``LoRABlock``) followed by a ``head`` ``Dense`` to 2 outputs."""
 
-    def __init__(self, dims: int, blocks: Sequence[tuple[bool, int | None]]):
+    def __init__(
+        self, dims: int, blocks: Sequence[tuple[bool, int | None]], rng: np.random.Generator
+    ):
         super().__init__()
-        self.layers = [LoRABlock(dims, bias, rank) for bias, rank in blocks]
-        self.head = nn.Linear(dims, 2)
+        self.layers = [LoRABlock(dims, bias, rank, rng) for bias, rank in blocks]
+        self.head = Dense(dims, 2, True, rng)
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.layers:
-            y = layer.proj(x)
-            if "lora_a" in layer:
-                y = y + (x @ layer.lora_a) @ layer.lora_b
-            x = y
+            x = layer(x)
         return self.head(x)
 
 
@@ -292,43 +317,14 @@ def _modules(draw: st.DrawFn, min_layers: int, max_layers: int) -> TinyNet:
     dims = draw(st.integers(2, 4))
     n = draw(st.integers(min_layers, max_layers))
     blocks = [(draw(st.booleans()), draw(st.none() | st.integers(1, 2))) for _ in range(n)]
-    net = TinyNet(dims, blocks)
-    # Deterministic weights from the example (not from MLX's global random state).
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    new = [mx.array(rng.standard_normal(a.shape).astype(np.float32)) for a in _leaves(net)]
-    net.update(_rebuild(net.parameters(), iter(new)))
-    return net
-
-
-def _leaves(module: nn.Module) -> list[mx.array]:
-    out: list[mx.array] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        else:
-            out.append(node)
-
-    walk(module.parameters())
-    return out
-
-
-def _rebuild(node: Any, it: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _rebuild(v, it) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_rebuild(v, it) for v in node]
-    return next(it)
+    return TinyNet(dims, blocks, np.random.default_rng(draw(st.integers(0, 2**16))))
 
 
 def modules(min_layers: int = 1, max_layers: int = 3) -> st.SearchStrategy[TinyNet]:
-    """Small ``TinyNet`` modules: a ``layers`` list of blocks, each with a ``proj`` Linear
+    """Small ``TinyNet`` modules: a ``layers`` list of blocks, each with a ``proj`` ``Dense``
     (with or without bias) and, for some blocks only, LoRA-like ``lora_a``/``lora_b``
-    parameters; then a ``head``.  Weights come from ``mx.random`` seeded by the example.
+    parameters; then a ``head``.  Weights are standard normal from a numpy generator seeded
+    by the example (MLX's global random state is left alone).
 
     Example::
 
