@@ -3,6 +3,13 @@
 This module only re-exports the public API; each idea lives in its own module.
 """
 
+from nestedfn.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from nestedfn.combinators import accumulate, masked, partition, skip_nonfinite
 from nestedfn.compile import compile_step
 from nestedfn.core import (
