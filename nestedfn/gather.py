@@ -61,7 +61,7 @@ def _kernel(offsets: tuple[int, ...]) -> object:
 
 def _gather_one(parts: list[mx.array], offsets: tuple[int, ...]) -> mx.array:
     dtype = parts[0].dtype
-    biggest = max(int(p.size) for p in parts)
+    biggest = max(b - a for a, b in zip(offsets, offsets[1:]))
     threads = min(-(-biggest // _THREADS) * _THREADS, _THREADS * 1024)
     return _kernel(offsets)(
         inputs=parts,

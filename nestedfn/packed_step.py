@@ -278,9 +278,9 @@ class PackedCompiledStep:
             p_bufs = pack(entry.layout, p_leaves)
         g_leaves: list = []
         shapes = entry.layout.shapes
-        if not _leaves_as(grads, entry.params_def, g_leaves) or any(
-            not isinstance(g, mx.array) or g.shape != s for g, s in zip(g_leaves, shapes)
-        ):
+        if not _leaves_as(grads, entry.params_def, g_leaves) or [
+            g.shape if isinstance(g, mx.array) else None for g in g_leaves
+        ] != list(shapes):
             problems = [
                 (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
                 for path, g, s in zip(entry.params_def.paths(), g_leaves, shapes)

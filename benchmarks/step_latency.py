@@ -1,0 +1,303 @@
+"""Step latency of one Adam step, all results materialised, on three trees.
+
+For each tree: the median milliseconds of one step (``mx.eval`` of every new parameter and
+state array, then ``mx.synchronize``) for nestedfn eager ``apply_gradients``, nestedfn
+``compile_step``, nestedfn ``compile_step(packed=True)``, ``mlx.optimizers.Adam`` and a plain
+``tree_map`` Adam under ``mx.compile``; plus each one's ratio to ``mlx.optimizers.Adam`` and to
+the memory floor (7 x 4 bytes per float32 parameter -- read p, m, v, g, write p, m, v -- over
+the copy bandwidth measured in the same run).
+
+Then ``nested_adam`` with frequencies (1, 2, 4) on the LoRA tree (tiers by depth): the mean
+step over one full period against plain ``adam`` compiled, and the cost of a tier-0-only step
+against a step where every tier updates.
+
+    python benchmarks/step_latency.py [--quick] [--device cpu|gpu]
+
+Never part of the test suite: ratios measured in one run, not timed assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as mlx_optim
+from mlx.utils import tree_flatten, tree_map
+
+import nestedfn as nf
+from nestedfn.nested import nested_adam, tier_stats
+from nestedfn.optimizers import adam
+
+LR = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# trees
+# --------------------------------------------------------------------------------------------
+
+
+def lora_tree() -> dict:
+    """LoRA (rank 8) of a 0.5B Qwen: 24 layers x q,k,v,o,gate,up,down; hidden 896,
+    intermediate 4864, kv dim 128: 336 arrays, 4,399,104 parameters (mlx-lm's paths)."""
+    hidden, inter, kv, r = 896, 4864, 128, 8
+    dims = {
+        "self_attn": {
+            "q_proj": (hidden, hidden),
+            "k_proj": (hidden, kv),
+            "v_proj": (hidden, kv),
+            "o_proj": (hidden, hidden),
+        },
+        "mlp": {
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        },
+    }
+    layers = []
+    for _ in range(24):
+        layer = {}
+        for block, projs in dims.items():
+            layer[block] = {
+                name: {
+                    "lora_a": mx.random.normal((i, r)) * 0.01,
+                    "lora_b": mx.random.normal((r, o)) * 0.01,
+                }
+                for name, (i, o) in projs.items()
+            }
+        layers.append(layer)
+    return {"model": {"layers": layers}}
+
+
+def big_tree() -> dict:
+    """10M parameters in 20 arrays of 1000 x 500."""
+    return {"blocks": [{"w": mx.random.normal((1000, 500))} for _ in range(20)]}
+
+
+def tiny_tree() -> dict:
+    """300 arrays of 16 floats."""
+    return {"layers": [{"w": mx.random.normal((16,))} for _ in range(300)]}
+
+
+TREES: dict[str, tuple[str, Callable[[], dict]]] = {
+    "lora": ("LoRA of a 0.5B Qwen: 336 arrays, 4.4M params", lora_tree),
+    "big": ("20 arrays, 10M params", big_tree),
+    "tiny": ("300 arrays of 16 floats", tiny_tree),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+
+def _arrays(tree: Any) -> list[mx.array]:
+    return [x for x in nf.leaves(tree) if isinstance(x, mx.array)]
+
+
+def time_loop(step: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Milliseconds per call of ``step`` (which must materialise its results)."""
+    for _ in range(warmup):
+        step()
+    mx.synchronize()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        mx.synchronize()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def copy_bandwidth(n: int, iters: int) -> float:
+    """Bytes per second read + written by ``y = x + 1`` on ``n`` float32."""
+    x = mx.random.normal((n,))
+    mx.eval(x)
+    ms = statistics.median(time_loop(lambda: mx.eval(x + 1.0), iters, 3))
+    return 2 * 4 * n / (ms / 1e3)
+
+
+# --------------------------------------------------------------------------------------------
+# the contenders
+# --------------------------------------------------------------------------------------------
+
+
+def bench_nestedfn(params, grads, kind: str, iters: int, warmup: int) -> list[float]:
+    opt = adam(LR)
+    state = nf.init(opt, params)
+    if kind == "eager":
+
+        def fn(s, g):
+            return nf.apply_gradients(opt, s, g)
+
+    elif kind == "compiled":
+        fn = nf.compile_step(opt)
+    else:
+        fn = nf.compile_step(opt, packed=True)
+    box = [state]
+
+    def step():
+        box[0] = fn(box[0], grads)
+        mx.eval(box[0].params, box[0].opt_state)
+
+    return time_loop(step, iters, warmup)
+
+
+def bench_mlx_adam(params, grads, iters: int, warmup: int) -> list[float]:
+    opt = mlx_optim.Adam(learning_rate=LR, bias_correction=True)
+    opt.init(params)
+    box = [params]
+
+    def step():
+        box[0] = opt.apply_gradients(grads, box[0])
+        mx.eval(box[0], opt.state)
+
+    return time_loop(step, iters, warmup)
+
+
+def bench_tree_map_compiled(params, grads, iters: int, warmup: int) -> list[float]:
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    @mx.compile
+    def step_fn(p, m, v, g, t):
+        m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+        v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+        c1 = 1 - b1**t
+        c2 = 1 - b2**t
+        p = tree_map(lambda p, m, v: p - LR * (m / c1) / (mx.sqrt(v / c2) + eps), p, m, v)
+        return p, m, v
+
+    box = [params, tree_map(mx.zeros_like, params), tree_map(mx.zeros_like, params), 0]
+
+    def step():
+        p, m, v, t = box
+        p, m, v = step_fn(p, m, v, grads, mx.array(t + 1, dtype=mx.float32))
+        box[:] = [p, m, v, t + 1]
+        mx.eval(p, m, v)
+
+    return time_loop(step, iters, warmup)
+
+
+def bench_nested(params, grads, periods: int, warmup_periods: int) -> dict[str, float]:
+    """Per phase of nested_adam((1, 2, 4)) compiled; returns ms for the period mean, the
+    tier-0-only step, the all-tiers step and the parameter share of tier 0."""
+    opt = nested_adam(LR, frequencies=(1, 2, 4))
+    state = nf.init(opt, params)
+    fn = nf.compile_step(opt)
+    period = opt.period
+    by_phase: dict[int, list[float]] = {k: [] for k in range(period)}
+    for it in range((warmup_periods + periods) * period):
+        phase = state.step % period
+        t0 = time.perf_counter()
+        state = fn(state, grads)
+        mx.eval(state.params, state.opt_state)
+        mx.synchronize()
+        if it >= warmup_periods * period:
+            by_phase[phase].append(1e3 * (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in by_phase.items()}
+    stats = tier_stats(state.opt_state)
+    total = sum(s.parameters for s in stats)
+    return {
+        "period": period,
+        "mean": sum(med.values()) / period,
+        "tier0_only": med[0],  # step 0 of a period: only frequency-1 tiers update
+        "all": med[period - 1],  # last step of a period: every tier updates
+        "tier0_share": stats[0].parameters / total,
+        "graphs": fn.graphs_built,
+        "phases": med,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    ap.add_argument("--trees", default="lora,big,tiny", help="comma list of lora,big,tiny")
+    ap.add_argument("--no-eager", action="store_true", help="skip nestedfn eager (slow)")
+    args = ap.parse_args()
+    if args.device:
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    iters, warmup = (5, 2) if args.quick else (30, 5)
+    dev = mx.default_device()
+    print(
+        f"# step latency: mlx {mx.__version__}, device {dev}, {platform.processor() or platform.machine()}"
+    )
+    bw_n = 1 << 22 if dev == mx.cpu else 1 << 26
+    bw = copy_bandwidth(bw_n, 10 if args.quick else 30)
+    print(f"copy bandwidth (y = x + 1 on {bw_n} float32): {bw / 1e9:.1f} GB/s; iters {iters}\n")
+
+    header = (
+        "| tree | floor | nestedfn eager | nestedfn compile_step | nestedfn compile_step(packed) "
+        "| mlx.optimizers.Adam | tree_map Adam, mx.compile |"
+    )
+    rows_ms, rows_ratio = (
+        [header, "|---|---|---|---|---|---|---|"],
+        [
+            header.replace("| floor ", ""),
+            "|---|---|---|---|---|---|",
+        ],
+    )
+    lora_compiled = None
+    for name in args.trees.split(","):
+        title, make = TREES[name]
+        params = make()
+        grads = tree_map(lambda x: mx.random.normal(x.shape) * 1e-2, params)
+        mx.eval(params, grads)
+        n = sum(x.size for _, x in tree_flatten(params))
+        floor = 7 * 4 * n / bw * 1e3
+        res = {}
+        if not args.no_eager:
+            res["eager"] = bench_nestedfn(params, grads, "eager", iters, warmup)
+        res["compiled"] = bench_nestedfn(params, grads, "compiled", iters, warmup)
+        res["packed"] = bench_nestedfn(params, grads, "packed", iters, warmup)
+        res["mlx"] = bench_mlx_adam(params, grads, iters, warmup)
+        res["tree_map"] = bench_tree_map_compiled(params, grads, iters, warmup)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        if name == "lora":
+            lora_compiled = (params, grads, med["compiled"], med["packed"])
+        keys = ["eager", "compiled", "packed", "mlx", "tree_map"]
+        cells = [f"{med[k]:.2f}" if k in med else "-" for k in keys]
+        rows_ms.append(f"| {title} | {floor:.2f} | " + " | ".join(cells) + " |")
+        ratio = [
+            f"{med[k] / med['mlx']:.2f}x / {med[k] / floor:.1f}x" if k in med else "-" for k in keys
+        ]
+        rows_ratio.append(f"| {title} | " + " | ".join(ratio) + " |")
+        print(f"done {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()), flush=True)
+
+    print("\nMedian ms per Adam step (all results materialised):\n")
+    print("\n".join(rows_ms))
+    print("\nRatio to mlx.optimizers.Adam / ratio to the memory floor (lower is faster):\n")
+    print("\n".join(rows_ratio))
+
+    if lora_compiled is not None:
+        params, grads, adam_ms, packed_ms = lora_compiled
+        nb = bench_nested(params, grads, periods=3 if args.quick else 10, warmup_periods=2)
+        print("\nnested_adam (1, 2, 4) on the LoRA tree, tiers by depth, compile_step:\n")
+        print("| | ms | ratio |")
+        print("|---|---|---|")
+        print(
+            f"| mean step over one period ({nb['period']} steps, {nb['graphs']} graphs) "
+            f"| {nb['mean']:.2f} | {nb['mean'] / adam_ms:.2f}x adam compile_step ({adam_ms:.2f} ms) |"
+        )
+        print(
+            f"| tier-0-only step (tier 0 holds {100 * nb['tier0_share']:.0f}% of params) "
+            f"| {nb['tier0_only']:.2f} | {nb['tier0_only'] / nb['all']:.2f}x the all-tiers step |"
+        )
+        print(f"| all-tiers step | {nb['all']:.2f} | 1.00x |")
+        print(
+            "\nper phase (step % period -> ms): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in nb["phases"].items())
+        )
+
+
+if __name__ == "__main__":
+    main()
