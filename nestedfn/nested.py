@@ -255,16 +255,16 @@ def _nested(
             )
     plans: dict[TreeDef, _Plan] = {}
 
-    def plan_for(params: Params) -> _Plan:
-        td = flatten(params)[1]
+    def plan_for(params: Params) -> tuple[_Plan, list[Any]]:
+        """The (cached) tier plan for this params structure, and the params' leaves."""
+        leaves, td = flatten(params)
         plan = plans.get(td)
         if plan is None:
             plan = plans[td] = _make_plan(params, resolve(params), freqs)
-        return plan
+        return plan, leaves
 
     def init_fn(params: Params) -> NestedState:
-        plan = plan_for(params)
-        leaves = flatten(params)[0]
+        plan, leaves = plan_for(params)
         inner_states, accs, layout = [], [], []
         for k, (opt, idx, sub) in enumerate(zip(inners, plan.index, plan.subdefs)):
             sub_params = unflatten(sub, [leaves[i] for i in idx])
@@ -284,7 +284,7 @@ def _nested(
     ) -> tuple[Any, NestedState]:
         if not isinstance(state, NestedState) or len(state.inner) != n_tiers:
             raise ValueError(f"nested: expected a NestedState of {n_tiers} tiers, got {state!r}")
-        plan = plan_for(params)
+        plan, p_leaves = plan_for(params)
         g_leaves, gtd = flatten(grads)
         if gtd != plan.treedef:
             try:
@@ -293,7 +293,7 @@ def _nested(
                 raise TreeMismatchError(
                     _rename(e.problems, "grads"), "nested: grads shaped unlike params"
                 ) from None
-        p_leaves = flatten(params)[0]
+            raise TreeMismatchError([("", f"{gtd!r} vs {plan.treedef!r}")], "nested: grads")
         s = static_step(step)
         out: list[Any] = [None] * len(g_leaves)
         inner_states, accs, counts = list(state.inner), list(state.acc), list(state.count)
