@@ -268,6 +268,17 @@ def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) ->
 # ---------------------------------------------------------------------------------------------
 
 
+def _keep_if(finite: mx.array, new: Any, old: Any) -> Any:
+    if isinstance(new, mx.array):
+        return mx.where(finite, new, old)
+    if new is not old and new != old:
+        raise TypeError(
+            f"skip_nonfinite: the inner state holds a Python value that changed ({old!r} -> "
+            f"{new!r}); it cannot be reverted by value, keep state leaves as mx.arrays"
+        )
+    return old
+
+
 def skip_nonfinite(opt: Optimizer) -> Optimizer:
     """Skip steps whose gradients hold a NaN or Inf anywhere: such a step gives zero updates
     (params unchanged), keeps the inner state exactly as it was, and adds one to ``skipped``.
@@ -287,11 +298,7 @@ def skip_nonfinite(opt: Optimizer) -> Optimizer:
             finite = mx.logical_and(finite, mx.all(mx.isfinite(g)))
         updates, inner = opt.update(grads, state.inner, params, step)
         updates = tree_map(lambda u: mx.where(finite, u, mx.zeros_like(u)), updates)
-        inner = tree_map(
-            lambda new, old: mx.where(finite, new, old) if isinstance(new, mx.array) else new,
-            inner,
-            state.inner,
-        )
+        inner = tree_map(lambda new, old: _keep_if(finite, new, old), inner, state.inner)
         skipped = state.skipped + mx.where(finite, 0, 1).astype(mx.int32)
         return updates, SkipNonfiniteState(inner, skipped)
 

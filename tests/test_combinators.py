@@ -329,3 +329,12 @@ def test_combinators_leave_inputs_untouched(params, seed, nan):
         _same(params, p_snap)
         _same(grads, g_snap)
         _same(state.opt_state, s_snap)
+
+
+def test_skip_nonfinite_refuses_python_state_it_cannot_revert():
+    def update(grads, state, params, step):
+        return grads, state + 1
+
+    counting = Optimizer(lambda p: 0, update)
+    with pytest.raises(TypeError, match="Python value that changed"):
+        nf.apply_gradients(C.skip_nonfinite(counting), nf.init(C.skip_nonfinite(counting), {}), {})

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import nestedfn as nf
 from nestedfn import optimizers as opt
 from nestedfn import transforms as t
+from nestedfn.compile import compile_step
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree import flatten, unflatten
 
@@ -275,3 +276,21 @@ def test_init_update_apply_gradients_leave_inputs_untouched(name, params, seed):
     assert state.step == 0 and state2.step == 1 and state3.step == 2
     # the step's result is what update + apply_updates say it is
     _assert_same(state2.params, _snapshot(nf.apply_updates(params, updates)))
+
+
+@pytest.mark.parametrize("name", ["adam", "lion", "momentum"])
+def test_scheduled_optimizer_compiled_equals_eager(name):
+    # the schedule reads a traced array step inside the compiled graph: one graph, 20 values
+    sched = nf.warmup_cosine(0.05, warmup_steps=5, decay_steps=20, end_value=0.001)
+    optimizer = {"adam": opt.adam, "lion": opt.lion, "momentum": opt.momentum}[name](sched)
+    rng = np.random.default_rng(10)
+    params = _to_mx(_tree(rng))
+    step_fn = compile_step(optimizer)
+    eager = compiled = nf.init(optimizer, params)
+    for _ in range(20):
+        g = _to_mx(_tree(rng))
+        eager = nf.apply_gradients(optimizer, eager, g)
+        compiled = step_fn(compiled, g)
+    assert step_fn.graphs_built == 1
+    for a, b in zip(flatten(compiled.params)[0], flatten(eager.params)[0]):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=2e-6)
