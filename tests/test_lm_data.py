@@ -17,6 +17,7 @@ from nestedfn.lm.data import (
     batch_positions,
     load_dataset,
     load_records,
+    read_jsonl,
 )
 from nestedfn.lm.demo import build_demo_model, write_demo_dataset
 
@@ -44,6 +45,13 @@ def test_missing_and_empty_files_name_the_file(tmp_path, tok):
     (tmp_path / "valid.jsonl").write_text("")
     with pytest.raises(DataError, match=r"valid\.jsonl: data file is empty"):
         load_dataset(tmp_path, "valid", tok)
+
+
+def test_load_records_skips_blank_lines(tmp_path):
+    recs = [{"text": "a"}, {"prompt": "p", "completion": "c", "extra": [1, 2]}]
+    write(tmp_path / "x.jsonl", [json.dumps(recs[0]), "", "  ", json.dumps(recs[1])])
+    assert load_records(tmp_path / "x.jsonl") == recs
+    assert [n for n, _ in read_jsonl(tmp_path / "x.jsonl")] == [1, 4]
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ __all__ = [
     "detect_format",
     "load_dataset",
     "load_records",
+    "read_jsonl",
 ]
 
 FORMATS = ("completion", "chat", "text")
@@ -50,8 +51,8 @@ class DataError(ValueError):
     """Bad training data; the message names the file (and line, where there is one)."""
 
 
-def load_records(path: Path | str) -> list[dict]:
-    """Read a JSONL file: one JSON object per non-blank line.
+def read_jsonl(path: Path | str) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file.
 
     Raises ``DataError`` naming the file for a missing or empty file, and naming file and line
     for a line that is not valid JSON or not a JSON object.
@@ -59,7 +60,7 @@ def load_records(path: Path | str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    records: list[dict] = []
+    records: list[tuple[int, dict]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -74,11 +75,15 @@ def load_records(path: Path | str) -> list[dict]:
                 raise DataError(
                     f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
                 )
-            rec["__line__"] = lineno
-            records.append(rec)
+            records.append((lineno, rec))
     if not records:
         raise DataError(f"{path}: data file is empty (no JSON records)")
     return records
+
+
+def load_records(path: Path | str) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped); errors as ``read_jsonl``."""
+    return [rec for _, rec in read_jsonl(path)]
 
 
 def detect_format(record: dict) -> str | None:
@@ -109,10 +114,6 @@ class TokenDataset:
     @property
     def num_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
-
-
-def _where(path: Path, rec: dict) -> str:
-    return f"{path}:{rec['__line__']}"
 
 
 def _as_ids(x: Any) -> list[int]:
@@ -198,31 +199,24 @@ def load_dataset(
     (offset 0).  Every problem is a ``DataError`` naming file and line.
     """
     path = Path(data_dir) / f"{split}.jsonl"
-    records = load_records(path)
-    fmt = detect_format(records[0])
-    if fmt is None:
-        raise DataError(
-            f"{_where(path, records[0])}: record in none of the known formats "
-            f"(keys {sorted(k for k in records[0] if k != '__line__')}; expected 'text', "
-            f"'messages', or 'prompt' and 'completion')"
-        )
-    encode = _ENCODERS[fmt]
+    records = read_jsonl(path)
+    first_line, first = records[0]
+    fmt = detect_format(first)
     tokens, offsets, lines = [], [], []
-    for rec in records:
-        where = _where(path, rec)
+    for lineno, rec in records:
+        where = f"{path}:{lineno}"
         f = detect_format(rec)
         if f is None:
             raise DataError(
-                f"{where}: record in none of the known formats (keys "
-                f"{sorted(k for k in rec if k != '__line__')}; expected 'text', 'messages', "
-                f"or 'prompt' and 'completion')"
+                f"{where}: record in none of the known formats (keys {sorted(rec)}; "
+                "expected 'text', 'messages', or 'prompt' and 'completion')"
             )
         if f != fmt:
             raise DataError(
                 f"{where}: mixed formats in one file: this record is {f!r}, "
-                f"line {records[0]['__line__']} is {fmt!r}"
+                f"line {first_line} is {fmt!r}"
             )
-        ids, offset = encode(rec, tokenizer, where)
+        ids, offset = _ENCODERS[fmt](rec, tokenizer, where)
         if max_seq_len is not None:
             ids = ids[:max_seq_len]
         if not mask_prompt:
@@ -236,7 +230,7 @@ def load_dataset(
             )
         tokens.append(ids)
         offsets.append(offset)
-        lines.append(rec["__line__"])
+        lines.append(lineno)
     return TokenDataset(tokens=tokens, offsets=offsets, path=path, format=fmt, lines=lines)
 
 
