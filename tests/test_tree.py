@@ -500,3 +500,142 @@ def test_update_module_verify_catches_values_that_did_not_land():
     with pytest.raises(TreeMismatchError, match="w: value did not land"):
         nf.update_module(m, {"w": mx.ones(2)})
     nf.update_module(m, {"w": mx.ones(2)}, verify=False)  # unchecked: no proof asked for
+
+
+# ---------------------------------------------------------------------------------------------
+# check_fits: every corruption refused, at its path, on random modules
+# ---------------------------------------------------------------------------------------------
+
+CORRUPTIONS = [
+    "shape",
+    "dtype",
+    "not_array",
+    "unknown_key",
+    "dict_for_list",
+    "tuple_for_list",
+    "long_list",
+    "none",
+]
+
+
+def _copy_containers(tree):
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_containers(v) for v in tree]
+    return tree
+
+
+def _node(tree, path):
+    for s in path.split(".") if path else []:
+        tree = tree[int(s)] if isinstance(tree, list) else tree[s]
+    return tree
+
+
+@given(nfs.modules(), st.sampled_from(CORRUPTIONS), st.data())
+def test_check_fits_refuses_every_corruption_at_its_path(model, how, data):
+    params = model.parameters()
+    flat = nf.to_flat(params)
+    path = data.draw(st.sampled_from(list(flat)))
+    leaf = flat[path]
+    tree, bad = _copy_containers(params), path
+    if how == "shape":
+        tree = nf.set_paths(params, {path: mx.zeros((*leaf.shape, 1))}, check=False)
+    elif how == "dtype":
+        tree = nf.set_paths(params, {path: leaf.astype(mx.float16)}, check=False)
+    elif how == "not_array":
+        tree = nf.set_paths(params, {path: 1.0}, check=False)
+    elif how == "unknown_key":
+        parent = path.rpartition(".")[0]
+        _node(tree, parent)["nope"] = mx.zeros(1)
+        bad = f"{parent}.nope"
+    elif how == "dict_for_list":
+        tree["layers"] = {str(i): v for i, v in enumerate(tree["layers"])}
+        bad = "layers"
+    elif how == "tuple_for_list":
+        tree["layers"] = tuple(tree["layers"])
+        bad = "layers"
+    elif how == "long_list":
+        tree["layers"].append({})
+        bad = "layers"
+    before = {p: v for p, v in flat.items()}
+    if how == "none":
+        nf.check_fits(model, tree)
+        nf.check_fits(params, tree)  # a Module and its parameters() tree agree
+        return
+    for target in (model, params):
+        with pytest.raises(TreeMismatchError) as e:
+            nf.check_fits(target, tree)
+        assert [p for p, _ in e.value.problems] == [bad]
+    with pytest.raises(TreeMismatchError):
+        nf.update_module(model, tree)
+    assert all(v is before[p] for p, v in nf.to_flat(model.parameters()).items())  # untouched
+
+
+@given(nfs.modules(), st.data())
+def test_partial_sparse_updates_fit_and_land(model, data):
+    flat = nf.to_flat(model.parameters())
+    chosen = data.draw(st.lists(st.sampled_from(list(flat)), unique=True, min_size=1))
+    updates = {p: flat[p] * 2 for p in chosen}
+    nf.update_module(model, nf.from_flat(updates, sparse=True))
+    after = nf.to_flat(model.parameters())
+    assert list(after) == list(flat)
+    for p in flat:
+        assert after[p] is updates.get(p, flat[p])
+
+
+class _Odd(nn.Module):
+    """A module with what ``parameters()`` hides or shows as ``{}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = mx.zeros(2)
+        self._hidden = [mx.zeros(2)]  # private: not a parameter
+        self.cfg = {"n": 3, "w": mx.zeros(1)}  # "n" reads as {} in parameters()
+        self.sizes = [1, 2]  # reads as [{}, {}]
+        self.t = (mx.zeros(1),)  # tuples are not parameters
+
+
+def test_check_fits_on_a_module_follows_parameters_semantics():
+    m = _Odd()
+    assert m.parameters() == {"w": m.w, "cfg": {"n": {}, "w": m.cfg["w"]}, "sizes": [{}, {}]}
+    for bad, where in [
+        ({"_hidden": [mx.ones(2)]}, "_hidden"),
+        ({"t": [mx.ones(1)]}, "t"),
+        ({"name": mx.ones(1)}, "name"),
+        ({"cfg": {"n": mx.ones(1)}}, "cfg.n"),
+        ({"sizes": [mx.ones(1)]}, "sizes.0"),
+    ]:
+        for target in (m, m.parameters()):
+            with pytest.raises(TreeMismatchError) as e:
+                nf.check_fits(target, bad)
+            assert [p for p, _ in e.value.problems] == [where]
+    ok = {"cfg": {"n": {}, "w": mx.ones(1)}, "sizes": [{}, None]}
+    nf.check_fits(m.parameters(), ok)
+    nf.update_module(m, ok)
+    assert m.cfg["w"] is ok["cfg"]["w"] and m.cfg["n"] == 3 and m.sizes == [1, 2]
+
+
+def test_check_fits_on_plain_trees_with_tuples():
+    class NT(NamedTuple):
+        a: object
+
+    target = {"t": (mx.zeros(2), mx.zeros(1)), "n": NT(mx.zeros(1))}
+    nf.check_fits(target, {"t": (mx.ones(2), None), "n": NT(mx.ones(1))})
+    with pytest.raises(TreeMismatchError, match="t: list where a tuple belongs"):
+        nf.check_fits(target, {"t": [mx.ones(2), None]})
+    with pytest.raises(TreeMismatchError, match="t: length 1 where the target has 2"):
+        nf.check_fits(target, {"t": (mx.ones(2),)})
+    with pytest.raises(TreeMismatchError, match="n: tuple where a NT belongs"):
+        nf.check_fits(target, {"n": (mx.ones(1),)})
+    with pytest.raises(TreeMismatchError, match="<root>: leaf where a dict belongs"):
+        nf.check_fits(target, mx.ones(1))
+
+
+def test_set_paths_without_updates_returns_the_tree():
+    tree = {"a": [mx.zeros(1)]}
+    assert nf.set_paths(tree, {}) is tree
+    leaf = mx.zeros(1)
+    assert nf.set_paths(leaf, {}) is leaf
+    with pytest.raises(PathError, match="unknown path 'x'"):
+        nf.set_paths(leaf, {"x": mx.zeros(1)})
