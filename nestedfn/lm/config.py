@@ -47,7 +47,8 @@ class TrainConfig:
     ``optimizer_args`` (extra keyword arguments for the optimizer), ``frequencies`` and
     ``tiers`` (``"depth"`` or ``{regex: tier}``) and ``tier_order``/``tier_reduce`` for the
     nested optimizers, ``schedule`` (``constant`` or ``cosine`` decay to ``min_lr_ratio``)
-    with ``warmup_steps`` of linear warmup, ``grad_clip`` (max global norm, 0 off),
+    with ``warmup_steps`` of linear warmup (both counted in optimizer updates; the cosine ends at
+    ``decay_steps``, default the run's updates, pinned when the run starts), ``grad_clip`` (max global norm, 0 off),
     ``grad_accumulation`` (micro-batches per update).
     Loop: ``steps`` (micro-batches in all), ``eval_every``/``eval_batches`` (-1: the whole
     valid set), ``save_every``, ``keep_last`` (checkpoints kept), ``early_stopping`` (evals
@@ -74,6 +75,7 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
     grad_clip: float = 0.0
     grad_accumulation: int = 1
     steps: int = 200
@@ -96,13 +98,12 @@ def _names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-_POSITIVE = ("max_seq_len", "batch_size", "lora_rank", "grad_accumulation", "steps")
+_POSITIVE = ("max_seq_len", "batch_size", "lora_rank", "grad_accumulation", "steps", "keep_last")
 _NON_NEGATIVE = (
     "warmup_steps",
     "grad_clip",
     "eval_every",
     "save_every",
-    "keep_last",
     "early_stopping",
     "weight_decay",
 )
@@ -132,6 +133,10 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError(f"frequencies must be a non-empty list of positive ints, got {freqs!r}")
     if not (c.tiers == "depth" or isinstance(c.tiers, dict)):
         raise ConfigError(f"tiers must be 'depth' or a mapping {{regex: tier}}, got {c.tiers!r}")
+    if c.decay_steps is not None and (
+        isinstance(c.decay_steps, bool) or not isinstance(c.decay_steps, int) or c.decay_steps < 1
+    ):
+        raise ConfigError(f"decay_steps must be a positive int or null, got {c.decay_steps!r}")
     if c.eval_batches == 0 or c.eval_batches < -1:
         raise ConfigError(f"eval_batches must be -1 (all) or >= 1, got {c.eval_batches!r}")
     if not isinstance(c.optimizer_args, dict):
