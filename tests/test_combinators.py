@@ -338,3 +338,22 @@ def test_skip_nonfinite_refuses_python_state_it_cannot_revert():
     counting = Optimizer(lambda p: 0, update)
     with pytest.raises(TypeError, match="Python value that changed"):
         nf.apply_gradients(C.skip_nonfinite(counting), nf.init(C.skip_nonfinite(counting), {}), {})
+
+
+def test_accumulate_acc_dtype_sums_low_precision_grads_in_float32():
+    params = {"w": mx.zeros((4,), dtype=mx.bfloat16)}
+    acc_opt = C.accumulate(opt.sgd(1.0), 3, acc_dtype=mx.float32)
+    state = nf.init(acc_opt, params)
+    assert state.opt_state.acc["w"].dtype == mx.float32
+    # 1 + 2**-9 + 2**-9 is not representable in bfloat16 (8 bits): a bf16 sum would lose it
+    vals = [1.0, 2.0**-9, 2.0**-9]
+    for k, v in enumerate(vals):
+        state = nf.apply_gradients(acc_opt, state, {"w": mx.full((4,), v, dtype=mx.bfloat16)})
+        if k == 1:  # a bfloat16 sum would have rounded this back to 1.0
+            np.testing.assert_array_equal(np.array(state.opt_state.acc["w"]), [1 + 2.0**-9] * 4)
+    assert state.params["w"].dtype == mx.bfloat16
+    want = -(1.0 + 2.0**-8) / 3  # the float32 mean, then rounded to bfloat16 by the update
+    got = np.array(state.params["w"].astype(mx.float32))
+    np.testing.assert_array_equal(
+        got, np.float32(np.array(mx.array(want).astype(mx.bfloat16).astype(mx.float32)))
+    )
