@@ -1,0 +1,125 @@
+"""The ``nestedfn`` command end to end: demo, plot, inspect, and every user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nestedfn.cli import main
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from nestedfn.lm.demo import build_demo_model, write_demo_dataset
+
+    root = tmp_path_factory.mktemp("cli")
+    return build_demo_model(root / "model"), write_demo_dataset(
+        root / "data", n_train=32, n_valid=8
+    )
+
+
+def test_demo_trains_loss_falls_then_plot_and_inspect(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", "--out", str(run), "--steps", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "tier  frequency" in out and "wrote the run to" in out
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["valid_loss"] for r in records if r["type"] == "eval"]
+    train = [r for r in records if r["type"] == "train"]
+    assert len(train) == 12 and len(evals) >= 2
+    assert evals[-1] < evals[0] - 0.5, evals
+    assert train[-1]["tier_updates"] == [12, 6, 3]
+    assert (run / "adapters.safetensors").is_file() and (run / "best").is_dir()
+
+    assert main(["plot", str(run)]) == 0
+    png = (run / "training.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(run / "model"), "--frequencies", "1", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "tier  frequency" in table and "\n1             3" in table
+
+
+def _old_run(path):
+    """A directory holding a previous run: files whose bytes must survive every failure."""
+    path.mkdir()
+    (path / "config.yaml").write_text("steps: 1\n")
+    (path / "adapters.safetensors").write_bytes(b"old adapters")
+    (path / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 1.0}\n')
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def _data(tmp_path, train_text, valid_text='{"text": "a b c"}\n'):
+    d = tmp_path / "badData"
+    d.mkdir()
+    if train_text is not None:
+        (d / "train.jsonl").write_text(train_text)
+    (d / "valid.jsonl").write_text(valid_text)
+    return d
+
+
+GOOD = '{"text": "one two three"}\n'
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing_model", "does not exist"),
+        ("malformed_line", "train.jsonl:3: malformed JSON"),
+        ("empty_train", "train.jsonl: data file is empty"),
+        ("missing_train", "train.jsonl: data file not found"),
+        ("unknown_format", "train.jsonl:1: record in none of the known formats"),
+        ("unknown_yaml_key", "unknown option(s) 'learnig_rate'; valid options: model, data"),
+        ("too_many_tiers", "5 tiers need at least 5 distinct layer indices"),
+        ("tier_pattern_matches_nothing", "pattern 'q_porj' matches no parameter path"),
+        ("occupied_out_dir", "already holds a run"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
+    case, expect, assets, tmp_path, capsys
+):
+    model, data = assets
+    run = tmp_path / "run"
+    before = _old_run(run)
+    args = ["train", "--model", str(model), "--data", str(data), "--out", str(run), "--force"]
+    args += ["--steps", "2", "--batch-size", "2", "--max-seq-len", "16"]
+    if case == "missing_model":
+        args[2] = str(tmp_path / "no_such_model")
+    elif case == "malformed_line":
+        args[4] = str(_data(tmp_path, GOOD + GOOD + '{"text": "x"\n'))
+    elif case == "empty_train":
+        args[4] = str(_data(tmp_path, "\n"))
+    elif case == "missing_train":
+        args[4] = str(_data(tmp_path, None))
+    elif case == "unknown_format":
+        args[4] = str(_data(tmp_path, '{"input": "q", "output": "a"}\n'))
+    elif case == "unknown_yaml_key":
+        (tmp_path / "run.yaml").write_text("learnig_rate: 0.1\n")
+        args += ["--config", str(tmp_path / "run.yaml")]
+    elif case == "too_many_tiers":
+        args += ["--frequencies", "1", "2", "4", "8", "16"]
+    elif case == "tier_pattern_matches_nothing":
+        args += ["--frequencies", "1", "2", "--tiers", "{'q_porj': 1, '.*': 0}"]
+    elif case == "occupied_out_dir":
+        args.remove("--force")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expect in err, err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_real_process_reports_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nestedfn.cli", "train", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "nestedfn train: error: train needs --out" in proc.stderr
+    assert "Traceback" not in proc.stderr
