@@ -184,6 +184,8 @@ def _zero_like(p: Any) -> Any:
     """An update that leaves ``p`` bit-identical: ``x + (-0.0) == x`` for every float ``x``
     (``+0.0`` would turn ``-0.0`` into ``+0.0``)."""
     if isinstance(p, mx.array):
+        # mx.full, not a broadcast scalar: mx.compile inlines scalar constants and loses the
+        # sign of -0.0 (seen with MLX 0.32 on the CPU)
         return mx.full(p.shape, -0.0, dtype=p.dtype)
     return -0.0
 
@@ -301,7 +303,10 @@ def _nested(
             grads_k = [g_leaves[i] for i in idx]
             if f > 1:
                 acc_leaves = flatten(state.acc[k])[0]
-                summed = [a + g.astype(a.dtype) for a, g in zip(acc_leaves, grads_k)]
+                summed = [
+                    a + (g if g.dtype == a.dtype else g.astype(a.dtype))
+                    for a, g in zip(acc_leaves, grads_k)
+                ]
             else:
                 summed = grads_k
             if (s + 1) % f != 0:
@@ -310,7 +315,7 @@ def _nested(
                 accs[k] = unflatten(sub, summed)
                 continue
             chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
-            chunk = [c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
+            chunk = [c if c.dtype == g.dtype else c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
             inner_step = s // f if isinstance(step, int) else step // f
             with tracing_step(s // f):
                 updates_k, inner_states[k] = opt.update(

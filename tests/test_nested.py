@@ -198,6 +198,7 @@ def test_array_step_under_mx_compile_per_phase_matches_eager():
     """One compiled graph per phase, traced with ``tracing_step``, equals the eager result."""
     rng = np.random.default_rng(2)
     params = {k: mx.array(rng.standard_normal((3,)).astype(np.float32)) for k in "abc"}
+    params = {k: mx.concatenate([v, mx.array([-0.0, 0.0])]) for k, v in params.items()}
     opt = nested(adam(0.1), TIERS3, (1, 2, 4))
     gs = [
         tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)), params)
@@ -221,7 +222,14 @@ def test_array_step_under_mx_compile_per_phase_matches_eager():
 
     leaves = flatten((params, state0))[0]
     for i in range(8):
+        before = unflatten(std, leaves)[0]
         leaves = compiled_for(i % opt.period)(mx.array(i), leaves, flatten(gs[i])[0])
+        after = unflatten(std, leaves)[0]
+        for k, f in zip("abc", (1, 2, 4)):  # compiled, inactive tiers are still bit-identical
+            same = np.array_equal(
+                np.array(after[k]).view(np.uint32), np.array(before[k]).view(np.uint32)
+            )
+            assert same == ((i + 1) % f != 0), (i, k)
     p, s = unflatten(std, leaves)
     assert len(graphs) == 4
     for k in "abc":
