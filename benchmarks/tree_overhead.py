@@ -15,7 +15,8 @@ Timed in one run, interleaved, median microseconds per call:
 * ``mlx round trip``: ``tree_unflatten(tree_flatten(tree))``, MLX's own unchecked path;
 * ``module.update``: ``model.update(tree)``, unchecked;
 * ``nf.check_fits``: every path, container kind, shape and dtype checked against the model;
-* ``nf.update_module``: ``check_fits`` + ``model.update`` + proof every leaf landed;
+* ``nf.update_module``: ``check_fits`` + ``model.update`` + proof every leaf landed (also
+  timed after an explicit ``nf.check_fits``, the belt-and-braces caller);
 * ``nf to_flat+from_flat(like)`` and ``nf to_flat+from_flat(sparse)``: the dotted round trip.
 
 Target: ``nf.update_module`` (checked) costs no more than the MLX round trip (unchecked).
@@ -103,6 +104,10 @@ def main() -> None:
         "nf.check_fits": lambda: nf.check_fits(model, tree),
         "nf.update_module (checked, verified)": lambda: nf.update_module(model, tree),
         "nf.update_module(verify=False)": lambda: nf.update_module(model, tree, verify=False),
+        "nf.check_fits + nf.update_module": lambda: (
+            nf.check_fits(model, tree),
+            nf.update_module(model, tree),
+        ),
         "nf to_flat+from_flat(like=treedef)": lambda: nf.from_flat(nf.to_flat(tree), like=treedef),
         "nf to_flat+from_flat(sparse=True)": lambda: nf.from_flat(nf.to_flat(tree), sparse=True),
         "nf flatten+unflatten": lambda: nf.unflatten(*reversed(nf.flatten(tree))),
@@ -123,9 +128,10 @@ def main() -> None:
     for name in cases:
         med = statistics.median(samples[name])
         print(f"{name:40s} {med:9.1f} {med / base:17.2f}")
-    checked = statistics.median(samples["nf.update_module (checked, verified)"])
-    verdict = "MET" if checked <= base else "MISSED"
-    print(f"target (checked update_module <= mlx round trip): {verdict} ({checked / base:.2f}x)")
+    for name in ("nf.update_module (checked, verified)", "nf.check_fits + nf.update_module"):
+        ratio = statistics.median(samples[name]) / base
+        verdict = "MET" if ratio <= 1.0 else "MISSED"
+        print(f"target ({name} <= mlx round trip): {verdict} ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":

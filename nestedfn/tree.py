@@ -90,7 +90,7 @@ class TreeDef:
     ``meta`` holds dict keys (in order) or the NamedTuple class; ``children`` the sub-defs.
     """
 
-    __slots__ = ("kind", "meta", "children", "num_leaves", "_hash")
+    __slots__ = ("kind", "meta", "children", "num_leaves", "_hash", "_paths")
 
     def __init__(self, kind: str, meta: Any, children: tuple[TreeDef, ...]):
         self.kind = kind
@@ -98,6 +98,7 @@ class TreeDef:
         self.children = children
         self.num_leaves = 1 if kind == _LEAF else sum(c.num_leaves for c in children)
         self._hash = hash((kind, meta, children))
+        self._paths: tuple[str, ...] | None = None
 
     def __hash__(self) -> int:
         return self._hash
@@ -127,10 +128,15 @@ class TreeDef:
         return f"{self.meta.__name__}({inner})"
 
     def paths(self) -> list[str]:
-        """Dotted paths of the leaves, in leaf order (the keys ``to_flat`` would produce)."""
-        out: list[str] = []
-        _collect_paths(self, "", out)
-        return out
+        """Dotted paths of the leaves, in leaf order (the keys ``to_flat`` would produce).
+
+        Computed once per ``TreeDef`` (it is immutable) and cached.
+        """
+        if self._paths is None:
+            out: list[str] = []
+            _collect_paths(self, "", out)
+            self._paths = tuple(out)
+        return list(self._paths)
 
 
 _LEAF_DEF = TreeDef(_LEAF, None, ())
@@ -341,7 +347,11 @@ def from_flat(
     items = list(flat.items()) if isinstance(flat, Mapping) else list(flat)
     if like is not None:
         td = like if isinstance(like, TreeDef) else flatten(like)[1]
-        paths = td.paths()
+        if td._paths is None:
+            td.paths()
+        paths = td._paths
+        if len(items) == len(paths) and all(k == p for (k, _), p in zip(items, paths)):
+            return _build(td, iter([v for _, v in items]))  # the usual case: to_flat's order
         given = dict(items)
         if len(given) != len(items):
             raise PathError("from_flat: a path is given twice")

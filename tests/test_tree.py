@@ -162,6 +162,15 @@ def test_from_flat_sparse_matches_mlx_tree_unflatten(params):
     assert_same(ours, theirs)
 
 
+@given(nfs.trees(path_safe=True))
+def test_from_flat_like_takes_any_order_and_gives_like_order(tree):
+    flat = nf.to_flat(tree)
+    shuffled = list(reversed(list(flat.items())))
+    assert_same(nf.from_flat(shuffled, like=tree), tree)
+    td = nf.flatten(tree)[1]
+    assert td.paths() == list(flat) and td.paths() == list(flat)  # cached: same answer
+
+
 def test_from_flat_like_missing_and_unknown_paths():
     like = {"a": {"b": mx.zeros(1), "c": mx.zeros(1)}}
     with pytest.raises(TreeMismatchError) as e:
