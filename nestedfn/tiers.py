@@ -28,6 +28,7 @@ __all__ = [
     "by_depth",
     "by_grad_norm",
     "by_pattern",
+    "LAYER_LISTS",
     "describe",
     "layer_index",
     "manual",
@@ -47,20 +48,30 @@ def _check_n_tiers(n_tiers: int, who: str) -> None:
         raise ValueError(f"{who}: n_tiers must be a positive int, got {n_tiers!r}")
 
 
-def layer_index(path: str) -> int | None:
-    """The ``N`` of the first ``layers.N`` segment pair in a dotted path, or ``None``.
+LAYER_LISTS = ("layers", "h", "blocks")
 
-    ``model.layers.3.self_attn.q_proj.lora_a`` -> 3; ``lm_head.weight`` -> None.
+
+def layer_index(path: str, names: tuple[str, ...] = LAYER_LISTS) -> int | None:
+    """The ``N`` of the first ``<name>.N`` segment pair in a dotted path (``name`` one of
+    ``names``: mlx-lm calls its list of blocks ``layers``, GPT-2-style models ``h``, a few
+    ``blocks``), or ``None``.
+
+    ``model.layers.3.self_attn.q_proj.lora_a`` -> 3; ``model.h.2.attn.c_attn.lora_a`` -> 2;
+    ``lm_head.weight`` -> None.
     """
     segs = path.split(".")
     for a, b in zip(segs, segs[1:]):
-        if a == "layers" and b.isdigit():
+        if a in names and b.isdigit():
             return int(b)
     return None
 
 
 def by_depth(
-    params: Params, n_tiers: int, order: str = "shallow_fast", outside: int | None = 0
+    params: Params,
+    n_tiers: int,
+    order: str = "shallow_fast",
+    outside: int | None = 0,
+    names: tuple[str, ...] = LAYER_LISTS,
 ) -> Params:
     """Tiers by transformer depth: the layer indices present in ``params`` (the ``N`` of the
     first ``layers.N`` in each path) are sorted and cut into ``n_tiers`` contiguous blocks,
@@ -71,7 +82,8 @@ def by_depth(
     Leaves outside any ``layers`` list (embeddings, final norm, head) go to tier ``outside``
     (default 0, the fast tier: they are trained as a plain optimizer would); ``outside=None``
     makes them an error.  Only indices that hold parameters count, so LoRA on the last 8 of 32
-    layers splits those 8.  Raises ``ValueError`` when a tier would be empty.
+    layers splits those 8.  ``names``: the list names that hold blocks (see ``layer_index``).
+    Raises ``ValueError`` when a tier would be empty.
     """
     _check_n_tiers(n_tiers, "by_depth")
     if order not in ("shallow_fast", "deep_fast"):
@@ -79,7 +91,7 @@ def by_depth(
     if outside is not None and not (isinstance(outside, int) and 0 <= outside < n_tiers):
         raise ValueError(f"by_depth: outside must be a tier in 0..{n_tiers - 1} or None")
     leaves, paths, td = _leaf_paths(params)
-    depth = [layer_index(p) for p in paths]
+    depth = [layer_index(p, names) for p in paths]
     distinct = sorted({d for d in depth if d is not None})
     if len(distinct) < n_tiers:
         raise ValueError(
@@ -94,7 +106,7 @@ def by_depth(
     for p, d in zip(paths, depth):
         if d is None:
             if outside is None:
-                raise ValueError(f"by_depth: {p!r} is in no 'layers' list and outside=None")
+                raise ValueError(f"by_depth: {p!r} is in no layer list {names} and outside=None")
             labels.append(outside)
         else:
             labels.append(block[d])

@@ -79,7 +79,7 @@ def test_by_depth_outside_leaves_sparse_layers_and_errors():
     # only indices that hold params count: 2 -> tier 0, 3 -> tier 1; outside -> tier 0
     assert labels == {"embed": 0, "layers.2.w": 0, "layers.3.w": 1, "head": 0}
     assert to_flat(by_depth(params, 2, outside=1))["head"] == 1
-    with pytest.raises(ValueError, match="'embed' is in no 'layers' list"):
+    with pytest.raises(ValueError, match="'embed' is in no layer list"):
         by_depth(params, 2, outside=None)
     with pytest.raises(
         ValueError, match=r"3 tiers need at least 3 distinct layer indices.*\[2, 3\]"
@@ -96,6 +96,8 @@ def test_layer_index_finds_the_real_index_anywhere():
     assert layer_index("layers.12.w") == 12
     assert layer_index("model.vision.layers.7.mlp.layers.2.w") == 7
     assert layer_index("model.layers_norm.3") is None
+    assert layer_index("model.h.2.attn.c_attn.lora_a") == 2  # GPT-2 style
+    assert layer_index("model.h.2.w", names=("layers",)) is None
     assert layer_index("lm_head.weight") is None
 
 
