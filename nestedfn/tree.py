@@ -189,10 +189,21 @@ def _check_key(key: Any, prefix: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _refuse_module(tree: Any) -> None:
+    """An ``nn.Module`` is a ``dict`` subclass that also holds non-parameters (tuples, private
+    lists); read as a plain dict it would not round-trip.  Ask for its ``parameters()``."""
+    if type(tree) is not dict and isinstance(tree, nn.Module):
+        raise TypeError(
+            f"got an nn.Module ({type(tree).__name__}) where a tree belongs: pass "
+            "module.parameters() (or trainable_parameters()); update_module puts a tree back"
+        )
+
+
 def _flatten_into(tree: Tree, out: list[Leaf]) -> TreeDef:
     if tree is None:
         return _NONE_DEF
     if isinstance(tree, dict):
+        _refuse_module(tree)
         keys = tuple(tree.keys())
         return TreeDef(_DICT, keys, tuple(_flatten_into(tree[k], out) for k in keys))
     if isinstance(tree, list):
@@ -207,7 +218,11 @@ def _flatten_into(tree: Tree, out: list[Leaf]) -> TreeDef:
 
 
 def flatten(tree: Tree) -> tuple[list[Leaf], TreeDef]:
-    """Split ``tree`` into its leaves (depth first, dict insertion order) and its structure."""
+    """Split ``tree`` into its leaves (depth first, dict insertion order) and its structure.
+
+    Dict subclasses are read as plain dicts; an ``nn.Module`` raises ``TypeError`` (flatten
+    its ``parameters()`` instead).
+    """
     out: list[Leaf] = []
     td = _flatten_into(tree, out)
     return out, td
@@ -304,6 +319,7 @@ def _to_flat_into(tree: Tree, prefix: str, out: dict[str, Leaf]) -> None:
     if tree is None:
         return
     if isinstance(tree, dict):
+        _refuse_module(tree)
         for k, v in tree.items():
             _to_flat_into(v, _join(prefix, _check_key(k, prefix)), out)
     elif isinstance(tree, (list, tuple)):
@@ -732,7 +748,7 @@ def update_module(module: nn.Module, tree: Tree, verify: bool = True) -> nn.Modu
     parameter at its path.  This is the only place nestedfn calls ``Module.update``.
     """
     check_fits(module, tree)
-    module.update(_strip_none(tree))
+    module.update({} if tree is None else _strip_none(tree))
     if verify and not _landed(module, tree):
         unlanded: list[tuple[str, str]] = []
         _unlanded(module, tree, "", unlanded)  # a Module is a dict: walk it, no parameters()

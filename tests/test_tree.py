@@ -494,6 +494,13 @@ def test_update_module_none_entries_are_skipped(llama):
     assert llama.model.layers[3].self_attn.q_proj.lora_a is new_a
 
 
+def test_update_module_with_nothing_to_update(llama):
+    before = nf.to_flat(llama.parameters())
+    assert nf.update_module(llama, None) is llama
+    assert nf.update_module(llama, {"model": {"layers": [{}, None, {}, {}]}}) is llama
+    assert all(v is before[p] for p, v in nf.to_flat(llama.parameters()).items())
+
+
 def test_update_module_verify_catches_values_that_did_not_land():
     class Sneaky(nn.Module):
         """A module whose update() drops everything: verify must notice."""
@@ -639,6 +646,13 @@ def test_check_fits_on_plain_trees_with_tuples():
         nf.check_fits(target, {"n": (mx.ones(1),)})
     with pytest.raises(TreeMismatchError, match="<root>: leaf where a dict belongs"):
         nf.check_fits(target, mx.ones(1))
+
+
+def test_modules_are_not_trees():
+    lin = nn.Linear(2, 2)
+    for fn in (nf.flatten, nf.to_flat, nf.leaves, lambda t: nf.tree_map(lambda a: a, t)):
+        with pytest.raises(TypeError, match="pass module.parameters()"):
+            fn({"inner": lin})
 
 
 def test_set_paths_without_updates_returns_the_tree():
