@@ -131,6 +131,19 @@ def test_to_flat_keys_match_mlx(tree):
     assert all(x is y for x, y in zip(flat.values(), nf.leaves(tree)))
 
 
+@given(nfs.trees(path_safe=True, none=False))
+def test_to_flat_keys_equal_mlx_tree_flatten_keys_without_none(tree):
+    assert list(nf.to_flat(tree)) == [k for k, _ in tree_flatten(tree)]
+
+
+def test_none_is_an_empty_node_not_a_leaf():
+    tree = {"a": None, "b": [mx.zeros(1), None]}
+    assert [k for k, _ in tree_flatten(tree)] == ["a", "b.0", "b.1"]  # MLX: None is a leaf
+    assert list(nf.to_flat(tree)) == ["b.0"]
+    assert nf.leaves(tree) == [tree["b"][0]]
+    assert_same(nf.from_flat(nf.to_flat(tree), like=tree), tree)
+
+
 @given(nfs.param_trees())
 def test_to_flat_keys_match_mlx_on_param_trees(params):
     flat = nf.to_flat(params)
