@@ -15,6 +15,7 @@ params: tier ``k`` of ``nested(..., frequencies)`` updates every ``frequencies[k
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -273,10 +274,22 @@ def resolve(tiers: Any, params: Params) -> Params:
 
 def describe(tiers: Any, params: Params, frequencies: Any = None) -> str:
     """A printable table: tier, frequency, arrays, parameters, share of parameters, and the
-    first and last path of each tier (tiers that hold nothing show up as zero rows)."""
-    labels_tree = resolve(tiers, params)
+    first and last path of each tier (tiers that hold nothing show up as zero rows).
+
+    ``tiers`` is anything ``nested`` accepts (``"depth"`` needs ``frequencies``).
+    """
     leaves, paths, _ = _leaf_paths(params)
-    labels = flatten(labels_tree)[0]
+    if isinstance(tiers, str):
+        if tiers != "depth" or not frequencies:
+            raise ValueError(f"describe: tiers={tiers!r}: only 'depth', with frequencies")
+        tiers = by_depth(params, len(frequencies))
+    if callable(tiers) and not isinstance(tiers, TierRule):
+        labels = [tiers(p, x) for p, x in zip(paths, leaves)]
+    else:
+        labels = flatten(resolve(tiers, params))[0]
+    for p, lab in zip(paths, labels):
+        if isinstance(lab, bool) or not isinstance(lab, numbers.Integral) or lab < 0:
+            raise ValueError(f"describe: {p!r} has no valid tier (label {lab!r})")
     n_tiers = max([int(x) + 1 for x in labels] + [len(frequencies or ())])
     rows = []
     total = sum(int(getattr(x, "size", 1)) for x in leaves)

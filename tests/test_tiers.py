@@ -165,6 +165,7 @@ def test_by_grad_norm_ranks_by_rms():
 def test_describe_table_counts(lora_params):
     labels = by_depth(lora_params, 3)
     table = describe(labels, lora_params, (1, 2, 4))
+    assert describe("depth", lora_params, (1, 2, 4)) == table
     lines = table.splitlines()
     assert lines[0].split()[:5] == ["tier", "frequency", "arrays", "parameters", "share"]
     # independent count from the shapes: per layer 14 arrays; tier 0 holds 2 layers
@@ -177,6 +178,8 @@ def test_describe_table_counts(lora_params):
     assert row2[:4] == ["2", "4", "14", f"{per_layer:,}"]
     assert total[:3] == ["all", "56", f"{4 * per_layer:,}"]
     assert "model.layers.0.self_attn.q_proj.lora_a .. model.layers.1.mlp.up_proj.lora_b" in table
+    with pytest.raises(ValueError, match="'b' has no valid tier"):
+        describe(lambda p, x: None if p == "b" else 0, {"a": mx.zeros(2), "b": mx.zeros(3)})
     # an empty tier is shown, not hidden
     assert "(empty)" in describe({"a": 0, "b": 0}, {"a": mx.zeros(2), "b": mx.zeros(3)}, (1, 2))
 
