@@ -114,6 +114,7 @@ def compile_step(
     packed: bool = False,
     chunk_size: int | None = None,
     verify: bool = True,
+    threads: int | None = None,
 ) -> CompiledStep | PackedCompiledStep:
     """A compiled ``(state, grads) -> state`` giving the same results as
     ``apply_gradients(opt, state, grads)`` (up to float rounding of a schedule evaluated on
@@ -126,10 +127,11 @@ def compile_step(
     ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
     elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``) (``PackedCompiledStep``): same inputs, outputs and tree layout, far
     fewer kernel dispatches on trees of many small arrays.  ``verify`` checks its first step
-    of every graph against the eager per-leaf step.
+    of every graph against the eager per-leaf step.  On the CPU the buffers are updated by
+    ``threads`` MLX streams at once (default: 2 where there are 2 cores; 1 on a GPU).
     """
     if packed:
         if shapeless:
             raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")
-        return PackedCompiledStep(opt, chunk_size=chunk_size, verify=verify)
+        return PackedCompiledStep(opt, chunk_size=chunk_size, verify=verify, threads=threads)
     return CompiledStep(opt, shapeless=shapeless)

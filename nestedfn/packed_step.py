@@ -25,6 +25,7 @@ of every graph is also computed eagerly per leaf and a mismatch raises ``NotPack
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -141,7 +142,13 @@ class PackedCompiledStep:
     graphs (one per params layout and ``step % opt.period``).
     """
 
-    def __init__(self, opt: Optimizer, chunk_size: int | None = None, verify: bool = True):
+    def __init__(
+        self,
+        opt: Optimizer,
+        chunk_size: int | None = None,
+        verify: bool = True,
+        threads: int | None = None,
+    ):
         if not isinstance(opt.period, int) or opt.period < 1:
             raise ValueError(
                 f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
@@ -149,6 +156,12 @@ class PackedCompiledStep:
         self.opt = opt
         self.chunk_size = chunk_size
         self.verify = verify
+        if threads is None:
+            threads = min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+        if threads < 1:
+            raise ValueError(f"compile_step: threads must be >= 1, got {threads}")
+        self.threads = threads
+        self._streams: list[Any] = []
         self._layouts: dict[Any, _Layout] = {}
         self._graphs: dict[Any, Callable[..., Any]] = {}
         self._verified: set[Any] = set()
@@ -238,7 +251,31 @@ class PackedCompiledStep:
 
     # -- the step --------------------------------------------------------------------------
 
-    def _build(self, entry: _Layout, trace_step: int) -> Callable[..., Any]:
+    def _groups(self, entry: _Layout) -> list[list[int]]:
+        """Output positions per thread: new buffers, views, then packed-state leaves, split so
+        that each thread owns whole buffers of about equal size (scalars go to thread 0)."""
+        layout, k = entry.layout, self.threads
+        total = sum(layout.sizes) or 1
+        owner, cum = [], 0
+        for size in layout.sizes:
+            owner.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
+            cum += size
+        nb, nl = len(layout.buffers), len(layout.shapes)
+        leaf_owner = [0] * nl
+        for b, idx in enumerate(layout.buffers):
+            for i in idx:
+                leaf_owner[i] = owner[b]
+        state_owner: list[int] = []
+        for kind, n in entry.plan.segments:
+            state_owner.extend([0] * n if kind == "copy" else owner)
+        per_pos = owner + leaf_owner + state_owner
+        groups: list[list[int]] = [[] for _ in range(k)]
+        for pos, g in enumerate(per_pos):
+            groups[g].append(pos)
+        assert len(per_pos) == nb + nl + len(entry.packed_sig)
+        return [g for g in groups if g]
+
+    def _build(self, entry: _Layout, trace_step: int) -> list[tuple[Callable[..., Any], list[int]]]:
         opt, layout, packed_def = self.opt, entry.layout, entry.packed_def
 
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
@@ -257,7 +294,21 @@ class PackedCompiledStep:
             # reshape per leaf
             return list(new_p) + unpack(layout, list(new_p)) + leaves
 
-        return mx.compile(pure_step)
+        groups = self._groups(entry)
+        if len(groups) == 1:
+            return [(mx.compile(pure_step), groups[0])]
+
+        # one graph per thread: each traces the whole update but returns only its outputs, so
+        # mx.compile keeps only the work those outputs need (anything shared, such as a global
+        # norm, is computed by each graph: correct for any optimizer, elementwise or not)
+        def part(pos: list[int]) -> Callable[..., Any]:
+            def fn(*args: Any) -> list:
+                out = pure_step(*args)
+                return [out[i] for i in pos]
+
+            return mx.compile(fn)
+
+        return [(part(pos), pos) for pos in groups]
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
         step = state.step
@@ -302,7 +353,17 @@ class PackedCompiledStep:
         if fn is None:
             fn = self._graphs[gkey] = self._build(entry, concrete)
         g_bufs = gather(entry.layout, g_leaves)
-        out = fn(mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
+        args = (mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
+        if len(fn) == 1:
+            out = fn[0][0](*args)
+        else:
+            if len(self._streams) < len(fn):
+                self._streams = [mx.new_stream(mx.cpu) for _ in fn]
+            out = [None] * sum(len(pos) for _, pos in fn)
+            for (part, pos), stream in zip(fn, self._streams):
+                with mx.stream(stream):
+                    for i, x in zip(pos, part(*args)):
+                        out[i] = x
         nb = len(entry.layout.buffers)
         nl = len(shapes)
         new_bufs, views, new_ps = out[:nb], out[nb : nb + nl], out[nb + nl :]

@@ -184,3 +184,31 @@ def test_inputs_are_not_mutated():
         np.testing.assert_array_equal(np.array(x), y)
     for x, y in zip(flatten(grads)[0], g_before):
         np.testing.assert_array_equal(np.array(x), y)
+
+
+# --- with nestedfn's own optimizers ------------------------------------------------------------
+
+
+def test_nestedfn_adam_and_scheduled_adamw_equal_eager_one_graph():
+    from nestedfn.optimizers import adam, adamw
+    from nestedfn.schedules import warmup_cosine
+
+    sched = warmup_cosine(init_value=0.0, peak_value=1e-2, warmup_steps=5, decay_steps=20)
+    for opt in (adam(1e-2), adamw(sched, weight_decay=0.1)):
+        _, _, step_fn = _run_both(opt, 20, seed=11)
+        assert step_fn.graphs_built == 1
+
+
+def test_accumulate_and_nested_adam_build_one_graph_per_phase():
+    from nestedfn.combinators import accumulate
+    from nestedfn.nested import nested_adam
+    from nestedfn.optimizers import adam
+
+    acc = accumulate(adam(1e-2), 4)
+    _, _, step_fn = _run_both(acc, 12, seed=12)
+    assert acc.period == 4 and step_fn.graphs_built == 4
+    nest = nested_adam(
+        1e-2, frequencies=(1, 2), tiers=lambda path, leaf: 0 if "head" in path else 1
+    )
+    _, _, step_fn = _run_both(nest, 12, seed=13)
+    assert nest.period == 2 and step_fn.graphs_built == 2

@@ -95,3 +95,30 @@ def test_packed_refuses_what_it_cannot_do():
     other = _tree(0, shapes=((2, 2), (3,), (1,)))
     with pytest.raises(TreeMismatchError, match="does not fit"):  # a state for other params
         step_fn(step_fn.init(_tree(0))._replace(params=other), other)
+
+
+def test_packed_threads_agree_with_eager_for_a_global_norm_clip():
+    """Each thread's graph recomputes shared reductions, so a global-norm clip (not
+    elementwise per buffer) still gives eager's numbers with 1 or 3 threads."""
+    from nestedfn.optimizers import adam
+    from nestedfn.transforms import clip_by_global_norm
+
+    opt = chain(clip_by_global_norm(0.05), adam(1e-2))
+    for threads in (1, 3):
+        eager = init(opt, _tree(21))
+        step_fn = compile_step(opt, packed=True, chunk_size=4, threads=threads)
+        packed = step_fn.init(_tree(21))
+        for t in range(8):
+            grads = _tree(500 + t)  # norms >> 0.05: the clip is active every step
+            eager = apply_gradients(opt, eager, grads)
+            packed = step_fn(packed, grads)
+            _assert_close(packed.params, eager.params)
+            _assert_close(step_fn.unpack_state(packed).opt_state, eager.opt_state)
+
+
+def test_packed_refuses_a_nested_optimizer_clearly():
+    from nestedfn.nested import nested_adam
+
+    opt = nested_adam(1e-2, frequencies=(1, 2), tiers=lambda path, leaf: 0 if "head" in path else 1)
+    with pytest.raises(NotPackableError, match="compile_step\\(opt\\)"):
+        compile_step(opt, packed=True)(init(opt, _tree(0)), _tree(1))
