@@ -563,3 +563,41 @@ def test_nested_adam_bfloat16_params_keep_dtype_and_float32_state():
             np.array(params["layers"][2]["w"].view(mx.uint16)),
         )
         params = new
+
+
+def test_inner_with_its_own_period_runs_on_the_tier_clock_eager_and_compiled():
+    """An inner optimizer that branches on the step (multiscale_momentum, slow_every=2) sees
+    its tier's update count, also inside compile_step (tracing_step gives it step // f).
+    With frequency 2 the global step would make every update of the slow tier a slow-memory
+    update; the tier clock makes every other one."""
+    from nestedfn.compile import compile_step
+    from nestedfn.core import TrainState
+    from nestedfn.nested import multiscale_momentum
+
+    rng = np.random.default_rng(7)
+    inner = multiscale_momentum(0.05, slow_every=2, alpha=1.0, ns_steps=3)
+    params = {"fast": mx.array(rng.standard_normal((3, 2)).astype(np.float32))}
+    params["slow"] = mx.array(rng.standard_normal((2, 3)).astype(np.float32))
+    opt = nested(inner, {"fast": 0, "slow": 1}, (1, 2))
+    assert opt.period == math.lcm(1 * 2, 2 * 2)
+    gs = [
+        tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)), params)
+        for _ in range(12)
+    ]
+    eager, _, _ = run(opt, params, lambda i: gs[i], 12)
+
+    # reference: the same inner run alone on the slow tier's chunk means, with its own clock
+    ref_p, ref_s = {"slow": params["slow"]}, inner.init({"slow": params["slow"]})
+    for n in range(6):
+        chunk = (gs[2 * n]["slow"] + gs[2 * n + 1]["slow"]) / 2
+        u, ref_s = inner.update({"slow": chunk}, ref_s, ref_p, n)
+        ref_p = apply_updates(ref_p, u)
+    np.testing.assert_allclose(np.array(eager["slow"]), np.array(ref_p["slow"]), rtol=1e-5)
+
+    step = compile_step(opt)
+    state = TrainState(params, opt.init(params), 0)
+    for i in range(12):
+        state = step(state, gs[i])
+    assert step.graphs_built == opt.period
+    for k in ("fast", "slow"):
+        np.testing.assert_allclose(np.array(state.params[k]), np.array(eager[k]), rtol=1e-5)
