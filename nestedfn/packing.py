@@ -145,18 +145,13 @@ def pack(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
 
 
 def unpack(layout: PackLayout, buffers: list[mx.array]) -> list[mx.array]:
-    """The leaves (in ``flatten`` order) as views of ``buffers``: slices reshaped, no copies."""
+    """The leaves (in ``flatten`` order) as views of ``buffers``: one ``split`` per buffer
+    (a single primitive, however many leaves) and a reshape per leaf; no copies."""
     out: list[Any] = [None] * len(layout.shapes)
     for buf, idx, offs in zip(buffers, layout.buffers, layout.offsets):
-        if len(idx) == 1:
-            out[idx[0]] = buf.reshape(layout.shapes[idx[0]])
-            continue
-        for i, o in zip(idx, offs):
-            shape = layout.shapes[i]
-            n = 1
-            for d in shape:
-                n *= d
-            out[i] = buf[o : o + n].reshape(shape)
+        pieces = [buf] if len(idx) == 1 else mx.split(buf, list(offs[1:]))
+        for i, piece in zip(idx, pieces):
+            out[i] = piece.reshape(layout.shapes[i])
     return out
 
 
