@@ -330,3 +330,109 @@ def test_two_ranks_all_sum_broadcast_and_divergence_check(two_ranks):
         assert sorted(res["diverged_paths"]) == sorted(nonempty)
         assert res["one_off_paths"] == ["half"]
         assert "structure, shapes or dtypes differ" in res["structure_error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: `mlx.launch -n 2 python -m nestedfn.cli train` against one process
+
+TRAIN_FLAGS = [
+    "--batch-size", "4", "--max-seq-len", "64", "--steps", "4", "--optimizer", "nested_adam",
+    "--frequencies", "1", "2", "4", "--learning-rate", "2e-3", "--eval-every", "2",
+    "--eval-batches", "2", "--save-every", "2", "--seed", "3",
+]  # fmt: skip
+
+# `python -c` that gives each rank its own --out (RUN/rank0, RUN/rank1): whatever rank 1
+# writes would land in its own directory.
+PER_RANK_OUT = (
+    "import os, sys; from nestedfn.cli import main; a = sys.argv[1:]; "
+    "a[a.index('--out') + 1] += '/rank' + os.environ.get('MLX_RANK', '0'); sys.exit(main(a))"
+)
+
+
+# `python -c` whose rank 1 starts 1 s late: a guard on ordering.  Rank 0 must not write into
+# the shared run directory before rank 1 has checked it (rank 1 would find "another run"
+# there); the trainer's barrier (and today also the ring's start-up rendezvous) ensures it.
+RANK1_LATE = (
+    "import os, sys, time; from nestedfn.cli import main; "
+    "os.environ.get('MLX_RANK') == '1' and time.sleep(1); sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_assets(tmp_path_factory):
+    from nestedfn.lm.demo import build_demo_model, write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    model = build_demo_model(root / "model", seed=0)
+    data = write_demo_dataset(root / "data", seed=0, n_train=64, n_valid=8)
+    return ["--model", str(model), "--data", str(data)]
+
+
+def _cli(args: list[str], timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """``python -m nestedfn.cli ARGS`` in one process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nestedfn.cli", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"nestedfn {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _launched_ok(proc: subprocess.CompletedProcess) -> None:
+    # mlx.launch exits 0 even when a rank fails; it reports the failure on stderr instead.
+    assert "exited with code" not in proc.stderr and "Traceback" not in proc.stderr, (
+        f"a rank failed:\n{proc.stdout}\n{proc.stderr}"
+    )
+
+
+def _files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(got: Path, want: Path) -> None:
+    """Same files, metrics with the same records once each, adapters within float tolerance."""
+    assert _files(got) == _files(want)
+    rec_got, rec_want = _records(got), _records(want)
+    assert [(r["type"], r["step"]) for r in rec_got] == [(r["type"], r["step"]) for r in rec_want]
+    for a, b in zip(rec_got, rec_want):
+        key = "loss" if a["type"] == "train" else "valid_loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-4), (a, b)
+        if a["type"] == "train":
+            assert a["tokens"] == b["tokens"]  # the ranks' shards add up to the global batch
+            assert a["tier_updates"] == b["tier_updates"]
+    for name in ("adapters.safetensors", "best/adapters.safetensors"):
+        x, y = mx.load(str(got / name)), mx.load(str(want / name))
+        assert set(x) == set(y)
+        for k in y:
+            np.testing.assert_allclose(np.array(x[k]), np.array(y[k]), rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def single_run(demo_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    _cli(["train", *demo_assets, *TRAIN_FLAGS, "--out", str(out)])
+    return out
+
+
+def test_two_processes_train_like_one_and_only_rank0_writes(demo_assets, single_run, tmp_path):
+    proc = launch(["-c", PER_RANK_OUT, "train", *demo_assets, *TRAIN_FLAGS, "--out", str(tmp_path)])
+    _launched_ok(proc)
+    assert not (tmp_path / "rank1").exists(), _files(tmp_path / "rank1")  # rank 1: no files
+    _same_run(tmp_path / "rank0", single_run)
+    assert proc.stdout.count("wrote the run to") == 1
+
+
+def test_two_processes_resume_matches_one_process(demo_assets, single_run, tmp_path):
+    run = tmp_path / "run"
+    first = ["-c", RANK1_LATE, "train", *demo_assets, *TRAIN_FLAGS, "--out", str(run)]
+    _launched_ok(launch([*first, "--stop-at", "2"]))
+    assert [r["step"] for r in _records(run) if r["type"] == "train"] == [1, 2]
+    _launched_ok(launch(["-m", "nestedfn.cli", "train", "--resume", str(run)]))
+    _same_run(run, single_run)

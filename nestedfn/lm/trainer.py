@@ -482,6 +482,10 @@ def train(
             raise RunError(f"cannot resume: no checkpoint in {out / CHECKPOINT_DIR}")
         state, saved_extra = load_checkpoint(ckpt, like=state)
         extra.update(saved_extra)
+    # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
+    # half-written run), and all ranks start from bit-identical parameters.
+    distributed.barrier()
+    distributed.check_identical(state.params, what="LoRA parameters at the start")
     main = distributed.is_main()
     if main:
         if not resume:
@@ -553,6 +557,7 @@ def _loop(
             bar.write(f"step {step}: valid loss {loss:.4f}")
 
     bar = _bar(c.steps, int(state.step), show)
+    started = time.perf_counter()
     try:
         if not resumed and int(state.step) == 0 and c.eval_every:
             run_eval(0)
@@ -595,6 +600,7 @@ def _loop(
                     "tokens": tokens,
                     "tier_updates": tiers,
                     "time": dt,
+                    "elapsed": time.perf_counter() - started,
                     "peak_memory_gb": peak,
                 }
             )
