@@ -138,8 +138,8 @@ def _demo(args: argparse.Namespace) -> int:
     summary = train(config, out, force=args.force)
     _report(summary)
     print(
-        f"next: nestedfn plot {out}   |   python -m mlx_lm generate --model {model_dir} "
-        f'--adapter-path {out} --prompt "the cat"'
+        f"next: nestedfn plot {out}\n      python -m mlx_lm generate --model {model_dir} "
+        f'--adapter-path {out} --ignore-chat-template --prompt "Ada has a blue cat. The cat says"'
     )
     return 0
 
