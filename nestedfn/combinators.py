@@ -5,8 +5,10 @@
 - ``accumulate``: gradient accumulation over ``every`` steps.
 - ``skip_nonfinite``: a step with a NaN/Inf gradient changes nothing and is counted.
 
-All are pure; all keep ``Optimizer.period`` right so that ``compile_step`` builds one graph
-per phase (see ``core.static_step``).
+All are pure; all keep ``Optimizer.period`` and ``phase_key`` right so that ``compile_step``
+builds one graph per phase (see ``core.static_step``): ``partition`` keys on the tuple of its
+optimizers' phases, ``masked`` and ``skip_nonfinite`` on their inner one's, ``accumulate`` on
+``None`` between updates and on the inner optimizer's phase (at its own clock) at an update.
 
 A sub-optimizer of ``partition``/``masked`` sees params, grads and state as trees shaped like
 params with ``None`` (an empty node) in place of the leaves that are not its own; element-wise
@@ -21,7 +23,18 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from nestedfn.core import Optimizer, OptState, Params, Step, identity, static_step, tracing_step
+from nestedfn.core import (
+    Optimizer,
+    OptState,
+    Params,
+    Step,
+    combined_phase_key,
+    identity,
+    is_no_update,
+    no_update,
+    static_step,
+    tracing_step,
+)
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = [
@@ -189,7 +202,7 @@ def partition(transforms: Mapping[Hashable, Optimizer], labels: Labels) -> Optim
         return _merge(td, parts), PartitionState(inner)
 
     period = math.lcm(*(o.period for o in transforms.values()))
-    return Optimizer(init_fn, update_fn, period)
+    return Optimizer(init_fn, update_fn, period, combined_phase_key(transforms.values()))
 
 
 def masked(opt: Optimizer, mask: Any | Callable[[Params], Any]) -> Optimizer:
@@ -219,7 +232,7 @@ def masked(opt: Optimizer, mask: Any | Callable[[Params], Any]) -> Optimizer:
         rest = [not k for k in keep]
         return _merge(td, [(keep, u), (rest, _sub(grads, td, rest, "grads"))]), MaskedState(inner)
 
-    return Optimizer(init_fn, update_fn, opt.period)
+    return Optimizer(init_fn, update_fn, opt.period, opt.phase_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,13 +241,15 @@ def masked(opt: Optimizer, mask: Any | Callable[[Params], Any]) -> Optimizer:
 
 
 def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) -> Optimizer:
-    """Gradient accumulation: for ``every - 1`` steps the updates are zero (params unchanged)
-    while the gradients are summed; on every ``every``-th step (``(step + 1) % every == 0``)
-    ``opt`` gets the chunk's mean gradient and the sum restarts.
+    """Gradient accumulation: for ``every - 1`` steps the updates are ``core.no_update``
+    (params come back as they are) while the gradients are summed; on every ``every``-th step
+    (``(step + 1) % every == 0``) ``opt`` gets the chunk's mean gradient and the sum restarts.
 
     ``opt`` sees its own step count ``step // every`` (bias correction and schedules count
     real updates).  ``period = every * opt.period``: the branch taken depends on
-    ``step % every`` and the inner optimizer's phase on ``(step // every) % opt.period``.
+    ``step % every`` and the inner optimizer's phase on ``(step // every) % opt.period``; the
+    phase key is ``None`` between updates (one graph for all of them) and the inner
+    optimizer's phase at ``step // every`` at an update.
     ``acc_dtype`` (default: each gradient's dtype) is the dtype of the running sum.
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -248,8 +263,7 @@ def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) ->
         s = static_step(step)
         acc = tree_map(lambda a, g: a + g.astype(a.dtype), state.acc, grads)
         if (s + 1) % every != 0:
-            zeros = tree_map(lambda g: mx.zeros(g.shape, g.dtype), grads)
-            return zeros, AccumulateState(acc, state.inner)
+            return tree_map(no_update, params), AccumulateState(acc, state.inner)
         mean = tree_map(lambda a, g: (a / every).astype(g.dtype), acc, grads)
         inner_step = step // every
         if isinstance(step, mx.array):
@@ -260,7 +274,10 @@ def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) ->
         fresh = tree_map(lambda a: mx.zeros(a.shape, a.dtype), acc)
         return updates, AccumulateState(fresh, inner)
 
-    return Optimizer(init_fn, update_fn, every * opt.period)
+    def phase_key(step: int) -> Any:
+        return (opt.phase(step // every),) if (step + 1) % every == 0 else None
+
+    return Optimizer(init_fn, update_fn, every * opt.period, phase_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,9 +296,18 @@ def _keep_if(finite: mx.array, new: Any, old: Any) -> Any:
     return old
 
 
+def _or_no_update(finite: mx.array, u: Any) -> Any:
+    """``u`` where ``finite``, else ``-0.0`` (``+0.0`` would turn a ``-0.0`` param into ``+0.0``;
+    ``mx.full``, not a scalar, which ``mx.compile`` inlines without its sign)."""
+    if not isinstance(u, mx.array):
+        return mx.where(finite, u, -0.0)
+    return mx.where(finite, u, mx.full(u.shape, -0.0, dtype=u.dtype))
+
+
 def skip_nonfinite(opt: Optimizer) -> Optimizer:
-    """Skip steps whose gradients hold a NaN or Inf anywhere: such a step gives zero updates
-    (params unchanged), keeps the inner state exactly as it was, and adds one to ``skipped``.
+    """Skip steps whose gradients hold a NaN or Inf anywhere: such a step gives ``-0.0``
+    updates (params bit-identical, signed zeros included), keeps the inner state exactly as
+    it was, and adds one to ``skipped``.
 
     Decided with ``mx.where`` on the values (no Python branch), so it traces under
     ``mx.compile``.  ``opt`` sees the global step (skipped steps included), which keeps its
@@ -297,9 +323,9 @@ def skip_nonfinite(opt: Optimizer) -> Optimizer:
         for g in gl:
             finite = mx.logical_and(finite, mx.all(mx.isfinite(g)))
         updates, inner = opt.update(grads, state.inner, params, step)
-        updates = tree_map(lambda u: mx.where(finite, u, mx.zeros_like(u)), updates)
+        updates = tree_map(lambda u: u if is_no_update(u) else _or_no_update(finite, u), updates)
         inner = tree_map(lambda new, old: _keep_if(finite, new, old), inner, state.inner)
         skipped = state.skipped + mx.where(finite, 0, 1).astype(mx.int32)
         return updates, SkipNonfiniteState(inner, skipped)
 
-    return Optimizer(init_fn, update_fn, opt.period)
+    return Optimizer(init_fn, update_fn, opt.period, opt.phase_key)

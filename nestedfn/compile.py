@@ -7,9 +7,11 @@ compiled function the leaf lists, and rebuilds the trees inside it with ``unflat
 The step count stays a Python int outside (``TrainState.step``), but the graph receives it as
 an ``mx.array`` input so that a schedule ``lr(step)`` does not force a retrace every step.
 Optimizers whose *control flow* depends on the step (nested tiers, gradient accumulation)
-declare ``Optimizer.period`` and branch on ``static_step(step)``; each graph is traced under
-``tracing_step(s)`` for a concrete ``s``, so there is one graph per phase ``step % period``
-(at most ``lcm(frequencies)`` for a nested optimizer), built once and reused.
+declare ``Optimizer.period`` (and possibly ``phase_key``) and branch on ``static_step(step)``;
+each graph is traced under ``tracing_step(s)`` for the concrete ``s`` of the first step of its
+phase ``opt.phase(s)`` and reused at every later step of that phase: one graph per distinct
+set of active tiers for a nested optimizer (3 for frequencies (1, 2, 4), 4 for (1, 3, 4);
+never more than ``lcm(frequencies)``).
 
 Graphs are cached per ``(state structure, grads structure, leaf shapes and dtypes, phase)``:
 a change of any of these builds a new graph (counted in ``graphs_built``) instead of
@@ -50,13 +52,19 @@ class CompiledStep:
     """``(state, grads) -> state`` equal to ``apply_gradients(opt, state, grads)``, compiled.
 
     ``graphs_built`` counts the graphs traced so far (1 for a ``period == 1`` optimizer on a
-    fixed tree; ``period`` for one whose control flow repeats every ``period`` steps).
+    fixed tree; one per distinct ``opt.phase(step)``, at most ``period``, for one whose
+    control flow repeats every ``period`` steps).
     """
 
     def __init__(self, opt: Optimizer, shapeless: bool = False):
         if not isinstance(opt.period, int) or opt.period < 1:
             raise ValueError(
                 f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
+            )
+        if opt.phase_key is not None and not callable(opt.phase_key):
+            raise ValueError(
+                "compile_step: Optimizer.phase_key must be None or a function step -> "
+                f"hashable, got {opt.phase_key!r}"
             )
         self.opt = opt
         self.shapeless = shapeless
@@ -95,7 +103,7 @@ class CompiledStep:
         key = (
             state_td,
             grads_td,
-            concrete % self.opt.period,
+            self.opt.phase(concrete),
             None if self.shapeless else _signature(state_leaves),
             None if self.shapeless else _signature(grad_leaves),
         )
@@ -120,13 +128,14 @@ def compile_step(
     ``apply_gradients(opt, state, grads)`` (up to float rounding of a schedule evaluated on
     an ``mx.array`` step instead of a Python int).
 
-    One graph is traced per ``(tree structure, leaf shapes/dtypes, step % opt.period)`` and
+    One graph is traced per ``(tree structure, leaf shapes/dtypes, opt.phase(step))`` and
     reused; ``shapeless=True`` lets one graph serve changing leaf shapes (only valid for
     optimizers whose graph does not depend on shapes).
 
     ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
-    elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``) (``PackedCompiledStep``): same inputs, outputs and tree layout, far
-    fewer kernel dispatches on trees of many small arrays.  ``verify`` checks its first step
+    elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``)
+    (``PackedCompiledStep``): same inputs, outputs and tree layout, far fewer kernel
+    dispatches on trees of many small arrays.  ``verify`` checks its first step
     of every graph against the eager per-leaf step.  On the CPU the buffers are updated by
     ``threads`` MLX streams at once (default: 2 where there are 2 cores; 1 on a GPU).
     """

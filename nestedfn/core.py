@@ -12,16 +12,24 @@ parameters, so descent transforms end with a negative scale.
 
 ``period`` says how an optimizer's control flow depends on the step: its update takes the same
 branches at steps ``s`` and ``s + period`` (1 for ordinary optimizers; ``lcm(frequencies)``
-for nested tiers; ``every`` for gradient accumulation).  ``compile_step`` builds one compiled
-graph per ``step % period``; inside it ``static_step(step)`` gives such an optimizer the
-Python-int step to branch on while ``step`` itself stays a traced array for schedules.
+for nested tiers; ``every`` for gradient accumulation).  ``phase_key`` refines it: steps with
+equal ``opt.phase(s)`` take the same branches (default ``s % period``; nested tiers key on
+the set of active tiers, so frequencies (1, 2, 4) have 3 phases in a period of 4).
+``compile_step`` builds one compiled graph per phase; inside it ``static_step(step)`` gives
+such an optimizer the Python-int step to branch on while ``step`` itself stays a traced array
+for schedules.
+
+``no_update(p)`` is the update that leaves ``p`` as it is (``-0.0`` everywhere, so adding it
+is exact for any consumer); ``apply_updates`` recognises it and returns ``p`` itself without
+computing anything, so parameters that a step does not touch are not rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -43,6 +51,8 @@ __all__ = [
     "chain",
     "identity",
     "init",
+    "is_no_update",
+    "no_update",
     "static_step",
     "tracing_step",
 ]
@@ -57,11 +67,25 @@ Schedule = Callable[[Step], float | mx.array]
 
 class Optimizer(NamedTuple):
     """A gradient transformation: ``init(params) -> state`` and
-    ``update(grads, state, params, step) -> (updates, state)``; both pure."""
+    ``update(grads, state, params, step) -> (updates, state)``; both pure.
+
+    ``period``: the update's control flow (its branches on ``static_step``) is the same at
+    steps ``s`` and ``s + period``.  ``phase_key``: ``step -> hashable`` with
+    ``phase_key(s) == phase_key(s + period)``; two steps with equal keys must take the same
+    branches (so a graph traced at one serves the other).  ``None`` means ``s % period``.
+    Read it through ``opt.phase(step)``.
+    """
 
     init: Callable[[Params], OptState]
     update: Callable[[Grads, OptState, Params, Step], tuple[Updates, OptState]]
     period: int = 1
+    phase_key: Callable[[int], Hashable] | None = None
+
+    def phase(self, step: int) -> Hashable:
+        """The phase of the Python-int ``step``: what a compiled graph is cached by."""
+        if self.phase_key is None:
+            return step % self.period
+        return self.phase_key(step)
 
 
 class TrainState(NamedTuple):
@@ -90,7 +114,8 @@ def static_step(step: Step) -> int:
     """The step as a Python int, for control flow that repeats every ``Optimizer.period``.
 
     A Python int is returned as is; an ``mx.array`` gives the step ``compile_step`` is tracing
-    for (only ``step % period`` is meaningful then), or its value when not tracing.
+    for (only its ``Optimizer.phase`` is meaningful then: the graph is reused at every step of
+    that phase), or its value when not tracing.
     """
     if isinstance(step, int):
         return step
@@ -105,15 +130,46 @@ def init(opt: Optimizer, params: Params) -> TrainState:
     return TrainState(params, opt.init(params), 0)
 
 
+# arrays made by ``no_update``, by id; weak, so an entry dies with its array and an id reused by
+# another array is never mistaken for one
+_NO_UPDATE: weakref.WeakValueDictionary[int, mx.array] = weakref.WeakValueDictionary()
+
+
+def no_update(p: Any) -> Any:
+    """The update that leaves ``p`` as it is: ``-0.0`` in ``p``'s shape and dtype (``x + -0.0``
+    is ``x`` bit for bit, signed zeros and NaN included; ``+0.0`` would turn ``-0.0`` into
+    ``+0.0``), marked so that ``apply_updates`` returns ``p`` itself.  The array is lazy: when
+    only ``apply_updates`` sees it, it is never computed, and under ``mx.compile`` the
+    parameter goes through the graph untouched.  A transform that rewrites the update gets an
+    ordinary array (still exact after ``u * c`` with ``c >= 0``); one that passes the array on
+    keeps the mark.
+    """
+    if isinstance(p, mx.array):
+        # mx.full, not a broadcast scalar: mx.compile inlines scalar constants and loses the
+        # sign of -0.0 (seen with MLX 0.32 on the CPU)
+        u = mx.full(p.shape, -0.0, dtype=p.dtype)
+        _NO_UPDATE[id(u)] = u
+        return u
+    return -0.0
+
+
+def is_no_update(u: Any) -> bool:
+    """Whether ``u`` is an array made by ``no_update``."""
+    return isinstance(u, mx.array) and _NO_UPDATE.get(id(u)) is u
+
+
 def _add(p: Any, u: Any) -> Any:
     if isinstance(p, mx.array):
+        if is_no_update(u) and u.shape == p.shape:
+            return p
         out = p + u
         return out if out.dtype == p.dtype else out.astype(p.dtype)
     return p + u
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """``params + updates`` leaf by leaf; each parameter keeps its dtype."""
+    """``params + updates`` leaf by leaf; each parameter keeps its dtype.  A ``no_update``
+    leaf gives the parameter itself back (the same array, nothing computed)."""
     return tree_map(_add, params, updates)
 
 
@@ -151,4 +207,13 @@ def chain(*opts: Optimizer) -> Optimizer:
         return grads, tuple(new_states)
 
     period = math.lcm(*(o.period for o in opts)) if opts else 1
-    return Optimizer(init_fn, update_fn, period)
+    return Optimizer(init_fn, update_fn, period, combined_phase_key(opts))
+
+
+def combined_phase_key(opts: Sequence[Optimizer]) -> Callable[[int], Hashable] | None:
+    """The phase key of an optimizer that runs every one of ``opts`` at the same step: the
+    tuple of their phases (``None``, i.e. ``step % period``, when all have period 1)."""
+    opts = tuple(opts)
+    if all(o.period == 1 for o in opts):
+        return None
+    return lambda step: tuple(o.phase(step) for o in opts)

@@ -8,7 +8,7 @@
         u_k, s_k = inner_k.update(A_k / C_k, s_k, θ_k, n_k)  (reduce="mean"; A_k for "sum")
         A_k <- 0,  n_k <- n_k + 1
     else:
-        u_k = 0                                            θ_k comes back bit-identical
+        u_k = no_update(θ_k)                               θ_k comes back as it is
 
 so a slow tier does not throw away the gradients of the steps it skips (the seed app's bug):
 it applies the whole chunk at once (``shared/NESTED_LEARNING.md`` §2).  ``n_k = i // C_k`` is
@@ -16,8 +16,10 @@ the tier's own clock: the inner optimizer sees only its tier's leaves and counts
 tier's updates (Adam's bias correction included).
 
 Which tiers are active depends only on ``i % lcm(C)``, so the optimizer declares that period
-and branches on ``core.static_step(step)``: a compiled step has one graph per phase and an
-inactive tier's inner optimizer is not in its graph at all.
+and branches on ``core.static_step(step)``.  Its ``phase_key`` is, per tier, the inner
+optimizer's own phase at the tier's clock when the tier is active and ``None`` otherwise, so a
+compiled step has one graph per distinct set of active tiers (3 for frequencies (1, 2, 4), not
+4), and an inactive tier's inner optimizer is not in its graph at all.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn import optimizers
-from nestedfn.core import Optimizer, OptState, Params, Step, chain, static_step, tracing_step
+from nestedfn.core import (
+    Optimizer,
+    OptState,
+    Params,
+    Step,
+    chain,
+    is_no_update,
+    no_update,
+    static_step,
+    tracing_step,
+)
 from nestedfn.tiers import TierRule, by_depth, resolve
 from nestedfn.transforms import newton_schulz
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
@@ -180,16 +192,6 @@ def _check_frequencies(frequencies: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(f) for f in freqs)
 
 
-def _zero_like(p: Any) -> Any:
-    """An update that leaves ``p`` bit-identical: ``x + (-0.0) == x`` for every float ``x``
-    (``+0.0`` would turn ``-0.0`` into ``+0.0``)."""
-    if isinstance(p, mx.array):
-        # mx.full, not a broadcast scalar: mx.compile inlines scalar constants and loses the
-        # sign of -0.0 (seen with MLX 0.32 on the CPU)
-        return mx.full(p.shape, -0.0, dtype=p.dtype)
-    return -0.0
-
-
 def _acc_zeros(g: mx.array) -> mx.array:
     dtype = mx.float32 if g.dtype in _LOW_PRECISION else g.dtype
     return mx.zeros(g.shape, dtype=dtype)
@@ -216,11 +218,14 @@ def nested(
       reduce: ``"mean"`` (default: a learning rate means the same at every frequency) or
         ``"sum"`` (the paper's equation, ``θ ← θ − η Σ_chunk ∇``).
 
-    Returns an ``Optimizer`` with ``period = lcm_k(frequencies[k] * inner_k.period)`` and a
-    ``NestedState``.  Leaves of tiers inactive at a step get ``-0.0`` updates, so
-    ``apply_updates`` returns them bit-identical.  Errors (at ``init``): a tier with no leaves,
-    a leaf with no tier or a tier out of range, a tiers tree shaped unlike params; at
-    construction: a frequency that is not a positive int, a wrong number of inner optimizers.
+    Returns an ``Optimizer`` with ``period = lcm_k(frequencies[k] * inner_k.period)``, a
+    ``phase_key`` that tells apart only steps whose active tiers (and their inner optimizers'
+    phases) differ, and a ``NestedState``.  Leaves of tiers inactive at a step get
+    ``core.no_update`` updates (``-0.0``): ``apply_updates`` returns those very arrays, and
+    any other consumer adding them gets them back bit-identical.  Errors (at ``init``): a
+    tier with no leaves, a leaf with no tier or a tier out of range, a tiers tree shaped unlike
+    params; at construction: a frequency that is not a positive int, a wrong number of inner
+    optimizers.
     """
     freqs = _check_frequencies(frequencies)
     return _nested(inner, _resolver(tiers, len(freqs), "shallow_fast", "nested"), freqs, reduce)
@@ -311,7 +316,7 @@ def _nested(
                 summed = grads_k
             if (s + 1) % f != 0:
                 for i in idx:
-                    out[i] = _zero_like(p_leaves[i])
+                    out[i] = no_update(p_leaves[i])
                 accs[k] = unflatten(sub, summed)
                 continue
             chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
@@ -338,8 +343,15 @@ def _nested(
         new_state = NestedState(tuple(inner_states), tuple(accs), tuple(counts), state.layout)
         return unflatten(plan.treedef, out), new_state
 
+    def phase_key(step: int) -> tuple:
+        # the graph depends on which tiers are active and, inside an active tier, on the inner
+        # optimizer's phase at the tier's clock step // f (what tracing_step gives it)
+        return tuple(
+            (o.phase(step // f),) if (step + 1) % f == 0 else None for o, f in zip(inners, freqs)
+        )
+
     period = math.lcm(*(f * o.period for f, o in zip(freqs, inners)))
-    return Optimizer(init_fn, update_fn, period)
+    return Optimizer(init_fn, update_fn, period, phase_key)
 
 
 def _find_nested(state: Any) -> NestedState | None:
@@ -473,7 +485,8 @@ def multiscale_momentum(
         )
         return unflatten(td, out["u"]), new
 
-    return Optimizer(init_fn, update_fn, slow_every)
+    # the graph only depends on whether this is a slow step: 2 phases whatever slow_every is
+    return Optimizer(init_fn, update_fn, slow_every, lambda step: (step + 1) % slow_every == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,15 +495,15 @@ def multiscale_momentum(
 
 
 def _scale_by_global_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
-    """Multiply updates by ``schedule(step)`` at the global step (a non-negative value keeps
-    the ``-0.0`` updates of inactive tiers ``-0.0``, so their leaves stay bit-identical)."""
+    """Multiply updates by ``schedule(step)`` at the global step; the ``no_update`` leaves of
+    inactive tiers pass through as they are (so their parameters are not rewritten)."""
 
     def init_fn(params: Params) -> tuple:
         return ()
 
     def update_fn(updates: Any, state: tuple, params: Params, step: Step) -> Any:
         lr = schedule(step)
-        return tree_map(lambda u: u * lr, updates), state
+        return tree_map(lambda u: u if is_no_update(u) else u * lr, updates), state
 
     return Optimizer(init_fn, update_fn)
 

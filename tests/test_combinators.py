@@ -105,7 +105,10 @@ def test_accumulate_period_and_inner_phase_eager_and_compiled():
             expected = tree_map(lambda p, m, f=f: p + m * f, expected, mean)
         _close(eager.params, expected, rtol=1e-5, atol=1e-6)
         _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
-    assert step_fn.graphs_built == 6
+    # phases: accumulating (shared by the 4 such steps of a period), update at inner phase 0,
+    # update at inner phase 1
+    assert [acc_opt.phase(s) for s in range(6)] == [None, None, (0,), None, None, (1,)]
+    assert step_fn.graphs_built == 3
 
 
 def test_accumulate_adam_compiled_equals_eager():
@@ -171,7 +174,61 @@ def test_skip_nonfinite_changes_nothing_and_counts(compiled):
 
 
 def test_skip_nonfinite_keeps_period():
-    assert C.skip_nonfinite(C.accumulate(opt.sgd(0.1), 3)).period == 3
+    inner = C.accumulate(opt.sgd(0.1), 3)
+    skip = C.skip_nonfinite(inner)
+    assert skip.period == 3
+    assert [skip.phase(s) for s in range(6)] == [inner.phase(s) for s in range(6)]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_skip_nonfinite_skipped_step_keeps_signed_zeros_and_accumulate_passes_params_through(
+    compiled,
+):
+    """A skipped step adds ``-0.0`` (``+0.0`` would turn a ``-0.0`` parameter into ``+0.0``);
+    accumulate's in-between steps give ``no_update``: eager, the very same arrays come back."""
+    params = {"w": mx.array([-0.0, 0.0, 1.5]), "b": mx.array([-0.0, float("nan")])}
+    bits = lambda t: [np.array(x).view(np.uint32).tolist() for x in flatten(t)[0]]  # noqa: E731
+    bad = {"w": mx.array([float("nan"), 1.0, 1.0]), "b": mx.ones((2,))}
+    good = tree_map(mx.ones_like, params)
+    for o in (C.skip_nonfinite(opt.adam(0.1)), C.skip_nonfinite(C.accumulate(opt.sgd(0.1), 2))):
+        step_fn = compile_step(o) if compiled else (lambda s, g, o=o: nf.apply_gradients(o, s, g))
+        state = step_fn(nf.init(o, params), bad)
+        assert bits(state.params) == bits(params)
+    acc_opt = C.accumulate(opt.sgd(0.1), 2)
+    step_fn = (
+        compile_step(acc_opt) if compiled else (lambda s, g: nf.apply_gradients(acc_opt, s, g))
+    )
+    state = step_fn(nf.init(acc_opt, params), good)
+    assert bits(state.params) == bits(params)
+    if not compiled:
+        assert state.params["w"] is params["w"] and state.params["b"] is params["b"]
+
+
+def test_combinators_phase_keys_combine_children_and_compiled_graphs_follow_them():
+    """chain and partition key on the tuple of their children's phases, masked and
+    skip_nonfinite on their child's: accumulate every 2 and every 3 give 4 distinct phases in
+    a period of 6, so 4 graphs, each step equal to eager."""
+    a2, a3 = C.accumulate(opt.sgd(0.1), 2), C.accumulate(opt.adam(0.1), 3)
+    part = C.partition({"matrix": a2, "vector": a3}, _by_ndim)
+    chained = nf.chain(a2, opt.sgd(1.0))
+    mask = C.masked(a3, lambda p: tree_map(lambda x: x.ndim == 2, p))
+    for s in range(12):
+        assert part.phase(s) == (a2.phase(s), a3.phase(s))
+        assert chained.phase(s) == (a2.phase(s), 0)
+        assert mask.phase(s) == a3.phase(s)
+        assert part.phase(s) == part.phase(s + part.period)
+    assert nf.chain(opt.adam(0.1), opt.sgd(1.0)).phase_key is None  # period 1: nothing varies
+    assert len({part.phase(s) for s in range(6)}) == 4
+    for o, graphs in ((part, 4), (mask, 2)):
+        eager = compiled = nf.init(o, _params())
+        step_fn = compile_step(o)
+        for g in _grads_seq(12, seed=9):
+            eager = nf.apply_gradients(o, eager, g)
+            compiled = step_fn(compiled, g)
+            # Adam's bias correction: float32 on the compiled array step, float64 eager
+            _close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
+            _close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
+        assert step_fn.graphs_built == graphs
 
 
 # -------------------------------------------------------------------------------- partition

@@ -206,9 +206,24 @@ def test_accumulate_and_nested_adam_build_one_graph_per_phase():
 
     acc = accumulate(adam(1e-2), 4)
     _, _, step_fn = _run_both(acc, 12, seed=12)
-    assert acc.period == 4 and step_fn.graphs_built == 4
+    # the three accumulating steps of each chunk share one graph, the update step has its own
+    assert acc.period == 4 and step_fn.graphs_built == 2
     nest = nested_adam(
         1e-2, frequencies=(1, 2), tiers=lambda path, leaf: 0 if "head" in path else 1
     )
     _, _, step_fn = _run_both(nest, 12, seed=13)
     assert nest.period == 2 and step_fn.graphs_built == 2
+
+
+def test_graphs_are_cached_by_phase_key_and_traced_at_a_concrete_step():
+    """``Optimizer.phase_key`` decides the cache: ``_every(4)`` keyed on "is this an update
+    step" builds 2 graphs instead of 4, and stays equal to eager (each graph is traced at a
+    concrete step of its phase; ``static_step`` sees that step)."""
+    base = _every(4, 0.5)
+    opt = base._replace(phase_key=lambda step: (step + 1) % 4 == 0)
+    assert [opt.phase(s) for s in range(4)] == [False, False, False, True]
+    assert base.phase(6) == 2 and base.phase_key is None  # the default: step % period
+    _, _, step_fn = _run_both(opt, 12, seed=21)
+    assert step_fn.graphs_built == 2
+    with pytest.raises(ValueError, match="phase_key"):
+        compile_step(base._replace(phase_key=3))

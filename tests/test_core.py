@@ -113,3 +113,64 @@ def test_static_step_int_array_and_tracing():
         assert core.static_step(mx.array(0)) == 11
         assert core.static_step(3) == 3
     assert core.static_step(mx.array(2)) == 2
+
+
+def test_optimizer_phase_defaults_to_step_mod_period_and_stays_a_namedtuple():
+    init_fn, update_fn = (lambda p: ()), (lambda g, s, p, t: (g, s))
+    plain = core.Optimizer(init_fn, update_fn)
+    assert plain.period == 1 and plain.phase_key is None
+    assert [plain.phase(s) for s in range(3)] == [0, 0, 0]
+    four = core.Optimizer(init_fn, update_fn, 4)
+    assert [four.phase(s) for s in range(6)] == [0, 1, 2, 3, 0, 1]
+    init_, update_, period, key = core.Optimizer(init_fn, update_fn, 4, lambda s: s % 4 == 3)
+    assert (init_, update_, period) == (init_fn, update_fn, 4) and key(7) is True
+    keyed = four._replace(phase_key=lambda s: (s + 1) % 4 == 0)
+    assert [keyed.phase(s) for s in range(4)] == [False, False, False, True]
+
+
+def test_chain_phase_is_the_tuple_of_its_parts_phases():
+    a = core.Optimizer(lambda p: (), lambda g, s, p, t: (g, s), 2)
+    b = core.Optimizer(lambda p: (), lambda g, s, p, t: (g, s), 3, lambda s: s % 3 == 0)
+    c = core.chain(a, b, counting_scale(1.0))
+    assert [c.phase(s) for s in range(4)] == [
+        (0, True, 0),
+        (1, False, 0),
+        (0, False, 0),
+        (1, True, 0),
+    ]
+    assert core.chain(counting_scale(1.0), counting_scale(2.0)).phase_key is None
+
+
+def _bits(x):
+    return np.array(x).view(np.uint32)
+
+
+def test_no_update_gives_the_param_itself_and_reads_as_negative_zero():
+    p = {"a": mx.array([-0.0, 0.0, float("nan"), 1e-40, -3.0]), "b": mx.ones((2,)), "n": 2.0}
+    u = {"a": core.no_update(p["a"]), "b": mx.full((2,), 0.5), "n": core.no_update(2.0)}
+    assert core.is_no_update(u["a"]) and not core.is_no_update(u["b"])
+    assert not core.is_no_update(u["a"] * 1.0) and not core.is_no_update(mx.zeros((5,)))
+    assert u["n"] == 0.0 and str(u["n"]) == "-0.0"
+    out = nf.apply_updates(p, u)
+    assert out["a"] is p["a"]  # nothing computed: the same array
+    np.testing.assert_array_equal(np.array(out["b"]), [1.5, 1.5])
+    assert out["n"] == 2.0
+    # a consumer that adds it by hand, or a rewritten copy, still leaves p bit-identical
+    np.testing.assert_array_equal(_bits(p["a"] + u["a"]), _bits(p["a"]))
+    np.testing.assert_array_equal(_bits(p["a"] + u["a"] * 2.0), _bits(p["a"]))
+    # a param of another shape is not replaced by the mark: it is added (broadcast)
+    wide = mx.ones((2, 5))
+    assert nf.apply_updates(wide, core.no_update(p["a"])).shape == (2, 5)
+
+
+def test_no_update_under_mx_compile_passes_the_param_through_bit_identical():
+    p = mx.array([-0.0, 0.0, float("nan"), 1e-40, -3.0])
+    q = mx.array([-0.0, 1.0])
+
+    def step(p, q):
+        return nf.apply_updates([p, q], [core.no_update(p), core.no_update(q) * 2.0])
+
+    for _ in range(2):  # trace, then replay
+        out = mx.compile(step)(p, q)
+        np.testing.assert_array_equal(_bits(out[0]), _bits(p))
+        np.testing.assert_array_equal(_bits(out[1]), _bits(q))

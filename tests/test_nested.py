@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nestedfn.core import Optimizer, apply_updates, tracing_step
+from nestedfn.core import Optimizer, apply_updates, static_step
 from nestedfn.nested import NestedState, TierStats, nested, tier_stats
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
@@ -194,48 +194,89 @@ def test_pure_inputs_untouched_and_state_is_all_arrays():
     assert isinstance(state, NestedState)
 
 
-def test_array_step_under_mx_compile_per_phase_matches_eager():
-    """One compiled graph per phase, traced with ``tracing_step``, equals the eager result."""
+def _bits(x: mx.array) -> np.ndarray:
+    """The raw bits of ``x`` (float32/bfloat16/float16), for bit-identity checks."""
+    width = {mx.float32: mx.uint32, mx.bfloat16: mx.uint16, mx.float16: mx.uint16}[x.dtype]
+    return np.array(x.view(width))
+
+
+def _active_sets(freqs, period):
+    return {frozenset(k for k, f in enumerate(freqs) if (s + 1) % f == 0) for s in range(period)}
+
+
+@pytest.mark.parametrize(
+    "freqs,steps,graphs",
+    [((1, 2, 4), 8, 3), ((1, 3, 4), 24, 4), ((2, 3), 12, 4), ((1, 1, 5), 10, 2)],
+)
+def test_compile_step_one_graph_per_active_set_equal_to_eager_every_step(freqs, steps, graphs):
+    """compile_step caches by ``opt.phase(step)``: one graph per distinct set of active tiers
+    (3 for (1, 2, 4) where ``step % period`` has 4 values; 4 for (1, 3, 4) against 12), each
+    reused at later steps of its set, and every step equals eager ``apply_gradients``: a graph
+    traced at one step gives the right result at every step that shares it.  Inactive leaves
+    (before a slow tier's first update: signed zeros, NaN, a subnormal) come back bit-identical
+    from the compiled graph."""
+    from nestedfn.compile import compile_step
+    from nestedfn.core import TrainState, apply_gradients
+
     rng = np.random.default_rng(2)
-    params = {k: mx.array(rng.standard_normal((3,)).astype(np.float32)) for k in "abc"}
-    params = {k: mx.concatenate([v, mx.array([-0.0, 0.0])]) for k, v in params.items()}
-    opt = nested(adam(0.1), TIERS3, (1, 2, 4))
+    names = "abc"[: len(freqs)]
+    special = mx.array([-0.0, 0.0, float("nan"), -1e-38])
+    params = {
+        k: mx.concatenate([mx.array(rng.standard_normal((3,)).astype(np.float32)), special])
+        for k in names
+    }
+    opt = nested(adam(0.1), {k: i for i, k in enumerate(names)}, freqs)
+    period = math.lcm(*freqs)
+    assert opt.period == period and steps % period == 0 and steps >= 2 * period
+    assert len({opt.phase(s) for s in range(period)}) == graphs == len(_active_sets(freqs, period))
+    assert all(opt.phase(s) == opt.phase(s + period) for s in range(period))
     gs = [
         tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)), params)
-        for _ in range(8)
+        for _ in range(steps)
     ]
-    eager, _, _ = run(opt, params, lambda i: gs[i], 8)
-
-    state0 = opt.init(params)
-    _, std = flatten((params, state0))
-    graphs = {}
-
-    def compiled_for(phase):
-        def fn(step, leaves, g_leaves):
-            p, s = unflatten(std, leaves)
-            g = unflatten(flatten(params)[1], g_leaves)
-            with tracing_step(phase):
-                u, s = opt.update(g, s, p, step)
-            return flatten((apply_updates(p, u), s))[0]
-
-        return graphs.setdefault(phase, mx.compile(fn))
-
-    leaves = flatten((params, state0))[0]
-    for i in range(8):
-        before = unflatten(std, leaves)[0]
-        leaves = compiled_for(i % opt.period)(mx.array(i), leaves, flatten(gs[i])[0])
-        after = unflatten(std, leaves)[0]
-        for k, f in zip("abc", (1, 2, 4)):  # compiled, inactive tiers are still bit-identical
-            same = np.array_equal(
-                np.array(after[k]).view(np.uint32), np.array(before[k]).view(np.uint32)
+    step_fn = compile_step(opt)
+    eager = compiled = TrainState(params, opt.init(params), 0)
+    for i in range(steps):
+        before = compiled.params
+        eager = apply_gradients(opt, eager, gs[i])
+        compiled = step_fn(compiled, gs[i])
+        for k, f in zip(names, freqs):
+            # Adam's b**t is float32 with an array step, float64 with a Python int step: a
+            # few ulps a step (a graph shared wrongly would be off by a whole update, ~0.1)
+            np.testing.assert_allclose(
+                np.array(compiled.params[k]), np.array(eager.params[k]), rtol=1e-5, atol=1e-5
             )
+            same = np.array_equal(_bits(compiled.params[k]), _bits(before[k]))
             assert same == ((i + 1) % f != 0), (i, k)
-    p, s = unflatten(std, leaves)
-    assert len(graphs) == 4
-    for k in "abc":
-        # Adam's b**t is float32 with an array step, float64 with a Python int step
-        np.testing.assert_allclose(np.array(p[k]), np.array(eager[k]), rtol=2e-5, atol=1e-6)
-    assert [t.updates for t in tier_stats(s)] == [8, 4, 2]
+        for x, y in zip(flatten(compiled.opt_state)[0], flatten(eager.opt_state)[0]):
+            np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-4, atol=1e-6)
+        if i == period - 1:
+            assert step_fn.graphs_built == graphs  # all built within the first period
+    assert step_fn.graphs_built == graphs  # ... and only reused after it
+    assert [t.updates for t in tier_stats(compiled.opt_state)] == [steps // f for f in freqs]
+
+
+def test_inactive_leaves_pass_through_as_the_same_arrays_eager():
+    """An inactive tier's update is ``core.no_update``: ``apply_updates`` hands back the very
+    parameter array (nothing computed), while the update itself still reads ``-0.0`` for any
+    code that adds it by hand; a learning-rate schedule (``nested_adam``) keeps the mark."""
+    from nestedfn.core import is_no_update
+    from nestedfn.nested import nested_adam
+
+    params = {"a": mx.ones((2,)), "b": mx.array([-0.0, float("nan")]), "c": mx.ones((3,))}
+    grads = tree_map(mx.ones_like, params)
+    opt = nested(sgd(0.5), TIERS3, (1, 2, 4))
+    updates, _ = opt.update(grads, opt.init(params), params, 0)
+    assert not is_no_update(updates["a"])
+    assert is_no_update(updates["b"]) and is_no_update(updates["c"])
+    new = apply_updates(params, updates)
+    assert new["b"] is params["b"] and new["c"] is params["c"]
+    np.testing.assert_array_equal(_bits(params["b"] + updates["b"]), _bits(params["b"]))
+    sched = nested_adam(lambda step: 0.1 / (1 + step), (1, 2, 4), tiers=TIERS3)
+    updates, _ = sched.update(grads, sched.init(params), params, 0)
+    new = apply_updates(params, updates)
+    assert new["b"] is params["b"] and new["c"] is params["c"]
+    assert not np.array_equal(np.array(new["a"]), np.array(params["a"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +639,100 @@ def test_inner_with_its_own_period_runs_on_the_tier_clock_eager_and_compiled():
     state = TrainState(params, opt.init(params), 0)
     for i in range(12):
         state = step(state, gs[i])
-    assert step.graphs_built == opt.period
+    # phases: tier 0's inner is slow on odd steps; tier 1 is active on odd steps, slow on
+    # every other one of them -> (F, -), (T, F), (F, -), (T, T): 3 graphs for period 4
+    assert [opt.phase(i) for i in range(4)] == [
+        ((False,), None),
+        ((True,), (False,)),
+        ((False,), None),
+        ((True,), (True,)),
+    ]
+    assert step.graphs_built == 3
     for k in ("fast", "slow"):
         np.testing.assert_allclose(np.array(state.params[k]), np.array(eager[k]), rtol=1e-5)
+
+
+def _compiled_equals_eager_every_step(opt, params, gs, rtol=1e-5, atol=1e-6):
+    """Run ``compile_step(opt)`` and eager ``apply_gradients`` side by side over ``gs``,
+    comparing params and opt_state after every step; returns the compiled step function."""
+    from nestedfn.compile import compile_step
+    from nestedfn.core import TrainState, apply_gradients
+
+    step_fn = compile_step(opt)
+    eager = compiled = TrainState(params, opt.init(params), 0)
+    for i, g in enumerate(gs):
+        eager = apply_gradients(opt, eager, g)
+        compiled = step_fn(compiled, g)
+        got, td = flatten((compiled.params, compiled.opt_state))
+        want, td2 = flatten((eager.params, eager.opt_state))
+        assert td == td2
+        for path, x, y in zip(td.paths(), got, want):
+            np.testing.assert_allclose(
+                np.array(x), np.array(y), rtol=rtol, atol=atol, err_msg=f"step {i} {path}"
+            )
+    return step_fn
+
+
+def _period_two(lr: float) -> Optimizer:
+    """A test-local period-2 SGD with the default phase key (``step % 2``): ``-lr g`` on even
+    steps of its clock, ``-10 lr g`` on odd ones, decided by branching on the static step."""
+
+    def update(g, s, p, step):
+        f = -lr if static_step(step) % 2 == 0 else -10 * lr
+        return tree_map(lambda x: f * x, g), s
+
+    return Optimizer(lambda p: (), update, period=2)
+
+
+def _two_tier_problem(seed: int, steps: int):
+    rng = np.random.default_rng(seed)
+    params = {"fast": mx.array(rng.standard_normal((3, 2)).astype(np.float32))}
+    params["slow"] = mx.array(rng.standard_normal((2, 3)).astype(np.float32))
+    gs = [
+        tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)), params)
+        for _ in range(steps)
+    ]
+    return params, gs
+
+
+def test_inner_period_graphs_shared_across_slow_tier_phases_multiscale_1_4():
+    """multiscale_momentum(slow_every=2) in tiers (1, 4): period lcm(2, 8) = 8, but the graph
+    only depends on (tier 0 slow?, tier 1 active and slow?): 4 graphs over 16 steps, each
+    shared by two steps of the period, every step equal to eager."""
+    from nestedfn.nested import multiscale_momentum
+
+    inner = multiscale_momentum(0.05, slow_every=2, alpha=1.0, ns_steps=3)
+    params, gs = _two_tier_problem(8, 16)
+    opt = nested(inner, {"fast": 0, "slow": 1}, (1, 4))
+    assert opt.period == 8
+    assert len({opt.phase(i) for i in range(8)}) == 4
+    assert opt.phase(3) != opt.phase(7)  # tier 1's first update is fast-only, its second slow
+    step_fn = _compiled_equals_eager_every_step(opt, params, gs)
+    assert step_fn.graphs_built == 4
+
+
+@pytest.mark.parametrize("every_inner", [False, True])
+def test_inner_with_its_own_default_phase_key_is_told_apart_on_the_tier_clock(every_inner):
+    """A period-2 inner with the default key (``step % 2``): the nested key must separate its
+    phases at the tier clock (keying on the active tiers alone would share one graph between
+    the slow tier's x1 and x10 updates and give wrong params).  With ``accumulate`` inside a
+    tier, its ``None`` (accumulating) phase is shared."""
+    from nestedfn.combinators import accumulate
+
+    params, gs = _two_tier_problem(9, 16)
+    inner = accumulate(sgd(0.1), 2) if every_inner else _period_two(0.1)
+    opt = nested(inner, {"fast": 0, "slow": 1}, (1, 2))
+    assert opt.period == 4
+    # steps 1 and 3 both have both tiers active, but the slow tier's inner is at phase 0 then
+    # 1 of its own clock: _period_two (0,-), (1,0), (0,-), (1,1); accumulate (acc,-),
+    # (upd,acc), (acc,-), (upd,upd): 3 graphs either way, not the 2 active sets
+    assert opt.phase(1) != opt.phase(3) and opt.phase(0) == opt.phase(2)
+    step_fn = _compiled_equals_eager_every_step(opt, params, gs)
+    assert step_fn.graphs_built == 3
+    if not every_inner:  # the slow tier alternates x1 and x10 of its chunk mean
+        x = np.array(params["slow"])
+        for n in range(8):
+            chunk = (np.array(gs[2 * n]["slow"]) + np.array(gs[2 * n + 1]["slow"])) / 2
+            x = x - (0.1 if n % 2 == 0 else 1.0) * chunk
+        eager, _, _ = run(opt, params, lambda i: gs[i], 16)
+        np.testing.assert_allclose(np.array(eager["slow"]), x, rtol=1e-5, atol=1e-5)
