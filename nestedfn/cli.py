@@ -25,8 +25,10 @@ DEMO_STEPS = 150
 
 
 def _yaml_value(text: str) -> Any:
+    from nestedfn.lm.config import parse_yaml  # reads 1e-3 as a float, as the --config file
+
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(f"not valid YAML: {e}") from None
 
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except (RunError, ConfigError, DataError, _UsageError) as e:
-        print(f"nestedfn {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"nestedfn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nestedfn {args.command}: interrupted", file=sys.stderr)

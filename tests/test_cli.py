@@ -77,6 +77,10 @@ GOOD = '{"text": "one two three"}\n'
         ("too_many_tiers", "5 tiers need at least 5 distinct layer indices"),
         ("tier_pattern_matches_nothing", "pattern 'q_porj' matches no parameter path"),
         ("occupied_out_dir", "already holds a run"),
+        ("lora_scale_word_in_yaml", "lora_scale must be a finite number, got 'big'"),
+        ("lora_dropout_word_in_yaml", "lora_dropout must be a number in [0, 1), got 'x'"),
+        ("tiers_with_one_frequency", "would be ignored: frequencies [1] is a single tier"),
+        ("optimizer_arg_fails_first_step", "the first training step fails (ValueError"),
     ],
 )
 def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
@@ -106,10 +110,18 @@ def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
         args += ["--frequencies", "1", "2", "--tiers", "{'q_porj': 1, '.*': 0}"]
     elif case == "occupied_out_dir":
         args.remove("--force")
+    elif case.endswith("_word_in_yaml"):
+        key, value = ("lora_scale", "big") if "scale" in case else ("lora_dropout", "x")
+        (tmp_path / "run.yaml").write_text(f"{key}: {value}\n")
+        args += ["--config", str(tmp_path / "run.yaml")]
+    elif case == "tiers_with_one_frequency":
+        args += ["--frequencies", "1", "--tiers", "{'mlp': 1, '.*': 0}"]
+    elif case == "optimizer_arg_fails_first_step":
+        args += ["--optimizer", "adam", "--frequencies", "1", "--optimizer-args", "{b1: x}"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert expect in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 

@@ -38,6 +38,20 @@ def test_unknown_yaml_keys_are_an_error_listing_the_valid_ones(tmp_path):
         ("frequencies: [1, 0]\n", "frequencies"),
         ("tiers: width\n", "tiers"),
         ("steps: [\n", "YAML"),
+        ("lora_scale: big\n", "lora_scale must be a finite number, got 'big'"),
+        ("lora_scale: .inf\n", "lora_scale must be a finite number"),
+        ("lora_dropout: high\n", r"lora_dropout must be a number in \[0, 1\), got 'high'"),
+        ("lora_dropout: 1.0\n", r"lora_dropout must be a number in \[0, 1\)"),
+        ("lora_dropout: -0.1\n", r"lora_dropout must be a number in \[0, 1\)"),
+        ("learning_rate: .nan\n", "learning_rate must be a finite number"),
+        ("learning_rate: '1e-3'\n", "learning_rate must be a finite number > 0, got '1e-3'"),
+        ("min_lr_ratio: low\n", "min_lr_ratio"),
+        ("grad_clip: .nan\n", "grad_clip"),
+        ("eval_batches: all\n", "eval_batches"),
+        ("seed: -1\n", "seed"),
+        ("tier_order: upside_down\n", "tier_order must be one of shallow_fast, deep_fast"),
+        ("frequencies: [1]\ntiers: {mlp: 1}\n", "would be ignored: frequencies"),
+        ("optimizer: multiscale_momentum\ntiers: {mlp: 1}\n", "would be ignored: multiscale"),
     ],
 )
 def test_bad_values_name_the_option(tmp_path, text, match):
@@ -55,3 +69,46 @@ def test_flags_override_config_and_the_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == c
     with pytest.raises(ConfigError, match="unknown option"):
         resolve(base, {"stepz": 3})
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)])
+def test_every_option_but_the_paths_refuses_a_word_naming_itself(name):
+    # a word where a number, list, mapping, bool or one of a few choices is meant is an error
+    # naming the option when the config is made (not in the first forward pass of the run)
+    if name in ("model", "data"):
+        assert getattr(TrainConfig(**{name: "big"}), name) == "big"
+        return
+    with pytest.raises(ConfigError, match=rf"^{name} must be"):
+        TrainConfig(**{name: "big"})
+
+
+def test_floats_without_a_dot_read_as_floats_without_touching_yaml_safe_loader(tmp_path):
+    # In a fresh interpreter (no `import mlx_lm.lora`, which patches yaml.SafeLoader for the
+    # whole process): 1e-3 is a float in the config and in --optimizer-args values, and the
+    # process-wide SafeLoader still reads it as the string YAML 1.1 says it is.
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-3\nlora_scale: 2E1\noptimizer_args: {eps: 1.5e-8}\n")
+    code = (
+        "import sys, yaml; from nestedfn.lm.config import load_config; "
+        "c = load_config(sys.argv[1]); "
+        "print(repr((c.learning_rate, c.lora_scale, c.optimizer_args['eps'], "
+        "yaml.safe_load('x: 1e-3')['x'], 'mlx_lm.lora' in sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr((0.001, 20.0, 1.5e-8, "1e-3", False))
+
+
+def test_int_for_a_float_option_becomes_a_float_and_round_trips(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1\nlora_scale: 16\n")
+    c = load_config(path)
+    assert (c.learning_rate, c.lora_scale) == (1.0, 16.0)
+    assert isinstance(c.learning_rate, float) and isinstance(c.lora_scale, float)
+    save_config(c, tmp_path)
+    assert load_config(tmp_path / "config.yaml") == c

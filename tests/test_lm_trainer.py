@@ -116,3 +116,13 @@ def test_cosine_schedule_warms_up_and_decays_in_updates(assets):
     lr = build_schedule(cfg)
     assert lr(0) == 0.0 and lr(4) == pytest.approx(3e-3)
     assert lr(20) == pytest.approx(3e-4)  # 40 micro-steps = 20 updates, end = 0.1 * peak
+
+
+def test_early_stopping_stops_when_the_valid_loss_stops_improving(assets, tmp_path):
+    # a learning rate of 1e-30 moves no logit in float32: the valid loss after step 1 equals
+    # the one at step 0, which is no improvement, so patience 1 stops the run there
+    cfg = small(assets, steps=6, eval_every=1, early_stopping=1, learning_rate=1e-30)
+    s = train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    assert s.stopped_early and s.steps == 1
+    assert [v for _, v in s.valid_losses][0] == s.valid_losses[1][1]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001").is_dir()

@@ -10,6 +10,9 @@ resolved config is written into the run directory as ``config.yaml`` and is what
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,38 @@ __all__ = [
     "SCHEDULES",
     "ConfigError",
     "TrainConfig",
+    "is_tiered",
     "load_config",
+    "parse_yaml",
     "resolve",
     "save_config",
 ]
 
 OPTIMIZERS = ("nested_adam", "adam", "adamw", "sgd", "lion", "muon", "multiscale_momentum")
 SCHEDULES = ("constant", "cosine")
+TIER_ORDERS = ("shallow_fast", "deep_fast")
+TIER_REDUCES = ("mean", "sum")
 RUN_CONFIG = "config.yaml"
+MAX_SEED = 2**32  # seeds are in [0, 2**32): a step's dropout seed is seed * 1_000_003 + step
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` and ``1E5`` (no dot) as floats, as YAML 1.2
+    and ``mlx_lm lora`` do (YAML 1.1 reads them as strings).  A private subclass: the
+    process-wide ``yaml.SafeLoader`` is left alone (``import mlx_lm.lora`` patches that one,
+    so reading through it would depend on what else was imported)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, except that ``1e-3`` is the float 0.001."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -88,6 +115,17 @@ class TrainConfig:
     compile: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("model", "data"):  # a Path is fine, but the saved YAML needs a str
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike):
+                object.__setattr__(self, name, os.fspath(v))
+        for name in _FLOATS:  # an int where a float is meant (YAML `learning_rate: 1`)
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                try:
+                    object.__setattr__(self, name, float(v))
+                except OverflowError:
+                    raise ConfigError(f"{name} must be a finite number, got {v!r}") from None
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,53 +136,113 @@ def _names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-_POSITIVE = ("max_seq_len", "batch_size", "lora_rank", "grad_accumulation", "steps", "keep_last")
-_NON_NEGATIVE = (
-    "warmup_steps",
-    "grad_clip",
-    "eval_every",
-    "save_every",
-    "early_stopping",
+_FLOATS = (
+    "lora_scale",
+    "lora_dropout",
+    "learning_rate",
     "weight_decay",
+    "min_lr_ratio",
+    "grad_clip",
 )
+_POSITIVE = ("max_seq_len", "batch_size", "lora_rank", "grad_accumulation", "steps", "keep_last")
+_NON_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "early_stopping")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _one_of(name: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {v!r}")
 
 
 def _validate(c: TrainConfig) -> None:
+    """Every option's type and range, so that a bad value is a ``ConfigError`` naming it before
+    a run starts (never a traceback in the first forward pass, after the run directory was
+    cleared)."""
+    for name in ("model", "data"):
+        v = getattr(c, name)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{name} must be a path, got {v!r}")
     for name in _POSITIVE:
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not _is_int(v) or v < 1:
             raise ConfigError(f"{name} must be a positive int, got {v!r}")
     for name in _NON_NEGATIVE:
         v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
-    if c.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {c.optimizer!r}")
-    if c.schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {c.schedule!r}")
-    if not isinstance(c.learning_rate, (int, float)) or c.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be a number > 0, got {c.learning_rate!r}")
-    freqs = c.frequencies
-    if (
-        not isinstance(freqs, (list, tuple))
-        or not freqs
-        or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in freqs)
-    ):
-        raise ConfigError(f"frequencies must be a non-empty list of positive ints, got {freqs!r}")
-    if not (c.tiers == "depth" or isinstance(c.tiers, dict)):
-        raise ConfigError(f"tiers must be 'depth' or a mapping {{regex: tier}}, got {c.tiers!r}")
-    if c.decay_steps is not None and (
-        isinstance(c.decay_steps, bool) or not isinstance(c.decay_steps, int) or c.decay_steps < 1
-    ):
-        raise ConfigError(f"decay_steps must be a positive int or null, got {c.decay_steps!r}")
-    if c.eval_batches == 0 or c.eval_batches < -1:
-        raise ConfigError(f"eval_batches must be -1 (all) or >= 1, got {c.eval_batches!r}")
-    if not isinstance(c.optimizer_args, dict):
-        raise ConfigError(f"optimizer_args must be a mapping, got {c.optimizer_args!r}")
+        if not _is_int(v) or v < 0:
+            raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
+    for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        v = getattr(c, name)
+        if not _is_finite(v) or v < 0:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not _is_finite(c.learning_rate) or c.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be a finite number > 0, got {c.learning_rate!r}")
+    if not _is_finite(c.lora_scale):
+        raise ConfigError(f"lora_scale must be a finite number, got {c.lora_scale!r}")
+    if not _is_finite(c.lora_dropout) or not 0.0 <= c.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be a number in [0, 1), got {c.lora_dropout!r}")
+    if not _is_int(c.lora_layers) or (c.lora_layers != -1 and c.lora_layers < 1):
+        raise ConfigError(f"lora_layers must be -1 (all) or a positive int, got {c.lora_layers!r}")
     if c.lora_keys is not None and not (
         isinstance(c.lora_keys, (list, tuple)) and all(isinstance(k, str) for k in c.lora_keys)
     ):
         raise ConfigError(f"lora_keys must be a list of module paths, got {c.lora_keys!r}")
+    _one_of("optimizer", c.optimizer, OPTIMIZERS)
+    _one_of("schedule", c.schedule, SCHEDULES)
+    _one_of("tier_order", c.tier_order, TIER_ORDERS)
+    _one_of("tier_reduce", c.tier_reduce, TIER_REDUCES)
+    if not isinstance(c.optimizer_args, dict) or not all(
+        isinstance(k, str) for k in c.optimizer_args
+    ):
+        raise ConfigError(
+            f"optimizer_args must be a mapping of keyword arguments, got {c.optimizer_args!r}"
+        )
+    freqs = c.frequencies
+    if (
+        not isinstance(freqs, (list, tuple))
+        or not freqs
+        or any(not _is_int(f) or f < 1 for f in freqs)
+    ):
+        raise ConfigError(f"frequencies must be a non-empty list of positive ints, got {freqs!r}")
+    if not (
+        c.tiers == "depth"
+        or isinstance(c.tiers, dict)
+        and all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in c.tiers.items())
+    ):
+        raise ConfigError(
+            f"tiers must be 'depth' or a mapping {{regex: tier index}}, got {c.tiers!r}"
+        )
+    if isinstance(c.tiers, dict) and not is_tiered(c):
+        why = (
+            "multiscale_momentum has its own timescales"
+            if c.optimizer == "multiscale_momentum"
+            else f"frequencies {list(freqs)} is a single tier"
+        )
+        raise ConfigError(
+            f"tiers {c.tiers!r} would be ignored: {why}; drop tiers or give the tiers' "
+            "frequencies (e.g. frequencies: [1, 4])"
+        )
+    if c.decay_steps is not None and (not _is_int(c.decay_steps) or c.decay_steps < 1):
+        raise ConfigError(f"decay_steps must be a positive int or null, got {c.decay_steps!r}")
+    if not _is_int(c.eval_batches) or (c.eval_batches != -1 and c.eval_batches < 1):
+        raise ConfigError(f"eval_batches must be -1 (all) or >= 1, got {c.eval_batches!r}")
+    if not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED:
+        raise ConfigError(f"seed must be an int in [0, 2**32), got {c.seed!r}")
+    if not isinstance(c.compile, bool):
+        raise ConfigError(f"compile must be true or false, got {c.compile!r}")
+
+
+def is_tiered(config: TrainConfig) -> bool:
+    """Whether the optimizer runs in ``frequencies`` tiers (``multiscale_momentum`` has its own
+    timescales; one frequency ``[1]`` means a plain optimizer): where ``tiers``,
+    ``tier_order`` and ``tier_reduce`` apply."""
+    return config.optimizer != "multiscale_momentum" and tuple(config.frequencies) != (1,)
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:
@@ -171,7 +269,9 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

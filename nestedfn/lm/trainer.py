@@ -39,7 +39,14 @@ import mlx.nn as nn
 from nestedfn import distributed
 from nestedfn.core import Optimizer, Params, Step, TrainState, apply_gradients, chain, init
 from nestedfn.lm.adapters import ADAPTER_CONFIG, ADAPTER_FILE, save_adapters
-from nestedfn.lm.config import RUN_CONFIG, ConfigError, TrainConfig, load_config, save_config
+from nestedfn.lm.config import (
+    RUN_CONFIG,
+    ConfigError,
+    TrainConfig,
+    is_tiered,
+    load_config,
+    save_config,
+)
 from nestedfn.lm.lora import LoraSpec, apply_lora, bind
 from nestedfn.tree import flatten, tree_map, unflatten
 
@@ -173,12 +180,6 @@ def _scale_by_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
         return tree_map(lambda u: u * lr, updates), state
 
     return Optimizer(lambda params: (), update_fn)
-
-
-def is_tiered(config: TrainConfig) -> bool:
-    """Whether the optimizer runs in ``frequencies`` tiers (``multiscale_momentum`` has its own
-    timescales; one frequency ``[1]`` means a plain optimizer)."""
-    return config.optimizer != "multiscale_momentum" and tuple(config.frequencies) != (1,)
 
 
 def resolve_tiers(config: TrainConfig, params: Params) -> Params:
@@ -482,6 +483,8 @@ def train(
             raise RunError(f"cannot resume: no checkpoint in {out / CHECKPOINT_DIR}")
         state, saved_extra = load_checkpoint(ckpt, like=state)
         extra.update(saved_extra)
+    fns = _step_fns(prep)
+    _dry_run(prep, state, fns)
     # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
     # half-written run), and all ranks start from bit-identical parameters.
     distributed.barrier()
@@ -494,7 +497,48 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
         save_config(config, out)
         _trim_metrics(out / METRICS_FILE, int(state.step))
-    return _loop(prep, state, extra, out, progress and main, log, resume, stop_at)
+    return _loop(prep, fns, state, extra, out, progress and main, log, resume, stop_at)
+
+
+@dataclass
+class _StepFns:
+    grad: Callable[..., tuple[mx.array, mx.array, Params]]
+    eval: Callable[..., tuple[mx.array, mx.array]]
+    step: Callable[[TrainState, Params], TrainState]
+
+
+def _step_fns(prep: _Prepared) -> _StepFns:
+    from nestedfn.compile import compile_step
+
+    c = prep.config
+    step = compile_step(prep.opt) if c.compile else lambda s, g: apply_gradients(prep.opt, s, g)
+    return _StepFns(
+        make_grad_fn(prep.model, prep.params, c.compile),
+        make_eval_fn(prep.model, prep.params, c.compile),
+        step,
+    )
+
+
+def _dry_run(prep: _Prepared, state: TrainState, fns: _StepFns) -> None:
+    """The run's first training step (loss, gradients, optimizer update) on this rank's part of
+    its first batch, the result thrown away: whatever the model, data and options first fail
+    on fails here, before anything in the run directory is touched (and the graphs it traces
+    are the ones the loop reuses).  No collective: it is local to each rank."""
+    from nestedfn.lm.data import batch_at
+
+    c = prep.config
+    rank, world = distributed.rank(), distributed.world_size()
+    try:
+        batch = batch_at(
+            prep.train_set, int(state.step), c.batch_size, c.seed, c.max_seq_len, rank, world
+        )
+        loss, _, grads = fns.grad(state.params, *batch)
+        new = fns.step(state, grads)
+        mx.eval(loss, new.params, new.opt_state)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise RunError(
+            f"the first training step fails ({type(e).__name__}: {e}); nothing was written"
+        ) from None
 
 
 def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
@@ -509,6 +553,7 @@ def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int)
 
 def _loop(
     prep: _Prepared,
+    fns: _StepFns,
     state: TrainState,
     extra: dict,
     out: Path,
@@ -517,15 +562,12 @@ def _loop(
     resumed: bool,
     stop_at: int | None,
 ) -> Summary:
-    from nestedfn.compile import compile_step
     from nestedfn.lm.data import batch_at
 
     c = prep.config
     main = distributed.is_main()
     rank, world = distributed.rank(), distributed.world_size()
-    grad_fn = make_grad_fn(prep.model, prep.params, c.compile)
-    eval_fn = make_eval_fn(prep.model, prep.params, c.compile)
-    step_fn = compile_step(prep.opt) if c.compile else lambda s, g: apply_gradients(prep.opt, s, g)
+    grad_fn, eval_fn, step_fn = fns.grad, fns.eval, fns.step
     metrics = open(out / METRICS_FILE, "a") if main else None  # noqa: SIM115
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     first = last = None
