@@ -73,6 +73,7 @@ GOOD = '{"text": "one two three"}\n'
         ("empty_train", "train.jsonl: data file is empty"),
         ("missing_train", "train.jsonl: data file not found"),
         ("unknown_format", "train.jsonl:1: record in none of the known formats"),
+        ("latin1_line", "train.jsonl:2: not UTF-8 text (byte 0xe9"),
         ("unknown_yaml_key", "unknown option(s) 'learnig_rate'; valid options: model, data"),
         ("too_many_tiers", "5 tiers need at least 5 distinct layer indices"),
         ("tier_pattern_matches_nothing", "pattern 'q_porj' matches no parameter path"),
@@ -99,6 +100,9 @@ def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
         args[4] = str(_data(tmp_path, "\n"))
     elif case == "missing_train":
         args[4] = str(_data(tmp_path, None))
+    elif case == "latin1_line":
+        args[4] = str(_data(tmp_path, GOOD + '{"text": "caf\u00e9"}\n'))
+        (tmp_path / "badData" / "train.jsonl").write_bytes(GOOD.encode() + b'{"text": "caf\xe9"}\n')
     elif case == "unknown_format":
         args[4] = str(_data(tmp_path, '{"input": "q", "output": "a"}\n'))
     elif case == "unknown_yaml_key":

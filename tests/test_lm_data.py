@@ -73,6 +73,19 @@ def test_bad_line_names_file_and_line(tmp_path, tok, bad, what):
     assert isinstance(e.value, ValueError)
 
 
+def test_non_utf8_bytes_name_file_and_line(tmp_path, tok):
+    # line 2 is UTF-8 (é as 2 bytes), line 4 Latin-1 (é as the single byte 0xe9, byte 14)
+    lines = [b'{"text": "ok"}', '{"text": "caf\u00e9"}'.encode(), b"", b'{"text": "caf\xe9"}']
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path, "train", tok)
+    assert str(e.value) == (
+        f"{tmp_path / 'train.jsonl'}:4: not UTF-8 text (byte 0xe9 at byte 14 of the line)"
+    )
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines[:3]) + b"\r\n")
+    assert read_jsonl(tmp_path / "train.jsonl") == [(1, {"text": "ok"}), (2, {"text": "café"})]
+
+
 def test_first_record_unknown_format_names_line(tmp_path, tok):
     write(tmp_path / "train.jsonl", ['{"input": "x", "output": "y"}'])
     with pytest.raises(DataError, match=r"train\.jsonl:1: record in none of the known formats"):

@@ -55,14 +55,21 @@ def read_jsonl(path: Path | str) -> list[tuple[int, dict]]:
     """``(line number, record)`` for every non-blank line of a JSONL file.
 
     Raises ``DataError`` naming the file for a missing or empty file, and naming file and line
-    for a line that is not valid JSON or not a JSON object.
+    for a line that is not UTF-8, not valid JSON or not a JSON object.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     records: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so that a non-UTF-8 line is an error naming its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                    f"{e.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
