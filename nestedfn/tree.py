@@ -1,8 +1,10 @@
 """Exact tree plumbing for MLX parameter trees.
 
-A *tree* is built from ``dict`` (insertion order kept), ``list``, ``tuple``, ``NamedTuple``
-and ``None`` (an empty node, as in JAX); anything else is a *leaf* (``mx.array``, numbers,
-numpy arrays).
+A *tree* is built from ``dict`` (``str`` keys, insertion order kept; ``OrderedDict`` and
+``defaultdict`` are kept as such), ``list``, ``tuple``, ``NamedTuple`` and ``None`` (an empty
+node, as in JAX); anything else is a *leaf* (``mx.array``, numbers, numpy arrays).  Other
+subclasses of ``dict``/``list``/``tuple`` and non-``str`` dict keys are refused (``TypeError``
+naming the path) rather than silently rebuilt as something else.
 
 Why this exists: ``mlx.utils.tree_unflatten`` guesses structure from dotted keys.  It turns
 dicts with digit-string keys into lists, drops empty containers, turns tuples into lists and
@@ -17,6 +19,7 @@ pads gaps in list indices with ``{}``.  A nested ``layers`` list rebuilt the wro
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -88,16 +91,24 @@ class TreeDef:
 
     ``kind`` is one of ``leaf``, ``none``, ``dict``, ``list``, ``tuple``, ``nt`` (NamedTuple);
     ``meta`` holds dict keys (in order) or the NamedTuple class; ``children`` the sub-defs.
+    ``ctor`` is ``None`` except on a ``dict`` node whose class is not ``dict``: there it is
+    ``(OrderedDict,)`` or ``(defaultdict, default_factory)``, and ``ctor[0](*ctor[1:])`` is an
+    empty container of the exact class that ``unflatten`` fills in key order.  (It is kept out
+    of ``meta`` so that ``meta`` is the keys on every ``dict`` node.)  ``ctor`` takes part in
+    equality and hashing: an ``OrderedDict`` node never equals a ``dict`` node.
     """
 
-    __slots__ = ("kind", "meta", "children", "num_leaves", "_hash", "_paths")
+    __slots__ = ("kind", "meta", "children", "ctor", "num_leaves", "_hash", "_paths")
 
-    def __init__(self, kind: str, meta: Any, children: tuple[TreeDef, ...]):
+    def __init__(
+        self, kind: str, meta: Any, children: tuple[TreeDef, ...], ctor: tuple | None = None
+    ):
         self.kind = kind
         self.meta = meta
         self.children = children
+        self.ctor = ctor
         self.num_leaves = 1 if kind == _LEAF else sum(c.num_leaves for c in children)
-        self._hash = hash((kind, meta, children))
+        self._hash = hash((kind, meta, children) if ctor is None else (kind, meta, children, ctor))
         self._paths: tuple[str, ...] | None = None
 
     def __hash__(self) -> int:
@@ -109,7 +120,10 @@ class TreeDef:
         if not isinstance(other, TreeDef) or self._hash != other._hash:
             return False
         return (
-            self.kind == other.kind and self.meta == other.meta and self.children == other.children
+            self.kind == other.kind
+            and self.meta == other.meta
+            and self.ctor == other.ctor
+            and self.children == other.children
         )
 
     def __repr__(self) -> str:
@@ -120,7 +134,10 @@ class TreeDef:
         inner = ", ".join(repr(c) for c in self.children)
         if self.kind == _DICT:
             inner = ", ".join(f"{k!r}: {c!r}" for k, c in zip(self.meta, self.children))
-            return "{" + inner + "}"
+            if self.ctor is None:
+                return "{" + inner + "}"
+            args = "".join(f"{_name(a)}, " for a in self.ctor[1:])
+            return f"{self.ctor[0].__name__}({args}{{{inner}}})"
         if self.kind == _LIST:
             return "[" + inner + "]"
         if self.kind == _TUPLE:
@@ -193,38 +210,143 @@ def _refuse_module(tree: Any) -> None:
     """An ``nn.Module`` is a ``dict`` subclass that also holds non-parameters (tuples, private
     lists); read as a plain dict it would not round-trip.  Ask for its ``parameters()``."""
     if type(tree) is not dict and isinstance(tree, nn.Module):
-        raise TypeError(
-            f"got an nn.Module ({type(tree).__name__}) where a tree belongs: pass "
-            "module.parameters() (or trainable_parameters()); update_module puts a tree back"
+        raise TypeError(_module_refusal(tree, ""))
+
+
+def _module_refusal(tree: nn.Module, path: str) -> str:
+    where = f" at {path!r}" if path else ""
+    return (
+        f"got an nn.Module ({type(tree).__name__}){where} where a tree belongs: pass "
+        "module.parameters() (or trainable_parameters()); update_module puts a tree back"
+    )
+
+
+_UNSUPPORTED = object()
+
+
+def _dict_ctor(d: dict) -> Any:
+    """``TreeDef.ctor`` for dict ``d``: ``None`` (plain ``dict``), ``(OrderedDict,)``,
+    ``(defaultdict, factory)``, or ``_UNSUPPORTED`` for any other dict subclass (its
+    constructor and extra state are unknown, so it cannot be rebuilt exactly)."""
+    t = type(d)
+    if t is dict:
+        return None
+    if t is OrderedDict:
+        return (OrderedDict,)
+    if t is defaultdict:
+        return (defaultdict, d.default_factory)
+    return _UNSUPPORTED
+
+
+def _new_dict(ctor: tuple, items: Iterable[tuple[Any, Any]]) -> dict:
+    d = ctor[0](*ctor[1:])
+    d.update(items)
+    return d
+
+
+def _name(x: Any) -> str:
+    return getattr(x, "__qualname__", None) or repr(x)
+
+
+class _Refused(Exception):
+    """Raised by the lean ``flatten`` walk; ``flatten`` then finds the path and says why."""
+
+
+def _refusal(node: Any, path: str) -> str | None:
+    """Why ``flatten`` refuses the node ``node`` itself (not its children), or ``None``."""
+    where = repr(path) if path else "the root"
+    if isinstance(node, nn.Module):
+        return _module_refusal(node, path)
+    if isinstance(node, dict):
+        if _dict_ctor(node) is _UNSUPPORTED:
+            return (
+                f"{where} is a {type(node).__name__}, a dict subclass that cannot be rebuilt "
+                "exactly (supported: dict, OrderedDict, defaultdict); convert it, e.g. dict(x)"
+            )
+        for k in node:
+            if not isinstance(k, str):
+                return (
+                    f"dict key {k!r} ({type(k).__name__}) at {where} is not a str: tree dict "
+                    "keys must be str (1, 1.0 and True are one key to a dict and would be "
+                    "confused)"
+                )
+        return None
+    if isinstance(node, list) and type(node) is not list:
+        return (
+            f"{where} is a {type(node).__name__}, a list subclass that cannot be rebuilt "
+            "exactly; convert it with list(x)"
         )
+    if isinstance(node, tuple) and type(node) is not tuple and not _is_namedtuple(node):
+        return (
+            f"{where} is a {type(node).__name__}, a tuple subclass that is not a NamedTuple "
+            "and cannot be rebuilt exactly; convert it with tuple(x)"
+        )
+    return None
+
+
+def _raise_refusal(tree: Any, path: str) -> None:
+    """Raise ``TypeError`` for the first refused node of ``tree`` (depth first)."""
+    why = _refusal(tree, path)
+    if why:
+        raise TypeError(f"flatten: {why}")
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _raise_refusal(v, _join(path, str(k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _raise_refusal(v, _join(path, str(i)))
 
 
 def _flatten_into(tree: Tree, out: list[Leaf]) -> TreeDef:
+    t = type(tree)
+    if t is dict:
+        keys = tuple(tree)
+        try:
+            "".join(keys)  # the cheapest proof that every key is a str (C speed)
+        except TypeError:
+            raise _Refused from None
+        return TreeDef(_DICT, keys, tuple(_flatten_into(tree[k], out) for k in keys))
+    if t is list:
+        return TreeDef(_LIST, None, tuple(_flatten_into(c, out) for c in tree))
+    if t is tuple:
+        return TreeDef(_TUPLE, None, tuple(_flatten_into(c, out) for c in tree))
     if tree is None:
         return _NONE_DEF
-    if isinstance(tree, dict):
-        _refuse_module(tree)
-        keys = tuple(tree.keys())
-        return TreeDef(_DICT, keys, tuple(_flatten_into(tree[k], out) for k in keys))
-    if isinstance(tree, list):
-        return TreeDef(_LIST, None, tuple(_flatten_into(c, out) for c in tree))
-    if isinstance(tree, tuple):
-        children = tuple(_flatten_into(c, out) for c in tree)
-        if _is_namedtuple(tree):
-            return TreeDef(_NAMEDTUPLE, type(tree), children)
-        return TreeDef(_TUPLE, None, children)
+    if isinstance(tree, (dict, list, tuple)):
+        return _flatten_subclass(tree, out)
     out.append(tree)
     return _LEAF_DEF
+
+
+def _flatten_subclass(tree: Any, out: list[Leaf]) -> TreeDef:
+    if _is_namedtuple(tree):
+        return TreeDef(_NAMEDTUPLE, type(tree), tuple(_flatten_into(c, out) for c in tree))
+    ctor = _dict_ctor(tree) if isinstance(tree, dict) else _UNSUPPORTED
+    if ctor is _UNSUPPORTED:
+        raise _Refused
+    keys = tuple(tree)
+    try:
+        "".join(keys)
+    except TypeError:
+        raise _Refused from None
+    return TreeDef(_DICT, keys, tuple(_flatten_into(tree[k], out) for k in keys), ctor)
 
 
 def flatten(tree: Tree) -> tuple[list[Leaf], TreeDef]:
     """Split ``tree`` into its leaves (depth first, dict insertion order) and its structure.
 
-    Dict subclasses are read as plain dicts; an ``nn.Module`` raises ``TypeError`` (flatten
-    its ``parameters()`` instead).
+    ``OrderedDict`` and ``defaultdict`` (with its ``default_factory``) are recorded as such
+    and come back from ``unflatten`` as such.  ``TypeError`` naming the path for what would
+    not come back exactly: another subclass of ``dict``/``list``/``tuple`` (NamedTuples
+    excepted), a dict key that is not a ``str``, an ``nn.Module`` (flatten its
+    ``parameters()`` instead).
     """
     out: list[Leaf] = []
-    td = _flatten_into(tree, out)
+    try:
+        td = _flatten_into(tree, out)
+    except _Refused:
+        _raise_refusal(tree, "")
+        raise AssertionError("flatten refused a tree without finding why") from None
     return out, td
 
 
@@ -235,7 +357,9 @@ def _build(td: TreeDef, it: Any) -> Tree:
     if k == _NONE:
         return None
     if k == _DICT:
-        return {key: _build(c, it) for key, c in zip(td.meta, td.children)}
+        if td.ctor is None:
+            return {key: _build(c, it) for key, c in zip(td.meta, td.children)}
+        return _new_dict(td.ctor, [(key, _build(c, it)) for key, c in zip(td.meta, td.children)])
     if k == _LIST:
         return [_build(c, it) for c in td.children]
     if k == _TUPLE:
@@ -278,7 +402,7 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
 
 def _structure_diff(a: TreeDef, b: TreeDef, prefix: str = "") -> list[tuple[str, str]]:
     """Human-readable differences between two structures (paths use str() of keys)."""
-    if a.kind != b.kind or (a.kind == _NAMEDTUPLE and a.meta is not b.meta):
+    if a.kind != b.kind or a.ctor != b.ctor or (a.kind == _NAMEDTUPLE and a.meta is not b.meta):
         return [(prefix, f"{_kind_name(a)} vs {_kind_name(b)}")]
     problems: list[tuple[str, str]] = []
     if a.kind == _DICT:
@@ -305,6 +429,9 @@ def _structure_diff(a: TreeDef, b: TreeDef, prefix: str = "") -> list[tuple[str,
 def _kind_name(td: TreeDef) -> str:
     if td.kind == _NAMEDTUPLE:
         return td.meta.__name__
+    if td.ctor is not None:
+        args = ", ".join(_name(a) for a in td.ctor[1:])
+        return f"{td.ctor[0].__name__}({args})" if args else td.ctor[0].__name__
     return {"leaf": "leaf", "none": "None", "dict": "dict", "list": "list", "tuple": "tuple"}[
         td.kind
     ]
@@ -482,7 +609,10 @@ def set_paths(tree: Tree, updates: Mapping[str, Leaf], check: bool = True) -> Tr
 
     Untouched subtrees are shared, nothing is deep-copied and ``tree`` is not modified.  An
     unknown path raises ``PathError`` naming it and its longest existing prefix; with
-    ``check`` a leaf whose shape or dtype would change raises ``TreeMismatchError``.
+    ``check`` a leaf whose shape or dtype would change raises ``TreeMismatchError``.  The
+    containers on the way to a replaced leaf are rebuilt with their own class (``OrderedDict``,
+    ``defaultdict``, NamedTuples kept); one that cannot be rebuilt exactly (another subclass
+    of ``dict``/``list``/``tuple``, an ``nn.Module``) raises ``TypeError`` naming its path.
     """
     if not updates:
         return tree  # nothing to replace: everything is shared
@@ -548,13 +678,21 @@ def _set(
                 regroup.setdefault(head, {})[tail] = value
             replaced[seg] = _set(old, regroup, path_here, check, problems, root)
     if isinstance(node, dict):
-        return {k: (replaced[k] if k in replaced else v) for k, v in node.items()}
-    children = [replaced.get(str(i), v) for i, v in enumerate(node)]
-    if isinstance(node, list):
-        return children
-    if _is_namedtuple(node):
-        return type(node)(*children)
-    return tuple(children)
+        ctor = _dict_ctor(node)
+        if ctor is None:
+            return {k: (replaced[k] if k in replaced else v) for k, v in node.items()}
+        if ctor is not _UNSUPPORTED:
+            items = [(k, replaced[k] if k in replaced else v) for k, v in node.items()]
+            return _new_dict(ctor, items)
+    else:
+        children = [replaced.get(str(i), v) for i, v in enumerate(node)]
+        if type(node) is list:
+            return children
+        if type(node) is tuple:
+            return tuple(children)
+        if _is_namedtuple(node):
+            return type(node)(*children)
+    raise TypeError(f"set_paths: {_refusal(node, prefix)}")  # a container it cannot rebuild
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +708,10 @@ def _fits_quick(target: Any, tree: Any) -> bool:
     """True when ``tree`` surely fits ``target``: one lean walk, no paths, no messages.
 
     ``False`` only means "not sure" (a mismatch, or a case the lean walk leaves to ``_fits``:
-    tuples, non-array leaves, ``_``-keys); ``check_fits`` then runs the full diagnostic walk.
+    tuples, dict subclasses, non-array leaves, ``_``-keys); ``check_fits`` then runs the full
+    diagnostic walk.  ``True`` must imply that ``_fits`` finds no problem: a key whose value
+    is ``None`` must exist here as well (on a module: hold an array, a dict or a list, as
+    ``parameters()`` shows it).
     """
     if type(tree) is dict:
         if not isinstance(target, dict):
@@ -583,7 +724,10 @@ def _fits_quick(target: Any, tree: Any) -> bool:
             if type(v) is mx.array:
                 if type(c) is not mx.array or c.shape != v.shape or c.dtype != v.dtype:
                     return False
-            elif v is not None and not _fits_quick(c, v):
+            elif v is None:
+                if not isinstance(c, _PARAM_TYPES) and isinstance(target, nn.Module):
+                    return False
+            elif not _fits_quick(c, v):
                 return False
         return True
     if type(tree) is list:
@@ -606,8 +750,9 @@ def _fits(
 
     With ``in_module`` the target is walked as ``Module.parameters()`` would show it, without
     building that tree (the walk touches only the paths ``tree`` holds): a sub-module's keys
-    that start with ``_`` or hold no parameters do not exist, and a non-parameter value in a
-    plain dict or list of a module reads as ``{}``.
+    that start with ``_`` or hold something other than an array, a dict or a list (a tuple)
+    do not exist, and a non-parameter value in a plain dict or list of a module reads as
+    ``{}``.  A ``None`` in ``tree`` checks nothing below it, but its key must exist.
     """
     if tree is None:
         return
@@ -650,12 +795,15 @@ def _fits(
             _fits(target[i], v, _join(prefix, str(i)), problems, in_module)
         return
     # leaf
-    if not isinstance(target, mx.array):
+    if isinstance(target, mx.array):
+        why = _leaf_problem(target, tree)
+        if why:
+            problems.append((prefix, why))
+    elif not is_leaf(target):
         problems.append((prefix, f"leaf where {_describe(target)} belongs"))
-        return
-    why = _leaf_problem(target, tree)
-    if why:
-        problems.append((prefix, why))
+    elif isinstance(tree, mx.array):
+        problems.append((prefix, f"{_describe(tree)} where {_describe(target)} belongs"))
+    # else: a non-array leaf (number, numpy array) where the target has one: it fits
 
 
 def _describe(x: Any) -> str:
@@ -667,18 +815,23 @@ def _describe(x: Any) -> str:
         return "a list"
     if x is None:
         return "None"
-    return f"a {type(x).__name__}"
+    name = type(x).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def check_fits(target: nn.Module | Tree, tree: Tree) -> None:
     """Raise ``TreeMismatchError`` listing every way ``tree`` does not fit ``target``.
 
     ``target`` is an ``nn.Module`` (checked against what its ``parameters()`` holds, walking
-    only the paths ``tree`` names) or a tree.  ``tree`` may be partial (a subset of
-    ``target``'s paths, with ``{}``/``None`` for untouched list entries, as ``Module.update``
-    accepts) but every path it holds must exist with the same container kind (a tuple only
-    where the target tree has a tuple of the same type and length; a module has none), and
-    every leaf must be an ``mx.array`` of the same shape and dtype.
+    only the paths ``tree`` names) or a tree.  ``tree`` may be partial: a subset of
+    ``target``'s paths, with ``{}`` or ``None`` where nothing is to change (``None`` is an
+    empty node: it fits any value, even an array in a list, but its key must exist, so
+    ``{"nope": None}`` is an unknown path).  Every path it holds must exist with the same
+    container kind (a tuple only where the target tree has a tuple of the same type and
+    length; a module has none).  Where the target has an ``mx.array`` the leaf must be an
+    ``mx.array`` of the same shape and dtype; where a plain target tree has another leaf (a
+    number, a numpy array) any leaf but an ``mx.array`` fits (a module's parameters are all
+    arrays).
     """
     if _fits_quick(target, tree):
         return
@@ -688,13 +841,61 @@ def check_fits(target: nn.Module | Tree, tree: Tree) -> None:
         raise TreeMismatchError(problems, "tree does not fit the target")
 
 
-def _strip_none(tree: Tree) -> Tree:
-    """``Module.update`` rejects ``None``: drop it from dicts, make it ``{}`` in lists."""
+def _strip_none(tree: Tree, holes: list[bool]) -> Tree:
+    """``tree`` as ``Module.update`` takes it, ``None`` meaning "nothing to update here".
+
+    ``Module.update`` rejects ``None``.  A ``None`` dict value is dropped.  A ``None`` list
+    slot cannot be dropped (it keeps the indices after it in place): it becomes ``_HOLE``
+    and ``holes`` gets an entry; ``_fill_holes`` then puts what belongs there.
+    """
     if isinstance(tree, dict):
-        return {k: _strip_none(v) for k, v in tree.items() if v is not None}
+        return {
+            k: v if type(v) is mx.array else _strip_none(v, holes)
+            for k, v in tree.items()
+            if v is not None
+        }
     if isinstance(tree, list):
-        return [{} if v is None else _strip_none(v) for v in tree]
+        out = [v if type(v) is mx.array else _strip_none(v, holes) for v in tree]
+        if any(v is None for v in tree):
+            holes.append(True)
+            return [_HOLE if v is None else w for v, w in zip(tree, out)]
+        return out
     return tree
+
+
+class _Hole:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<nothing to update>"
+
+
+_HOLE = _Hole()
+
+
+def _fill_holes(tree: Tree, current: Any) -> Tree:
+    """Replace each ``_HOLE`` by the module's ``current`` value there when that is an array
+    (``update`` writes the very same object back: nothing changes; ``{}`` would make it raise
+    "Received invalid type: dict" part way through an update), else by ``{}`` (an update of
+    nothing).  ``tree`` has passed ``check_fits``: ``current`` has the containers it walks."""
+    if isinstance(tree, dict):
+        get = current.get if isinstance(current, dict) else _EMPTY.get
+        return {k: v if type(v) is mx.array else _fill_holes(v, get(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        cur = current if isinstance(current, list) else _EMPTY_LIST
+        out = []
+        for i, v in enumerate(tree):
+            c = cur[i] if i < len(cur) else None
+            if v is _HOLE:
+                out.append(c if isinstance(c, mx.array) else {})
+            else:
+                out.append(v if type(v) is mx.array else _fill_holes(v, c))
+        return out
+    return tree
+
+
+_EMPTY: dict = {}
+_EMPTY_LIST: list = []
 
 
 def _unlanded(current: Any, tree: Any, prefix: str, out: list[tuple[str, str]]) -> None:
@@ -746,9 +947,15 @@ def update_module(module: nn.Module, tree: Tree, verify: bool = True) -> nn.Modu
     ``check_fits`` first (``nn.Module.update`` silently accepts a wrong shape or dtype), then
     ``module.update``, then, with ``verify``, proof that each given leaf is now the module's
     parameter at its path.  This is the only place nestedfn calls ``Module.update``.
+
+    ``None`` anywhere in ``tree`` (a dict value, a list slot, the whole tree) means "nothing
+    to update here", as ``{}`` does: that part of the module keeps its current values.  In a
+    list of arrays, ``[None, new]`` leaves the first array as it is and replaces the second.
     """
     check_fits(module, tree)
-    module.update({} if tree is None else _strip_none(tree))
+    holes: list[bool] = []
+    stripped = {} if tree is None else _strip_none(tree, holes)
+    module.update(_fill_holes(stripped, module) if holes else stripped)
     if verify and not _landed(module, tree):
         unlanded: list[tuple[str, str]] = []
         _unlanded(module, tree, "", unlanded)  # a Module is a dict: walk it, no parameters()

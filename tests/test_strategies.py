@@ -6,6 +6,8 @@ for an example with the property and fails the test if none exists.
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
+
 import mlx.core as mx
 import pytest
 from hypothesis import Phase, find, given, settings
@@ -78,6 +80,8 @@ def test_mlx_arrays_covers_scalars_and_dtypes():
         lambda t: any(type(n) is tuple and not n for n in nodes(t)),
         lambda t: any(type(n) in (nfs.Pair, nfs.Triple) for n in nodes(t)),
         lambda t: any(isinstance(n, mx.array) for n in nodes(t)),
+        lambda t: any(type(n) is OrderedDict and n for n in nodes(t)),
+        lambda t: any(type(n) is defaultdict and n.default_factory is list for n in nodes(t)),
     ],
     ids=[
         "digit-keys",
@@ -88,6 +92,8 @@ def test_mlx_arrays_covers_scalars_and_dtypes():
         "empty-tuple",
         "namedtuple",
         "array-leaf",
+        "ordered-dict",
+        "defaultdict",
     ],
 )
 def test_trees_cover_every_node_kind(what):
@@ -102,12 +108,12 @@ def test_path_safe_trees_are_accepted_by_to_flat(tree):
     nf.to_flat(tree)  # must not raise
 
 
-@given(nfs.trees(none=False, empty=False, tuples=False, namedtuples=False))
+@given(nfs.trees(none=False, empty=False, tuples=False, namedtuples=False, dict_subclasses=False))
 def test_trees_switches_turn_node_kinds_off(tree):
     for n in nodes(tree):
         assert n is not None and not isinstance(n, tuple)
         if isinstance(n, (dict, list)):
-            assert len(n) > 0
+            assert type(n) in (dict, list) and len(n) > 0
 
 
 def test_unsafe_trees_do_reach_path_errors():

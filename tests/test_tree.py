@@ -5,16 +5,20 @@ Each way ``mlx.utils`` loses structure is pinned here next to what nestedfn does
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict, defaultdict
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_unflatten
 
 import nestedfn as nf
+from nestedfn import tree as tree_mod
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree import PathError, TreeDef, TreeMismatchError
 
@@ -26,6 +30,8 @@ from nestedfn.tree import PathError, TreeDef, TreeMismatchError
 def assert_same(a, b, path="<root>"):
     """``a`` and ``b`` have the same node types, keys, order and the very same leaf objects."""
     assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, defaultdict):
+        assert a.default_factory is b.default_factory, f"{path}: default_factory differs"
     if isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} vs {list(b)}"
         for k in a:
@@ -75,7 +81,8 @@ def test_treedef_equal_iff_same_structure(a, b):
 
     def shape(t):  # independent structure signature
         if isinstance(t, dict):
-            return ("d", tuple((k, shape(v)) for k, v in t.items()))
+            factory = getattr(t, "default_factory", None)
+            return ("d", type(t), factory, tuple((k, shape(v)) for k, v in t.items()))
         if isinstance(t, tuple) and hasattr(type(t), "_fields"):
             return (type(t), tuple(shape(v) for v in t))
         if isinstance(t, (list, tuple)):
@@ -116,6 +123,79 @@ def test_flatten_keeps_what_mlx_loses():
     assert isinstance(m["d"], list) and m["d"][0] is a and m["d"][1] is b
     assert "e" not in m and "l" not in m
     assert isinstance(m["t"], list) and isinstance(m["nt"], list)
+
+
+def test_ordered_and_default_dicts_round_trip_exactly():
+    a, b = mx.zeros(1), mx.ones(2)
+    od = OrderedDict([("z", a), ("y", [b])])
+    dd = defaultdict(list, {"k": a})
+    for tree in (od, dd, {"outer": [od, dd]}):
+        lv, td = nf.flatten(tree)
+        assert_same(nf.unflatten(td, lv), tree)
+        assert_same(nf.tree_map(lambda x: x, tree), tree)
+    back = nf.unflatten(*reversed(nf.flatten(dd)))
+    back["new"].append(1)  # still a working defaultdict(list)
+    assert back["new"] == [1]
+    # the class is part of the structure: not equal to the plain-dict TreeDef
+    assert nf.flatten(od)[1] != nf.flatten(dict(od))[1]
+    assert nf.flatten(dd)[1] != nf.flatten(dict(dd))[1]
+    assert nf.flatten(dd)[1] != nf.flatten(defaultdict(int, dd))[1]
+    assert nf.flatten(od)[1] == nf.flatten(OrderedDict([("z", b), ("y", [a])]))[1]
+    with pytest.raises(TreeMismatchError, match="<root>: OrderedDict vs dict"):
+        nf.tree_map(lambda x, y: x, od, dict(od))
+    assert repr(nf.flatten(od)[1]) == "OrderedDict({'z': *, 'y': [*]})"
+    # dotted paths: from_flat(like=) and set_paths keep the class too
+    assert_same(nf.from_flat(nf.to_flat({"m": od}), like={"m": od}), {"m": od})
+    out = nf.set_paths({"m": od, "d": dd}, {"m.y.0": a, "d.k": b}, check=False)
+    assert type(out["m"]) is OrderedDict and list(out["m"]) == ["z", "y"]
+    assert out["m"]["y"][0] is a and out["m"]["z"] is a
+    assert type(out["d"]) is defaultdict and out["d"].default_factory is list
+    assert out["d"]["k"] is b
+
+
+class _MyDict(dict):
+    pass
+
+
+class _MyList(list):
+    pass
+
+
+class _MyTuple(tuple):
+    pass
+
+
+def test_other_container_subclasses_are_refused_naming_the_path():
+    x = mx.zeros(1)
+    for sub, want in [
+        (_MyDict(w=x), "'a.1.b' is a _MyDict, a dict subclass"),
+        (_MyList([x]), "'a.1.b' is a _MyList, a list subclass"),
+        (_MyTuple((x,)), "'a.1.b' is a _MyTuple, a tuple subclass that is not a NamedTuple"),
+        (OrderedDict(c=_MyList()), "'a.1.b.c' is a _MyList"),  # inside a supported subclass
+    ]:
+        tree = {"a": [None, {"b": sub}]}
+        with pytest.raises(TypeError, match=re.escape(want)):
+            nf.flatten(tree)
+        with pytest.raises(TypeError, match=re.escape(want)):
+            nf.tree_map(lambda v: v, tree)
+    with pytest.raises(TypeError, match="the root is a _MyList"):
+        nf.flatten(_MyList())
+    # set_paths would rebuild them as plain containers: refused too
+    with pytest.raises(TypeError, match="set_paths: 'a' is a _MyList"):
+        nf.set_paths({"a": _MyList([x])}, {"a.0": x})
+    with pytest.raises(TypeError, match="set_paths: 'a' is a _MyDict"):
+        nf.set_paths({"a": _MyDict(w=x)}, {"a.w": x})
+
+
+def test_non_str_dict_keys_are_refused():
+    x = mx.zeros(1)
+    # as dict keys 1 == True (== 1.0): their TreeDefs could not tell them apart
+    assert {1: "a"} == {True: "a"}
+    for tree, key in [({1: x}, "1 (int)"), ({True: x}, "True (bool)"), ({(0,): x}, "(0,) (tuple)")]:
+        with pytest.raises(TypeError, match=re.escape(f"dict key {key} at the root is not a str")):
+            nf.flatten(tree)
+    with pytest.raises(TypeError, match=r"dict key 2 \(int\) at 'a\.0' is not a str"):
+        nf.flatten({"a": [OrderedDict([("ok", x), (2, x)])]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +260,20 @@ def test_from_flat_like_takes_any_order_and_gives_like_order(tree):
     flat = nf.to_flat(tree)
     shuffled = list(reversed(list(flat.items())))
     assert_same(nf.from_flat(shuffled, like=tree), tree)
-    td = nf.flatten(tree)[1]
-    assert td.paths() == list(flat) and td.paths() == list(flat)  # cached: same answer
+    assert nf.flatten(tree)[1].paths() == list(flat)
+
+
+def test_treedef_paths_are_computed_once(monkeypatch):
+    td = nf.flatten({"a": [mx.zeros(1), {"b": mx.zeros(1)}], "c": mx.zeros(1)})[1]
+    calls = []
+    real = tree_mod._collect_paths
+    monkeypatch.setattr(tree_mod, "_collect_paths", lambda *a: (calls.append(a[1]), real(*a))[1])
+    first = td.paths()
+    n = len(calls)
+    assert first == ["a.0", "a.1.b", "c"] and n > 0
+    first.append("mutated")  # a fresh list each time: callers cannot corrupt the cache
+    assert td.paths() == ["a.0", "a.1.b", "c"]
+    assert len(calls) == n  # the second call walked nothing: cached
 
 
 def test_from_flat_like_missing_and_unknown_paths():
@@ -384,14 +476,21 @@ def test_tiny_llama_lora_only_on_last_two_layers(llama):
 
 def test_update_module_every_value_lands(llama):
     tp = llama.trainable_parameters()
+    q0 = llama.model.layers[0].self_attn.q_proj.weight
+    q0_values = mx.array(q0)
+    frozen = {p: v for p, v in nf.to_flat(llama.parameters()).items() if p not in nf.to_flat(tp)}
+    assert "model.layers.0.self_attn.q_proj.weight" in frozen and len(frozen) > 10
     new = nf.tree_map(lambda a: a + 1.0, tp)
     assert nf.update_module(llama, new) is llama
     got = nf.to_flat(llama.trainable_parameters())
     want = nf.to_flat(new)
     assert list(got) == list(want) and len(got) > 0
     assert all(got[p] is want[p] for p in want)
-    # frozen base weights untouched
-    assert llama.model.layers[0].self_attn.q_proj.weight is not None
+    # frozen base weights untouched: the very same objects, the same values
+    assert llama.model.layers[0].self_attn.q_proj.weight is q0
+    assert mx.array_equal(llama.model.layers[0].self_attn.q_proj.weight, q0_values).item()
+    after = nf.to_flat(llama.parameters())
+    assert all(after[p] is v for p, v in frozen.items())
 
 
 def test_update_module_full_parameters(llama):
@@ -505,6 +604,40 @@ def test_update_module_none_entries_are_skipped(llama):
     tree = {"model": {"layers": [None, None, None, {"self_attn": {"q_proj": {"lora_a": new_a}}}]}}
     nf.update_module(llama, tree)
     assert llama.model.layers[3].self_attn.q_proj.lora_a is new_a
+
+
+class _ArrayLists(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = mx.zeros(2)
+        self.ws = [mx.zeros(2), mx.zeros(2)]
+        self.grid = [[mx.zeros(1), mx.zeros(1)], [mx.zeros(1)]]
+        self.blocks = [nn.Linear(2, 2), nn.Linear(2, 2)]
+
+
+def test_update_module_none_slot_in_a_list_of_arrays_changes_nothing_there():
+    m = _ArrayLists()
+    ws, grid = list(m.ws), [list(r) for r in m.grid]
+    b0 = m.blocks[0].weight
+    new_a, new_w, new_g, new_b = mx.ones(2), mx.full((2,), 5.0), mx.ones(1), mx.ones((2, 2))
+    tree = {
+        "a": new_a,
+        "ws": [None, new_w],
+        "grid": [[new_g, None], None],
+        "blocks": [None, {"weight": new_b}],
+    }
+    nf.check_fits(m, tree)
+    nf.check_fits(m.parameters(), tree)
+    assert nf.update_module(m, tree) is m
+    assert m.a is new_a
+    assert m.ws[0] is ws[0] and m.ws[1] is new_w
+    assert m.grid[0][0] is new_g and m.grid[0][1] is grid[0][1] and m.grid[1][0] is grid[1][0]
+    assert m.blocks[0].weight is b0 and m.blocks[1].weight is new_b
+    assert len(m.ws) == 2 and len(m.grid) == 2 and len(m.grid[0]) == 2
+    # every slot None: nothing changes at all
+    before = nf.to_flat(m.parameters())
+    nf.update_module(m, {"ws": [None, None], "grid": [[None, None], [None]]})
+    assert all(v is before[p] for p, v in nf.to_flat(m.parameters()).items())
 
 
 def test_update_module_with_nothing_to_update(llama):
@@ -659,6 +792,69 @@ def test_check_fits_on_plain_trees_with_tuples():
         nf.check_fits(target, {"n": (mx.ones(1),)})
     with pytest.raises(TreeMismatchError, match="<root>: leaf where a dict belongs"):
         nf.check_fits(target, mx.ones(1))
+
+
+def test_check_fits_plain_tree_number_leaves_fit_number_leaves():
+    nf.check_fits({"a": 1}, {"a": 1})
+    target = {"lr": 0.1, "count": 3, "h": [np.zeros(3), "name"], "w": mx.zeros(2)}
+    nf.check_fits(target, {"lr": 0.2, "count": 4, "h": [np.ones(2), None], "w": mx.ones(2)})
+    nf.check_fits(target, target)
+    with pytest.raises(TreeMismatchError, match=r"count: an array \(1,\) mlx.core.float32 where"):
+        nf.check_fits(target, {"count": mx.ones(1)})
+    with pytest.raises(TreeMismatchError, match="w: expected mx.array, got int"):
+        nf.check_fits(target, {"w": 1})
+    with pytest.raises(TreeMismatchError, match="a: leaf where a dict belongs"):
+        nf.check_fits({"a": {"b": 1}}, {"a": 1})
+    with pytest.raises(TreeMismatchError, match="a.b: dict where an int belongs"):
+        nf.check_fits({"a": {"b": 1}}, {"a": {"b": {}}})
+    # a module's parameters are arrays: a number where parameters() shows {} does not fit
+    m = _Odd()
+    assert m.parameters()["cfg"]["n"] == {}
+    with pytest.raises(TreeMismatchError, match="cfg.n: leaf where a dict belongs"):
+        nf.check_fits(m, {"cfg": {"n": 4}})
+
+
+@pytest.mark.parametrize(
+    "tree, bad",
+    [
+        ({"w": None}, []),
+        ({"t": None}, ["t"]),  # a tuple attribute: not in parameters()
+        ({"nope": None}, ["nope"]),
+        ({"_hidden": None}, ["_hidden"]),
+        ({"w": mx.ones(2), "t": None}, ["t"]),
+        ({"cfg": {"n": None, "w": None}}, []),
+        ({"cfg": {"zz": None}}, ["cfg.zz"]),
+        ({"sizes": [None, None]}, []),
+        (None, []),
+    ],
+)
+def test_check_fits_none_values_need_an_existing_key_in_both_walks(tree, bad):
+    m = _Odd()
+
+    # independent expectation: a key holding None must be a key of parameters() at its place
+    def unknown(params, t, prefix=""):
+        out = []
+        for k, v in (t or {}).items():
+            p = f"{prefix}.{k}" if prefix else k
+            if k not in params:
+                out.append(p)
+            elif isinstance(v, dict):
+                out += unknown(params[k], v, p)
+        return out
+
+    assert unknown(m.parameters(), tree) == bad
+    for target in (m, m.parameters()):
+        if bad:
+            with pytest.raises(TreeMismatchError) as e:
+                nf.check_fits(target, tree)
+            assert [p for p, _ in e.value.problems] == bad
+        else:
+            nf.check_fits(target, tree)
+        # both walks agree: the lean one says "fits" exactly where the full one finds nothing
+        problems: list = []
+        tree_mod._fits(target, tree, "", problems, isinstance(target, nn.Module))
+        assert [p for p, _ in problems] == bad
+        assert tree_mod._fits_quick(target, tree) == (not bad)
 
 
 def test_modules_are_not_trees():

@@ -18,8 +18,9 @@ Fuzz your own tree code with the same inputs nestedfn's tests use::
 
 What each strategy covers, and why:
 
-* ``trees()``: every node kind nestedfn supports (``dict``, ``list``, ``tuple``,
-  ``NamedTuple``, ``None``, empty containers) and the dict keys that break dotted paths
+* ``trees()``: every node kind nestedfn supports (``dict``, ``OrderedDict``, ``defaultdict``,
+  ``list``, ``tuple``, ``NamedTuple``, ``None``, empty containers) and the dict keys that break
+  dotted paths
   (digit strings such as ``"0"``, keys containing ``"."``).  ``path_safe=True`` keeps to what a
   dotted MLX path can state (identifier-like keys, a container at the root).
 * ``param_trees()``: the shape of an mlx-lm model's ``parameters()``, with a ``layers`` list,
@@ -33,6 +34,7 @@ What each strategy covers, and why:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -144,6 +146,7 @@ def trees(
     empty: bool = True,
     tuples: bool = True,
     namedtuples: bool = True,
+    dict_subclasses: bool = True,
     max_leaves: int = 12,
 ) -> st.SearchStrategy[Any]:
     """Arbitrary trees of ``dict``/``list``/``tuple``/``NamedTuple``/``None`` over ``leaves``.
@@ -151,10 +154,11 @@ def trees(
     ``leaves`` defaults to ``mlx_arrays()`` mixed with Python ints.  Dict keys are drawn from
     identifier-like strings and, unless ``path_safe``, from keys a dotted path cannot state
     (``"0"``, ``"10"``, ``"01"``, ``"a.b"``, ``""``...).  ``path_safe=True`` also puts a
-    container at the root, so that ``nf.to_flat`` accepts every example.  ``none``, ``empty``,
-    ``tuples`` and ``namedtuples`` switch those node kinds off (e.g. to stay within what
-    ``mlx.utils.tree_unflatten`` rebuilds: ``none=False, empty=False, tuples=False,
-    namedtuples=False``).
+    container at the root, so that ``nf.to_flat`` accepts every example.  Some dicts are an
+    ``OrderedDict`` or a ``defaultdict(list)`` (the dict subclasses ``nf.flatten`` keeps
+    exactly).  ``none``, ``empty``, ``tuples``, ``namedtuples`` and ``dict_subclasses`` switch
+    those node kinds off (e.g. to stay within what ``mlx.utils.tree_unflatten`` rebuilds:
+    ``none=False, empty=False, tuples=False, namedtuples=False, dict_subclasses=False``).
 
     Example::
 
@@ -169,10 +173,11 @@ def trees(
     min_size = 0 if empty else 1
 
     def extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-        kinds = [
-            st.lists(children, min_size=min_size, max_size=3),
-            st.dictionaries(keys, children, min_size=min_size, max_size=3),
-        ]
+        dicts = st.dictionaries(keys, children, min_size=min_size, max_size=3)
+        kinds = [st.lists(children, min_size=min_size, max_size=3), dicts]
+        if dict_subclasses:
+            kinds.append(dicts.map(OrderedDict))
+            kinds.append(dicts.map(lambda d: defaultdict(list, d)))
         if tuples:
             kinds.append(st.lists(children, min_size=min_size, max_size=3).map(tuple))
         if namedtuples:
