@@ -59,7 +59,9 @@ def _kernel(offsets: tuple[int, ...]) -> object:
     return k
 
 
-def _gather_one(parts: list[mx.array], offsets: tuple[int, ...]) -> mx.array:
+def _gather_one(
+    parts: list[mx.array], offsets: tuple[int, ...], shape: tuple[int, ...]
+) -> mx.array:
     dtype = parts[0].dtype
     biggest = max(b - a for a, b in zip(offsets, offsets[1:]))
     threads = min(-(-biggest // _THREADS) * _THREADS, _THREADS * 1024)
@@ -68,7 +70,7 @@ def _gather_one(parts: list[mx.array], offsets: tuple[int, ...]) -> mx.array:
         template=[("T", dtype)],
         grid=(threads, len(parts), 1),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(offsets[-1],)],
+        output_shapes=[shape],
         output_dtypes=[dtype],
     )[0]
 
@@ -80,7 +82,9 @@ def gather(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
     if not cuda_gather_available():
         return pack(layout, leaves)
     out = []
-    for idx, offs, size in zip(layout.buffers, layout.offsets, layout.sizes):
+    for idx, offs, size, shape in zip(
+        layout.buffers, layout.offsets, layout.sizes, layout.buffer_shapes
+    ):
         parts = [leaves[i] for i in idx]
         dt = parts[0].dtype
         for i, p in zip(idx, parts):
@@ -89,9 +93,9 @@ def gather(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
                     f"gather: leaf {layout.treedef.paths()[i]!r} is {p.dtype}; its buffer holds {dt}"
                 )
         if len(parts) == 1:
-            out.append(parts[0].reshape(-1))
+            out.append(parts[0].reshape(shape))
         elif len(parts) > MAX_KERNEL_INPUTS:
-            out.append(mx.concatenate([p.reshape(-1) for p in parts]))
+            out.append(mx.concatenate([p.reshape(-1) for p in parts]).reshape(shape))
         else:
-            out.append(_gather_one(parts, tuple(offs) + (size,)))
+            out.append(_gather_one(parts, tuple(offs) + (size,), shape))
     return out

@@ -25,6 +25,7 @@ of every graph is also computed eagerly per leaf and a mismatch raises ``NotPack
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -55,26 +56,18 @@ from nestedfn.packing import (
     unpack_state,
 )
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
+from nestedfn.treecode import leaf_getter, tree_builder
 
 __all__ = ["PackedCompiledStep", "PackedState"]
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 
 
 class PackedState(NamedTuple):
     """The ``opt_state`` a packed step returns: the optimizer's state over flat buffers."""
 
     inner: OptState
-
-
-def _leaves(tree: Any, out: list) -> None:
-    """Append the leaves of ``tree`` (``flatten`` order) to ``out``; no structure recorded."""
-    if isinstance(tree, dict):
-        for v in tree.values():
-            _leaves(v, out)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _leaves(v, out)
-    elif tree is not None:
-        out.append(tree)
 
 
 def _leaves_as(tree: Any, td: TreeDef, out: list) -> bool:
@@ -126,10 +119,14 @@ class _Layout(NamedTuple):
     tree_def: TreeDef  # structure of opt.init(params)
     plan: StatePlan
     packed_sig: tuple  # (shape, dtype) of every packed-state leaf
+    shapes: list  # every params leaf's shape, in leaf order
+    dtypes: list  # every params leaf's dtype, in leaf order
+    get_leaves: Callable[[Any], list | None]  # treecode.leaf_getter(params_def)
+    build_params: Callable[[list], Any]  # treecode.tree_builder(params_def)
 
 
 class _Last(NamedTuple):
-    views: tuple
+    views: list
     buffers: list
     entry: _Layout
 
@@ -139,7 +136,7 @@ class PackedCompiledStep:
 
     ``state.params`` is the usual tree; ``state.opt_state`` is a ``PackedState`` (or, on the
     way in, the tree layout ``opt.init(params)`` makes).  ``graphs_built`` counts compiled
-    graphs (one per params layout and ``step % opt.period``).
+    graphs (one per params layout and ``opt.phase(step)``).
     """
 
     def __init__(
@@ -187,8 +184,8 @@ class PackedCompiledStep:
     def _make_layout(self, params: Params, leaves: list[mx.array], td: TreeDef) -> _Layout:
         layout = pack_layout(leaves, td, self.chunk_size)
         zeros = [
-            mx.zeros((n,), dtype=leaves[idx[0]].dtype)
-            for n, idx in zip(layout.sizes, layout.buffers)
+            mx.zeros(shape, dtype=leaves[idx[0]].dtype)
+            for shape, idx in zip(layout.buffer_shapes, layout.buffers)
         ]
         try:
             packed_leaves, packed_def = flatten(self.opt.init(zeros))
@@ -202,7 +199,18 @@ class PackedCompiledStep:
         tree_def = flatten(self.opt.init(params))[1]
         plan = plan_state(tree_def, packed_def, td, flatten(zeros)[1])
         sig = tuple((tuple(x.shape), x.dtype) for x in packed_leaves)
-        return _Layout(layout, td, packed_def, tree_def, plan, sig)
+        return _Layout(
+            layout,
+            td,
+            packed_def,
+            tree_def,
+            plan,
+            sig,
+            list(layout.shapes),
+            list(layout.dtypes),
+            leaf_getter(td),
+            tree_builder(td),
+        )
 
     # -- state conversions -----------------------------------------------------------------
 
@@ -239,10 +247,10 @@ class PackedCompiledStep:
         return unflatten(entry.packed_def, pack_state(entry.plan, entry.layout, leaves))
 
     def _packed_leaves(self, entry: _Layout, packed: PackedState) -> list[mx.array]:
-        leaves: list = []
-        _leaves(packed.inner, leaves)
-        sig = tuple((tuple(x.shape), x.dtype) if isinstance(x, mx.array) else x for x in leaves)
-        if sig != entry.packed_sig or flatten(packed.inner)[1] != entry.packed_def:
+        leaves = leaf_getter(entry.packed_def)(packed.inner)
+        if leaves is None or entry.packed_sig != tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, mx.array) else x for x in leaves
+        ):
             raise TreeMismatchError(
                 [("opt_state", "a PackedState made for another params layout or optimizer")],
                 "compile_step(packed=True): opt_state does not fit these params",
@@ -252,31 +260,26 @@ class PackedCompiledStep:
     # -- the step --------------------------------------------------------------------------
 
     def _groups(self, entry: _Layout) -> list[list[int]]:
-        """Output positions per thread: new buffers, views, then packed-state leaves, split so
-        that each thread owns whole buffers of about equal size (scalars go to thread 0)."""
+        """Output positions per thread: new buffers, then packed-state leaves, split so that
+        each thread owns whole buffers of about equal size (scalars go to thread 0)."""
         layout, k = entry.layout, self.threads
         total = sum(layout.sizes) or 1
         owner, cum = [], 0
         for size in layout.sizes:
             owner.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
             cum += size
-        nb, nl = len(layout.buffers), len(layout.shapes)
-        leaf_owner = [0] * nl
-        for b, idx in enumerate(layout.buffers):
-            for i in idx:
-                leaf_owner[i] = owner[b]
         state_owner: list[int] = []
         for kind, n in entry.plan.segments:
             state_owner.extend([0] * n if kind == "copy" else owner)
-        per_pos = owner + leaf_owner + state_owner
+        per_pos = owner + state_owner
         groups: list[list[int]] = [[] for _ in range(k)]
         for pos, g in enumerate(per_pos):
             groups[g].append(pos)
-        assert len(per_pos) == nb + nl + len(entry.packed_sig)
+        assert len(per_pos) == len(layout.buffers) + len(entry.packed_sig)
         return [g for g in groups if g]
 
     def _build(self, entry: _Layout, trace_step: int) -> list[tuple[Callable[..., Any], list[int]]]:
-        opt, layout, packed_def = self.opt, entry.layout, entry.packed_def
+        opt, packed_def = self.opt, entry.packed_def
 
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
             opt_state = unflatten(packed_def, ps_leaves)
@@ -290,9 +293,9 @@ class PackedCompiledStep:
                     f"{packed_def!r} to {td!r} in one step"
                 )
             _check_arrays(leaves, td, "new packed opt_state")
-            # the views are made inside the graph: one C++ replay instead of a Python slice and
-            # reshape per leaf
-            return list(new_p) + unpack(layout, list(new_p)) + leaves
+            # the views are made outside the graph (``unpack``: one split per buffer):
+            # replaying a compiled graph costs per output, and there are hundreds of views
+            return list(new_p) + leaves
 
         groups = self._groups(entry)
         if len(groups) == 1:
@@ -315,23 +318,22 @@ class PackedCompiledStep:
         concrete = step if isinstance(step, int) else static_step(step)
         # fast path: the params are exactly the views the last call returned (same objects,
         # same order), so their buffers are the last call's buffers
-        p_leaves: list = []
-        _leaves(state.params, p_leaves)
         last = self._last
-        if (
-            last is not None
-            and len(last.views) == len(p_leaves)
-            and all(a is b for a, b in zip(last.views, p_leaves))
-        ):
+        p_leaves = None if last is None else last.entry.get_leaves(state.params)
+        if p_leaves is not None and all(map(operator.is_, last.views, p_leaves)):
             entry, p_bufs = last.entry, last.buffers
         else:
             entry, p_leaves = self._entry(state.params)
             p_bufs = pack(entry.layout, p_leaves)
-        g_leaves: list = []
-        shapes = entry.layout.shapes
-        if not _leaves_as(grads, entry.params_def, g_leaves) or [
-            g.shape if isinstance(g, mx.array) else None for g in g_leaves
-        ] != list(shapes):
+        shapes = entry.shapes
+        g_leaves = entry.get_leaves(grads)
+        try:  # an attribute error means a leaf that is not an array
+            ok = g_leaves is not None and list(map(_SHAPE, g_leaves)) == shapes
+        except AttributeError:
+            ok = False
+        if not ok:
+            g_leaves = []
+            _leaves_as(grads, entry.params_def, g_leaves)
             problems = [
                 (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
                 for path, g, s in zip(entry.params_def.paths(), g_leaves, shapes)
@@ -348,7 +350,9 @@ class PackedCompiledStep:
             ps_leaves = self._packed_leaves(entry, opt_state)
         else:
             ps_leaves = flatten(self._pack_tree_state(entry, opt_state))[0]
-        gkey = (id(entry), tuple(g.dtype for g in g_leaves), concrete % self.opt.period)
+        g_dtypes = list(map(_DTYPE, g_leaves))
+        dkey = "params" if g_dtypes == entry.dtypes else tuple(g_dtypes)
+        gkey = (id(entry), dkey, self.opt.phase(concrete))
         fn = self._graphs.get(gkey)
         if fn is None:
             fn = self._graphs[gkey] = self._build(entry, concrete)
@@ -365,17 +369,17 @@ class PackedCompiledStep:
                     for i, x in zip(pos, part(*args)):
                         out[i] = x
         nb = len(entry.layout.buffers)
-        nl = len(shapes)
-        new_bufs, views, new_ps = out[:nb], out[nb : nb + nl], out[nb + nl :]
+        new_bufs, new_ps = out[:nb], out[nb:]
+        views = unpack(entry.layout, new_bufs)
         new = TrainState(
-            unflatten(entry.params_def, views),
+            entry.build_params(views),
             PackedState(unflatten(entry.packed_def, new_ps)),
             step + 1,
         )
         if self.verify and gkey not in self._verified:
             self._check(state, grads, new)
             self._verified.add(gkey)
-        self._last = _Last(tuple(views), new_bufs, entry)
+        self._last = _Last(views, new_bufs, entry)
         return new
 
     def _check(self, state: TrainState, grads: Grads, got: TrainState) -> None:

@@ -86,8 +86,9 @@ def test_packed_refuses_what_it_cannot_do():
         return Optimizer(lambda p: (), update_fn)
 
     opt = per_leaf_normalise()
+    shared = ((3, 4), (5, 4), (2, 2))  # the two layers share a buffer (trailing shape (4,))
     with pytest.raises(NotPackableError, match="not elementwise"):
-        compile_step(opt, packed=True)(init(opt, _tree(0)), _tree(1))
+        compile_step(opt, packed=True)(init(opt, _tree(0, shared)), _tree(1, shared))
     adam = _adam(1e-2)
     step_fn = compile_step(adam, packed=True)
     with pytest.raises(TreeMismatchError, match="grads shaped unlike params"):

@@ -46,13 +46,21 @@ def test_pack_unpack_round_trip_keeps_values_dtypes_and_groups(shapes, chunk, se
     lv, td = flatten(tree)
     layout = pack_layout(lv, td, chunk)
     bufs = pack(layout, lv)
-    # every leaf in exactly one buffer, buffers single-dtype, 1-D, sized as recorded
+    # every leaf in exactly one buffer; a buffer holds one dtype and one trailing shape (0-d
+    # and 1-D leaves share ()), its leaves' rows stacked, sized as recorded
     assert sorted(i for b in layout.buffers for i in b) == list(range(len(lv)))
-    for buf, idx, size in zip(bufs, layout.buffers, layout.sizes):
-        assert buf.ndim == 1 and buf.size == size == sum(lv[i].size for i in idx)
+    for buf, idx, size, shape in zip(bufs, layout.buffers, layout.sizes, layout.buffer_shapes):
+        assert tuple(buf.shape) == shape and buf.size == size == sum(lv[i].size for i in idx)
         assert {lv[i].dtype for i in idx} == {buf.dtype}
+        assert {tuple(lv[i].shape[1:]) for i in idx} == {shape[1:]}
+        assert shape[0] == sum(lv[i].shape[0] if lv[i].ndim else 1 for i in idx)
         # a buffer closes as soon as it reaches chunk elements
         assert sum(lv[i].size for i in idx[:-1]) < chunk
+        # the leaves are blocks of the buffer's flat memory at the recorded offsets
+        flat = np.array(buf.astype(mx.float32)).reshape(-1)
+        for i, off in zip(idx, layout.offsets[layout.buffers.index(idx)]):
+            want = np.array(lv[i].astype(mx.float32)).reshape(-1)
+            np.testing.assert_array_equal(flat[off : off + lv[i].size], want)
     back = unflatten(td, unpack(layout, bufs))
     for a, b in zip(flatten(back)[0], lv):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -79,8 +87,10 @@ class _S(NamedTuple):
 def test_state_plan_packs_params_shaped_parts_and_passes_scalars():
     params = {"x": [mx.arange(3).astype(mx.float32), mx.ones((2, 2))], "y": mx.zeros((1,))}
     lv, ptd = flatten(params)
-    layout = pack_layout(lv, ptd, 5)  # buffers: [x0, x1] (3+4=7 >= 5), [y]
-    assert layout.buffers == ((0, 1), (2,))
+    # x0 (3,) and y (1,) share the trailing shape (); x1 (2, 2) has (2,)
+    layout = pack_layout(lv, ptd, 5)
+    assert layout.buffers == ((0, 2), (1,))
+    assert layout.buffer_shapes == ((4,), (2, 2))
 
     def init(p):
         return (_S(mx.array(0), tree_map(lambda a: a * 2, p), tree_map(lambda a: a + 1, p)), ())
@@ -92,7 +102,8 @@ def test_state_plan_packs_params_shaped_parts_and_passes_scalars():
     assert plan.segments == (("copy", 1), ("pack", 3), ("pack", 3))
     packed = pack_state(plan, layout, s_leaves)
     assert len(packed) == 1 + 2 + 2
-    np.testing.assert_array_equal(np.array(packed[1]), [0, 2, 4, 2, 2, 2, 2])
+    np.testing.assert_array_equal(np.array(packed[1]), [0, 2, 4, 0])  # mu of x0, y
+    np.testing.assert_array_equal(np.array(packed[2]), [[2, 2], [2, 2]])  # mu of x1
     back = unpack_state(plan, layout, packed)
     for a, b in zip(back, s_leaves):
         np.testing.assert_array_equal(np.array(a), np.array(b))
