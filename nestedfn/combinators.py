@@ -165,9 +165,10 @@ def _merge(td: TreeDef, parts: list[tuple[list[bool], Any]]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def partition(transforms: Mapping[Hashable, Optimizer], labels: Labels) -> Optimizer:
+def partition(transforms: Mapping[str, Optimizer], labels: Labels) -> Optimizer:
     """A different optimizer per group of leaves (optax's ``multi_transform``).
 
+    ``transforms`` maps str labels to optimizers.
     ``labels`` is a tree shaped like params whose leaves are labels, or a function
     ``(path, leaf) -> label`` of the dotted path (``"layers.0.attn.q"``).  Every label must
     be a key of ``transforms`` and every optimizer must get at least one leaf; otherwise an
@@ -177,6 +178,12 @@ def partition(transforms: Mapping[Hashable, Optimizer], labels: Labels) -> Optim
     transforms = dict(transforms)
     if not transforms:
         raise ValueError("partition: no optimizers given")
+    for label in transforms:
+        if not isinstance(label, str):  # the state is a dict keyed by label: a tree's keys
+            raise TypeError(
+                f"partition: label {label!r} is a {type(label).__name__}; labels must be str "
+                "(they key the optimizer state, and tree dict keys are str)"
+            )
 
     def init_fn(params: Params) -> OptState:
         td, groups = _groups(params, labels, transforms, "partition labels", True)

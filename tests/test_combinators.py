@@ -414,3 +414,8 @@ def test_accumulate_acc_dtype_sums_low_precision_grads_in_float32():
     np.testing.assert_array_equal(
         got, np.float32(np.array(mx.array(want).astype(mx.bfloat16).astype(mx.float32)))
     )
+
+
+def test_partition_refuses_labels_that_cannot_key_a_tree():
+    with pytest.raises(TypeError, match="label 0 is a int; labels must be str"):
+        C.partition({0: opt.sgd(0.1)}, lambda p, x: 0)
