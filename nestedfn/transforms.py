@@ -147,14 +147,20 @@ def scale_by_adam(
         u   = mu_hat / (sqrt(nu_hat) + eps),   mu_hat = mu / (1 - b1^t),  nu_hat = nu / (1 - b2^t)
 
     with ``t = step + 1``; without ``bias_correction``, ``u = mu / (sqrt(nu) + eps)``.
-    The moments are kept in ``state_dtype`` (default: each parameter's dtype).
+    The moments are kept in ``state_dtype``; by default in each parameter's dtype, except
+    float16, whose moments are float32: float16 cannot hold ``g²`` for ``|g| < 2.4e-4`` (it
+    flushes to 0) nor ``eps = 1e-8``, so ``nu`` and the denominator would be 0 and the update
+    infinite.  bfloat16 has float32's range and keeps its own dtype.
     """
 
+    def moment_zeros(p: mx.array) -> mx.array:
+        dtype = state_dtype
+        if dtype is None and p.dtype == mx.float16:
+            dtype = mx.float32
+        return _zeros(p, dtype)
+
     def init_fn(params: Params) -> OptState:
-        return ScaleByAdamState(
-            tree_map(lambda p: _zeros(p, state_dtype), params),
-            tree_map(lambda p: _zeros(p, state_dtype), params),
-        )
+        return ScaleByAdamState(tree_map(moment_zeros, params), tree_map(moment_zeros, params))
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
         if bias_correction:

@@ -221,13 +221,26 @@ def test_low_precision_params_keep_dtype_and_float32_state(dtype, name):
         )
 
 
-def test_adam_default_state_follows_param_dtype():
-    p = {"w": mx.ones((3,), dtype=mx.float16)}
+def test_adam_default_state_follows_param_dtype_except_float16():
+    p = {"w": mx.ones((3,), dtype=mx.bfloat16)}
     s = nf.init(opt.adam(1e-2), p)
-    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.float16}
+    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.bfloat16}
     s = nf.apply_gradients(opt.adam(1e-2), s, p)
+    assert s.params["w"].dtype == mx.bfloat16
+    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.bfloat16}
+    p16 = {"w": mx.ones((3,), dtype=mx.float16)}
+    assert {x.dtype for x in flatten(nf.init(opt.adam(1e-2), p16).opt_state)[0]} == {mx.float32}
+
+
+def test_float16_adam_small_gradients_move_params_by_about_lr():
+    # |g| = 1e-4: g² = 1e-8 is below float16's smallest subnormal (6e-8); with float16 moments
+    # nu would be 0 and the update -inf.  Adam's first step moves each weight by about lr.
+    p = {"w": mx.ones((4,), dtype=mx.float16)}
+    g = {"w": mx.full((4,), 1e-4, dtype=mx.float16)}
+    s = nf.apply_gradients(opt.adam(1e-3), nf.init(opt.adam(1e-3), p), g)
+    w = np.array(s.params["w"].astype(mx.float32))
     assert s.params["w"].dtype == mx.float16
-    assert {x.dtype for x in flatten(s.opt_state)[0]} == {mx.float16}
+    np.testing.assert_allclose(w, 1.0 - 1e-3, atol=1e-3)  # float16 spacing near 1 is 1e-3
 
 
 def _snapshot(tree) -> tuple:
