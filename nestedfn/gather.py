@@ -75,10 +75,13 @@ def _gather_one(
     )[0]
 
 
-def gather(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
+def gather(
+    layout: PackLayout, leaves: list[mx.array], dtypes_checked: bool = False
+) -> list[mx.array]:
     """``pack(layout, leaves)``: the same buffers, with one kernel per buffer on CUDA.
 
-    The caller guarantees the leaves' shapes match the layout (checked there once)."""
+    The caller guarantees the leaves' shapes match the layout (checked there once), and with
+    ``dtypes_checked`` that every buffer's leaves share one dtype."""
     if not cuda_gather_available():
         return pack(layout, leaves)
     out = []
@@ -87,11 +90,13 @@ def gather(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
     ):
         parts = [leaves[i] for i in idx]
         dt = parts[0].dtype
-        for i, p in zip(idx, parts):
-            if p.dtype != dt:  # the kernel's pointers are typed: refuse, don't reinterpret
-                raise NotPackableError(
-                    f"gather: leaf {layout.treedef.paths()[i]!r} is {p.dtype}; its buffer holds {dt}"
-                )
+        if not dtypes_checked:
+            for i, p in zip(idx, parts):
+                if p.dtype != dt:  # the kernel's pointers are typed: refuse, don't reinterpret
+                    raise NotPackableError(
+                        f"gather: leaf {layout.treedef.paths()[i]!r} is {p.dtype}; its buffer "
+                        f"holds {dt}"
+                    )
         if len(parts) == 1:
             out.append(parts[0].reshape(shape))
         elif len(parts) > MAX_KERNEL_INPUTS:

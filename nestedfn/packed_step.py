@@ -356,7 +356,8 @@ class PackedCompiledStep:
         fn = self._graphs.get(gkey)
         if fn is None:
             fn = self._graphs[gkey] = self._build(entry, concrete)
-        g_bufs = gather(entry.layout, g_leaves)
+        # grads with the params' dtypes: each buffer is one dtype (the layout groups by it)
+        g_bufs = gather(entry.layout, g_leaves, dtypes_checked=dkey == "params")
         args = (mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
         if len(fn) == 1:
             out = fn[0][0](*args)

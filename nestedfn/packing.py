@@ -67,7 +67,8 @@ class PackLayout(NamedTuple):
     indices it holds (one dtype, one trailing shape, ``flatten`` order).  offsets: per
     buffer, each leaf's first element.  sizes: per buffer, its number of elements.
     buffer_shapes: per buffer, its shape ``(rows, *trailing)``.  cuts: per buffer, the row
-    where each leaf but the first starts (``mx.split``'s indices).
+    where each leaf but the first starts (``mx.split``'s indices).  scalars: the 0-d leaves
+    (a row of one element in their buffer, reshaped by ``unpack``).
     """
 
     treedef: TreeDef
@@ -78,6 +79,7 @@ class PackLayout(NamedTuple):
     sizes: tuple[int, ...]
     buffer_shapes: tuple[tuple[int, ...], ...]
     cuts: tuple[tuple[int, ...], ...]
+    scalars: tuple[int, ...]
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -141,6 +143,7 @@ def pack_layout(
         tuple(sizes),
         tuple(shapes),
         tuple(cuts),
+        tuple(i for i, x in enumerate(leaves) if x.ndim == 0),
     )
 
 
@@ -169,11 +172,12 @@ def unpack(layout: PackLayout, buffers: list[mx.array]) -> list[mx.array]:
     per buffer (a single primitive, however many leaves), a reshape only for 0-d leaves; no
     copies."""
     out: list[Any] = [None] * len(layout.shapes)
-    shapes = layout.shapes
     for buf, idx, cuts in zip(buffers, layout.buffers, layout.cuts):
         pieces = mx.split(buf, cuts, axis=0) if cuts else [buf]
         for i, piece in zip(idx, pieces):
-            out[i] = piece if piece.shape == shapes[i] else piece.reshape(())
+            out[i] = piece
+    for i in layout.scalars:
+        out[i] = out[i].reshape(())
     return out
 
 
