@@ -3,7 +3,9 @@
 Every ``TrainConfig`` option is also a flag of ``train``/``inspect`` (``--learning-rate``,
 ``--frequencies 1 2 4``, ``--tiers '{mlp: 1, .*: 0}'``...); flags override ``--config
 run.yaml``.  User errors (paths, data, options, an occupied run directory) print one line on
-stderr and exit with status 2, with no traceback and nothing overwritten.
+stderr and exit with status 2, with no traceback and nothing overwritten.  Ctrl-C during
+``train``/``demo`` saves a checkpoint of the last completed step, prints how to resume
+(``nestedfn train --resume RUN_DIR``) and exits with status 130.
 
 There is no ``bench`` command: the throughput comparison with ``mlx_lm lora`` is
 ``python benchmarks/train_throughput.py``.
@@ -215,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from nestedfn import distributed
     from nestedfn.lm.config import ConfigError
     from nestedfn.lm.data import DataError
-    from nestedfn.lm.trainer import RunError
+    from nestedfn.lm.trainer import Interrupted, RunError
 
     try:
         return int(args.fn(args))
@@ -225,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"nestedfn {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # Ctrl-C in the training loop: the last step done is saved
+        if distributed.is_main():
+            print(f"nestedfn {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"nestedfn {args.command}: interrupted", file=sys.stderr)
         return 130

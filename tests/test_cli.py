@@ -129,6 +129,36 @@ def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+def test_ctrl_c_exits_130_saying_how_to_resume_and_resume_finishes(
+    assets, tmp_path, capsys, monkeypatch
+):
+    import mlx.core as mx
+
+    model, data = assets
+    run = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(data), "--out", str(run)]
+    args += ["--steps", "4", "--batch-size", "2", "--max-seq-len", "16", "--eval-every", "0"]
+    real, calls = mx.get_peak_memory, []
+
+    def ctrl_c_in_step_3():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(mx, "get_peak_memory", ctrl_c_in_step_3)
+    assert main(args) == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err.splitlines()[-1] + "\n"  # after the progress bar
+    assert err == (
+        f"nestedfn train: interrupted: 2 steps done, checkpoint "
+        f"{run / 'checkpoints' / 'step_00000002'}; continue with: nestedfn train --resume {run}\n"
+    )
+    assert main(["train", "--resume", str(run)]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_real_process_reports_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nestedfn.cli", "train", "--model", str(tmp_path / "nope")],

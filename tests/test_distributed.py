@@ -69,16 +69,12 @@ def _free_ports(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
-def launch(args: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=None):
-    """Run ``mlx.launch -n N python ARGS...`` on loopback; return the CompletedProcess.
-
-    ``mlx.launch`` exits 0 even when a rank fails, so callers must check what the ranks
-    wrote.  The launcher and its ranks run in their own process group, killed on timeout.
-    """
+def start(args: list[str], n: int = 2, cwd=None) -> subprocess.Popen:
+    """Start ``mlx.launch -n N python ARGS...`` on loopback, in its own process group."""
     cmd = [*_launcher(), "-n", str(n), "-p", str(_free_ports(n)), sys.executable, *args]
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -88,13 +84,26 @@ def launch(args: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=Non
         cwd=cwd,
         start_new_session=True,
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Wait for a ``start``-ed launch; kill its whole process group on timeout (and fail)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"mlx.launch timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch(args: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=None):
+    """Run ``mlx.launch -n N python ARGS...`` on loopback; return the CompletedProcess.
+
+    ``mlx.launch`` exits 0 even when a rank fails, so callers must check what the ranks
+    wrote.  The launcher and its ranks run in their own process group, killed on timeout.
+    """
+    return finish(start(args, n, cwd), timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,3 +445,40 @@ def test_two_processes_resume_matches_one_process(demo_assets, single_run, tmp_p
     assert [r["step"] for r in _records(run) if r["type"] == "train"] == [1, 2]
     _launched_ok(launch(["-m", "nestedfn.cli", "train", "--resume", str(run)]))
     _same_run(run, single_run)
+
+
+def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_process(
+    demo_assets, tmp_path
+):
+    # SIGINT to the launcher's process group is what Ctrl-C in its terminal does: every rank
+    # gets it wherever it is (computing, or waiting in a collective for the other).  No rank
+    # may hang; rank 0 checkpoints the last step it completed, which resumes like one process.
+    import time
+
+    run, one = tmp_path / "run", tmp_path / "one"
+    flags = [*demo_assets, "--batch-size", "4", "--max-seq-len", "64", "--seed", "3"]
+    flags += ["--frequencies", "1", "2", "--eval-every", "0", "--save-every", "1000"]
+    proc = start(["-m", "nestedfn.cli", "train", *flags, "--steps", "1000", "--out", str(run)])
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not ((run / "metrics.jsonl").is_file() and len(_records(run)) >= 3):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no 3 steps done:\n{proc.communicate()}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    got = finish(proc, timeout=60)
+    assert "Node with rank 0 exited with code 130" in got.stderr, got.stderr
+    assert "Node with rank 1 exited with code 130" in got.stderr, got.stderr
+    done = len(_records(run))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{done:08d}"]
+    _launched_ok(
+        launch(["-m", "nestedfn.cli", "train", "--resume", str(run), "--steps", str(done + 2)])
+    )
+    _cli(["train", *flags, "--steps", str(done + 2), "--out", str(one)])
+    assert [r["step"] for r in _records(run)] == [r["step"] for r in _records(one)]
+    for a, b in zip(_records(run), _records(one)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["tokens"] == b["tokens"]
+    x, y = mx.load(str(run / "adapters.safetensors")), mx.load(str(one / "adapters.safetensors"))
+    assert set(x) == set(y)
+    for k in y:
+        np.testing.assert_allclose(np.array(x[k]), np.array(y[k]), rtol=1e-4, atol=2e-5)

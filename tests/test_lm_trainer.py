@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nestedfn.lm.config import TrainConfig
-from nestedfn.lm.trainer import RunError, build_optimizer, build_schedule, train
+from nestedfn.lm.trainer import Interrupted, RunError, build_optimizer, build_schedule, train
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,78 @@ def test_early_stopping_stops_when_the_valid_loss_stops_improving(assets, tmp_pa
     assert s.stopped_early and s.steps == 1
     assert [v for _, v in s.valid_losses][0] == s.valid_losses[1][1]
     assert (tmp_path / "run" / "checkpoints" / "step_00000001").is_dir()
+
+
+def _records(run, timing: bool = True) -> list[dict]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    drop = () if timing else ("time", "elapsed", "peak_memory_gb")
+    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
+
+
+def _interrupt_on_call(monkeypatch, obj, name, k):
+    """``obj.name`` raises KeyboardInterrupt (as Ctrl-C would) on its k-th call (1-based)."""
+    real, calls = getattr(obj, name), []
+
+    def fake(*a, **kw):
+        calls.append(1)
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, name, fake)
+
+
+@pytest.mark.parametrize("where", ["after_update", "in_eval", "saving_best"])
+def test_ctrl_c_saves_the_last_completed_step_and_resume_is_identical(
+    assets, tmp_path, monkeypatch, where
+):
+    import nestedfn.lm.trainer as trainer
+
+    cfg = small(assets, steps=8, eval_every=3, save_every=100, frequencies=[1, 2])
+    straight, straight7 = tmp_path / "straight", tmp_path / "straight7"
+    train(cfg, straight, progress=False, log=lambda s: None)
+    train(cfg, straight7, progress=False, log=lambda s: None, stop_at=7)
+    run = tmp_path / "run"
+    if where == "after_update":
+        # mid step 5: its update is computed but its metrics are not written yet
+        _interrupt_on_call(monkeypatch, mx, "get_peak_memory", 5)
+        done = 4
+    elif where == "in_eval":
+        # in the eval after step 6 (evals at 0, 3, 6): step 6's train record is written
+        _interrupt_on_call(monkeypatch, trainer, "evaluate", 3)
+        done = 5
+    else:
+        # writing the best adapters of step 6 (the 3rd better valid loss): its eval record is
+        # written and the best-loss bookkeeping updated already, yet step 6 is not complete
+        _interrupt_on_call(monkeypatch, trainer, "save_adapters", 3)
+        done = 5
+    with pytest.raises(Interrupted) as e:
+        train(cfg, run, progress=False, log=lambda s: None)
+    monkeypatch.undo()
+    assert e.value.step == done and isinstance(e.value, KeyboardInterrupt)
+    assert e.value.checkpoint == run / "checkpoints" / f"step_{done:08d}"
+    assert f"nestedfn train --resume {run}" in str(e.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{done:08d}"]
+
+    def same(a_run, b_run, names):
+        for name in names:
+            a, b = mx.load(str(a_run / name)), mx.load(str(b_run / name))
+            assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+    # at step 7 (no eval there) the best adapters and the best-loss bookkeeping are step 6's
+    train(cfg, run, resume=True, progress=False, log=lambda s: None, stop_at=7)
+    same(run, straight7, ["adapters.safetensors", "best/adapters.safetensors"])
+    meta = "checkpoints/step_00000007/meta.json"
+    assert json.loads((run / meta).read_text()) == json.loads((straight7 / meta).read_text())
+    train(cfg, run, resume=True, progress=False, log=lambda s: None)
+    same(run, straight, ["adapters.safetensors", "best/adapters.safetensors"])
+    # every record once, with the same values bit for bit (timings and memory aside)
+    assert _records(run, timing=False) == _records(straight, timing=False)
+
+
+def test_ctrl_c_before_any_step_saves_nothing(assets, tmp_path, monkeypatch):
+    _interrupt_on_call(monkeypatch, mx, "get_peak_memory", 1)
+    with pytest.raises(Interrupted, match="nothing to resume") as e:
+        train(small(assets), tmp_path / "run", progress=False, log=lambda s: None)
+    assert e.value.checkpoint is None and e.value.step == 0
+    assert not (tmp_path / "run" / "checkpoints").exists()

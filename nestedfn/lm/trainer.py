@@ -17,6 +17,18 @@ Everything that decides the trajectory is a function of the ``TrainState`` and t
 So a checkpoint of the ``TrainState`` (plus the best-loss bookkeeping) is all ``--resume``
 needs to continue the identical trajectory, bit for bit.
 
+Ctrl-C (``KeyboardInterrupt``) during the loop loses nothing that was done: the loop keeps the
+state and bookkeeping of the last *completed* step (its metrics written, its eval done), rank 0
+writes a checkpoint of it (unless one is there already) and ``train`` raises ``Interrupted``
+(a ``KeyboardInterrupt``) saying how to resume; the CLI exits with status 130.  A step that
+was cut off half way is simply done again on resume.  With several processes the handler
+does no collective (a peer may already have left, and a barrier would wait forever): every
+rank stops, rank 0 writes the checkpoint of the last step *it* completed (every completed step
+is identical on all ranks), the others write nothing.  Under ``mlx.launch`` a rank blocked in a
+collective sees the interrupt only when that collective returns or fails; ``mlx.launch`` may
+also terminate rank 0 while it is writing, because another rank already exited non-zero: the
+checkpoint is written atomically, so the run then resumes from the one before.
+
 With several processes (``mlx.launch``) each rank reads its slice of the global batch, the
 gradients are averaged (token-weighted) before the optimizer, and only rank 0 writes files or
 draws the progress bar.
@@ -52,6 +64,7 @@ from nestedfn.tree import flatten, tree_map, unflatten
 
 __all__ = [
     "METRICS_FILE",
+    "Interrupted",
     "RunError",
     "Summary",
     "build_optimizer",
@@ -78,6 +91,28 @@ RESUMABLE = ("steps", "save_every", "keep_last", "eval_every")
 
 class RunError(RuntimeError):
     """A problem with the user's input (paths, data, options): reported without traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by ``KeyboardInterrupt`` (Ctrl-C) after ``step`` completed steps.
+
+    ``checkpoint`` is the checkpoint of that step (rank 0 wrote it, or it was there already)
+    and ``out`` the run, so ``train(..., resume=True)`` continues the identical trajectory;
+    ``checkpoint`` is ``None`` when no step completed in a new run (nothing to resume)."""
+
+    def __init__(self, out: Path, step: int, checkpoint: Path | None):
+        self.out, self.step, self.checkpoint = out, step, checkpoint
+        if checkpoint is None:
+            msg = (
+                f"interrupted before the first step completed: nothing to resume in {out} "
+                "(start again with --force)"
+            )
+        else:
+            msg = (
+                f"interrupted: {step} steps done, checkpoint {checkpoint}; continue with: "
+                f"nestedfn train --resume {out}"
+            )
+        super().__init__(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,14 +576,15 @@ def _dry_run(prep: _Prepared, state: TrainState, fns: _StepFns) -> None:
         ) from None
 
 
-def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
+def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> Path:
     from nestedfn.checkpoint import prune_checkpoints, save_checkpoint
 
     n_blocks = len(prep.model.layers)
     info = {"optimizer": prep.config.optimizer, "step": int(state.step)}
-    save_checkpoint(out / CHECKPOINT_DIR, state, dict(extra), int(state.step))
+    path = save_checkpoint(out / CHECKPOINT_DIR, state, dict(extra), int(state.step))
     prune_checkpoints(out / CHECKPOINT_DIR, keep)
     save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
+    return path
 
 
 def _loop(
@@ -562,6 +598,7 @@ def _loop(
     resumed: bool,
     stop_at: int | None,
 ) -> Summary:
+    from nestedfn.checkpoint import step_dir_name
     from nestedfn.lm.data import batch_at
 
     c = prep.config
@@ -600,9 +637,14 @@ def _loop(
 
     bar = _bar(c.steps, int(state.step), show)
     started = time.perf_counter()
+    # The last completed step (state and bookkeeping), what an interrupt saves, and the step
+    # whose checkpoint is on disk (the one resumed from; none yet in a new run).
+    done, done_extra, nothing_done = state, dict(extra), not resumed
+    saved: int | None = int(state.step) if resumed else None
     try:
         if not resumed and int(state.step) == 0 and c.eval_every:
             run_eval(0)
+            done_extra, nothing_done = dict(extra), False
         while int(state.step) < end and not stopped:
             i = int(state.step)
             tic = time.perf_counter()
@@ -659,8 +701,23 @@ def _loop(
                 run_eval(step)
             if step % max(c.save_every, 1) == 0 and c.save_every and main and step != end:
                 _save(prep, state, extra, out, c.keep_last)
+                saved = step
+            done, done_extra, nothing_done = state, dict(extra), False
         if main:
             _save(prep, state, extra, out, c.keep_last)
+    except KeyboardInterrupt:
+        # No collective here (see the module docstring): rank 0 saves what it completed.
+        step = int(done.step)
+        if step == saved:
+            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
+        elif nothing_done:
+            ckpt = None  # a new run started again does exactly what this one would have
+        else:
+            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
+            if main:
+                bar.close()
+                _save(prep, done, done_extra, out, c.keep_last)
+        raise Interrupted(out, step, ckpt) from None
     finally:
         bar.close()
         if metrics is not None:
