@@ -25,11 +25,13 @@ removed by the next ``save_checkpoint``.  One writer per directory (rank 0).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
 
 __all__ = [
     "CheckpointError",
+    "atomic_write",
+    "atomic_write_text",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -206,6 +210,32 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path | str, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Replace ``path`` all at once: ``write(tmp)`` fills a new file next to it (named
+    ``.NAME.PID-RANDOM{suffix}``), which is fsynced and renamed over ``path``, then the
+    directory is fsynced.  A reader (or a crash) sees the old file or the new one, never a
+    part.  The file gets the permissions ``open(path, "w")`` would give (``0o666`` less the
+    umask), not ``mkstemp``'s ``0o600``.  Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(str(tmp))
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_path(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """``atomic_write`` of ``text`` (UTF-8)."""
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def _write_arrays(path: Path, arrays: dict[str, mx.array]) -> None:

@@ -70,10 +70,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from nestedfn.lm.config import TrainConfig, load_config, resolve
+    from nestedfn.lm.config import TrainConfig, is_tiered, load_config, resolve
 
     base = load_config(args.config) if args.config else TrainConfig()
-    return resolve(base, _overrides(args))
+    overrides = _overrides(args)
+    config = resolve(base, overrides)
+    ignored = [k for k in ("tiers", "tier_order", "tier_reduce") if k in overrides]
+    if ignored and not is_tiered(config):
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        why = (
+            "multiscale_momentum has its own timescales"
+            if config.optimizer == "multiscale_momentum"
+            else f"frequencies {list(config.frequencies)} is a single tier"
+        )
+        raise _UsageError(f"{flags} would be ignored: {why}")
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -249,3 +249,21 @@ def test_kill_mid_write_leaves_previous_checkpoint(tmp_path, where):
 def test_checkpoint_dir_is_a_path(tmp_path):
     p = save_checkpoint(str(tmp_path), TrainState({}, (), 0), {}, 12345678)
     assert isinstance(p, Path) and p.name == "step_12345678" and os.path.isdir(p)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from nestedfn.checkpoint import atomic_write, atomic_write_text
+
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old\n")
+
+    def half_then_die(p):
+        with open(p, "w") as f:
+            f.write("ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half_then_die)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left
+    assert atomic_write_text(path, "new\n") == path and path.read_text() == "new\n"

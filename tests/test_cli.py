@@ -81,6 +81,8 @@ GOOD = '{"text": "one two three"}\n'
         ("lora_scale_word_in_yaml", "lora_scale must be a finite number, got 'big'"),
         ("lora_dropout_word_in_yaml", "lora_dropout must be a number in [0, 1), got 'x'"),
         ("tiers_with_one_frequency", "would be ignored: frequencies [1] is a single tier"),
+        ("tier_order_flag_with_one_frequency", "--tier-order would be ignored: frequencies [1]"),
+        ("tiers_depth_flag_multiscale", "--tiers would be ignored: multiscale_momentum has its"),
         ("optimizer_arg_fails_first_step", "the first training step fails (ValueError"),
     ],
 )
@@ -120,6 +122,10 @@ def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
         args += ["--config", str(tmp_path / "run.yaml")]
     elif case == "tiers_with_one_frequency":
         args += ["--frequencies", "1", "--tiers", "{'mlp': 1, '.*': 0}"]
+    elif case == "tier_order_flag_with_one_frequency":
+        args += ["--frequencies", "1", "--tier-order", "deep_fast"]
+    elif case == "tiers_depth_flag_multiscale":
+        args += ["--optimizer", "multiscale_momentum", "--tiers", "depth"]
     elif case == "optimizer_arg_fails_first_step":
         args += ["--optimizer", "adam", "--frequencies", "1", "--optimizer-args", "{b1: x}"]
     assert main(args) == 2

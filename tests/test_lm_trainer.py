@@ -205,3 +205,47 @@ def test_ctrl_c_before_any_step_saves_nothing(assets, tmp_path, monkeypatch):
         train(small(assets), tmp_path / "run", progress=False, log=lambda s: None)
     assert e.value.checkpoint is None and e.value.step == 0
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("crash_on", ["config.yaml", "metrics.jsonl"])
+def test_resume_rewrites_config_and_metrics_atomically(assets, tmp_path, monkeypatch, crash_on):
+    import os
+    import shutil
+
+    run = tmp_path / "run"
+    train(small(assets, steps=4, save_every=2), run, progress=False, log=lambda s: None)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # killed after step 4, before its save
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    real = os.replace
+
+    def crash(src, dst):  # the machine dies just before the new file would replace the old
+        if os.path.basename(dst) == crash_on:
+            raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(small(assets), run, resume=True, overrides={"steps": 6}, log=lambda s: None)
+    monkeypatch.undo()
+    assert (run / crash_on).read_bytes() == before[crash_on]  # whole, not half rewritten
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    # a torn last record (killed mid-write) is dropped on resume, the rest trimmed to step 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "st')
+    train(small(assets), run, resume=True, overrides={"steps": 6}, progress=False, log=str)
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_files_get_the_umask_permissions_not_0600(assets, tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        run = tmp_path / "run"
+        train(small(assets, steps=2, eval_every=1), run, progress=False, log=lambda s: None)
+    finally:
+        os.umask(old)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {"adapters.safetensors", "adapter_config.json", "config.yaml"} <= {p.name for p in files}
+    modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {name: oct(0o666 & ~0o027) for name in modes}

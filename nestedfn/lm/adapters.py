@@ -6,20 +6,20 @@ scale, dropout, keys), rebuild the LoRA layers with ``linear_to_lora_layers`` an
 safetensors file, whose keys are the trainable leaves' dotted paths
 (``model.layers.3.self_attn.q_proj.lora_a``), i.e. ``nestedfn.tree.to_flat`` of the tree.
 
-Both files are written atomically (a temporary file in the same directory, then
-``os.replace``), so a reader never sees a half-written adapter.
+Both files are written atomically (``nestedfn.checkpoint.atomic_write``: a temporary file in the
+same directory, fsynced, then ``os.replace``), so a reader never sees a half-written adapter;
+they get the usual permissions (``0o666`` less the umask).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from nestedfn.checkpoint import atomic_write, atomic_write_text
 from nestedfn.lm.lora import LoraSpec
 from nestedfn.tree import from_flat, to_flat
 
@@ -42,18 +42,6 @@ def adapter_config(spec: LoraSpec, n_blocks: int, extra: dict[str, Any] | None =
     return config
 
 
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapters(
     directory: str | Path,
     params: Any,
@@ -68,14 +56,9 @@ def save_adapters(
     if not flat:
         raise ValueError("save_adapters: the trainable tree holds no arrays")
     mx.eval(list(flat.values()))
-    _atomic_write(directory / ADAPTER_FILE, lambda p: mx.save_safetensors(p, flat), ".safetensors")
+    atomic_write(directory / ADAPTER_FILE, lambda p: mx.save_safetensors(p, flat), ".safetensors")
     text = json.dumps(adapter_config(spec, n_blocks, extra), indent=2, sort_keys=False)
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            f.write(text + "\n")
-
-    _atomic_write(directory / ADAPTER_CONFIG, write_json, ".json")
+    atomic_write_text(directory / ADAPTER_CONFIG, text + "\n")
     return directory
 
 

@@ -49,6 +49,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nestedfn import distributed
+from nestedfn.checkpoint import atomic_write_text
 from nestedfn.core import Optimizer, Params, Step, TrainState, apply_gradients, chain, init
 from nestedfn.lm.adapters import ADAPTER_CONFIG, ADAPTER_FILE, save_adapters
 from nestedfn.lm.config import (
@@ -457,12 +458,26 @@ def _tier_updates(opt_state: Any) -> list[int] | None:
     return [t.updates for t in tier_stats(opt_state)]
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a resume starts from)."""
+def _kept_metrics(path: Path, step: int) -> str | None:
+    """The text of ``path`` without the records past ``step`` (written after the checkpoint a
+    resume starts from) and without a torn last line (a crash mid-write); ``None`` when there is
+    no such file.  Read before anything is written: a garbled line is a ``RunError``."""
     if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+            if n == len(lines):
+                break  # the record being written when the run was killed
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+            raise RunError(f"{path}:{n}: not a metrics record; fix or remove the line")
+        if rec["step"] <= step:
+            keep.append(line)
+    return "".join(ln + "\n" for ln in keep)
 
 
 def _bar(total: int, initial: int, enabled: bool) -> Any:
@@ -518,6 +533,7 @@ def train(
             raise RunError(f"cannot resume: no checkpoint in {out / CHECKPOINT_DIR}")
         state, saved_extra = load_checkpoint(ckpt, like=state)
         extra.update(saved_extra)
+    metrics = _kept_metrics(out / METRICS_FILE, int(state.step)) if resume else None
     fns = _step_fns(prep)
     _dry_run(prep, state, fns)
     # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
@@ -530,8 +546,9 @@ def train(
             if force:
                 _clear_run(out)
             out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out)
-        _trim_metrics(out / METRICS_FILE, int(state.step))
+        save_config(config, out)  # both atomic: an interrupted resume leaves the old files
+        if metrics is not None:
+            atomic_write_text(out / METRICS_FILE, metrics)
     return _loop(prep, fns, state, extra, out, progress and main, log, resume, stop_at)
 
 
