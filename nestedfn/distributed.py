@@ -197,19 +197,34 @@ def _split(buf: mx.array, leaves: list[mx.array], idx: list[int]) -> Iterable[mx
     return (p.reshape(leaves[i].shape) for p, i in zip(mx.split(buf, offsets), idx))
 
 
+def _wide(dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a gradient travels and is summed in: float32 for the half-precision ones (so
+    a weight or a sum beyond float16's 65504, or a weight bfloat16 would round, stays exact
+    enough), else its own."""
+    return mx.float32 if dtype in (mx.float16, mx.bfloat16) else dtype
+
+
 def _reduce_buffers(
-    leaves: list[mx.array], group: Group, scale: mx.array | None = None
+    leaves: list[mx.array], group: Group, scale: mx.array | None = None, widen: bool = False
 ) -> list[tuple[list[int], mx.array]]:
     """``(leaf indices, summed flat buffer)`` per dtype: one ``all_sum`` per dtype.
 
-    With ``scale`` each buffer is multiplied by it before the sum: one op per dtype, not one
-    per leaf (hundreds of small ops cost more than the communication on a CPU).
+    With ``widen`` the half-precision leaves join the float32 buffer (``_wide``), so the sum
+    happens in float32 (and the buffer comes back float32: cast the parts back).  With
+    ``scale`` (float32) each buffer is multiplied by it, in the buffer's dtype, before the sum:
+    one op per dtype, not one per leaf (hundreds of small ops cost more than the communication
+    on a CPU).
     """
+    groups: dict[mx.Dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(_wide(x.dtype) if widen else x.dtype, []).append(i)
     out = []
-    for idx in _by_dtype(leaves).values():
+    for dtype, idx in groups.items():
         buf = _concat(leaves, idx)
+        if buf.dtype != dtype:
+            buf = buf.astype(dtype)
         if scale is not None:
-            buf = buf * scale.astype(buf.dtype)
+            buf = buf * scale.astype(dtype)
         out.append((idx, mx.distributed.all_sum(buf, group=group)))
     return out
 
@@ -220,7 +235,7 @@ def _unflatten_buffers(
     out: list[mx.array] = list(leaves)
     for idx, buf in buffers:
         for i, part in zip(idx, _split(buf, leaves, idx)):
-            out[i] = part
+            out[i] = part if part.dtype == leaves[i].dtype else part.astype(leaves[i].dtype)
     return unflatten(treedef, out)
 
 
@@ -260,7 +275,13 @@ def average_gradients(
     is rank r's per-token mean gradient and ``w_r`` its token count, this is exactly the
     per-token mean gradient of the whole global batch, i.e. what one process would compute on
     it, even when padding leaves the ranks with different token counts.  The weight rides as
-    one extra float32 element in the flat buffers: still one ``all_sum`` per dtype.
+    one extra float32 element in the float32 buffer.
+
+    float16 and bfloat16 leaves are scaled, summed and divided in float32 (they travel in the
+    float32 buffer, twice their size) and cast back once at the end: a weight is never rounded
+    to the gradient's dtype (bfloat16 would round 511 to 512) and neither ``w_r g_r`` nor the
+    sum can overflow float16's 65504 when the average does not.  So one ``all_sum`` carries
+    every float16/bfloat16/float32 leaf (float64 has its own).
 
     ``fused=False`` issues one ``all_sum`` per leaf instead (about 10x slower on the 336-leaf
     LoRA tree over 2 ranks here; kept for ``benchmarks/distributed_allreduce.py``).
@@ -275,24 +296,33 @@ def average_gradients(
     g = _resolve(group)
     if g is None or not leaves:
         return grads
+    n = g.size()
     if weight is None:
         if not fused:
             return unflatten(
-                treedef, [mx.distributed.all_sum(x, group=g) / g.size() for x in leaves]
+                treedef,
+                [
+                    (mx.distributed.all_sum(x.astype(_wide(x.dtype)), group=g) / n).astype(x.dtype)
+                    for x in leaves
+                ],
             )
-        buffers = _reduce_buffers(leaves, g)
-        return _unflatten_buffers(treedef, leaves, [(i, b / g.size()) for i, b in buffers])
+        buffers = _reduce_buffers(leaves, g, widen=True)
+        return _unflatten_buffers(treedef, leaves, [(i, b / n) for i, b in buffers])
     if isinstance(weight, mx.array):
         w = weight.astype(mx.float32).reshape(())
     else:
         w = mx.array(float(weight), dtype=mx.float32)
     if not fused:
         total = mx.distributed.all_sum(w, group=g)
-        summed = [mx.distributed.all_sum(x * w.astype(x.dtype), group=g) for x in leaves]
-        return unflatten(treedef, [(s / total).astype(s.dtype) for s in summed])
+        out = []
+        for x in leaves:
+            wide = _wide(x.dtype)
+            s = mx.distributed.all_sum(x.astype(wide) * w.astype(wide), group=g)
+            out.append((s / total.astype(wide)).astype(x.dtype))
+        return unflatten(treedef, out)
     # A trailing float32 one becomes w after the scaling, so Σ_r w_r arrives in the same sum.
     extended = [*leaves, mx.ones((), dtype=mx.float32)]
-    buffers = _reduce_buffers(extended, g, scale=w)
+    buffers = _reduce_buffers(extended, g, scale=w, widen=True)
     last = len(leaves)
     total = next(b for i, b in buffers if i[-1] == last)[-1]
     averaged = []
@@ -300,7 +330,7 @@ def average_gradients(
         if idx[-1] == last:  # drop the weight's slot
             idx, buf = idx[:-1], buf[:-1]
         if idx:
-            averaged.append((idx, (buf / total).astype(buf.dtype)))
+            averaged.append((idx, buf / total.astype(buf.dtype)))
     return _unflatten_buffers(treedef, leaves, averaged)
 
 

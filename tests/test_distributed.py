@@ -232,6 +232,20 @@ try:
         bool(mx.array_equal(a, b)) for a, b in zip(flatten(avg)[0], flatten(per_leaf)[0]))
     weighted = dist.average_gradients(g, weight=mx.array(r + 1))
     compiled = mx.compile(lambda t: dist.average_gradients(t, weight=r + 1))(g["layers"][0])
+    # half precision: a weight beyond float16's range, one bfloat16 would round, a sum that
+    # overflows float16 where the mean does not (expected values: in the test below)
+    h = {"h": mx.full((3,), 10.0 * (r + 1), dtype=mx.float16)}
+    res["half_big_weight"] = [
+        dist.average_gradients(h, weight=1e5 * (r + 1))["h"].tolist(),
+        dist.average_gradients(h, weight=mx.array(1e5 * (r + 1)), fused=False)["h"].tolist(),
+    ]
+    b = {"b": mx.array([1.0 - 2.0 * r], dtype=mx.bfloat16), "f": mx.array([1.0 - 2.0 * r])}
+    avg_b = dist.average_gradients(b, weight=[513, 511][r])
+    res["bf16_weight"] = [avg_b["b"].astype(mx.float32).item(), str(avg_b["b"].dtype),
+                          avg_b["f"].item()]
+    big = {"h": mx.full((2,), 40000.0, dtype=mx.float16)}
+    res["half_sum_mean"] = [dist.average_gradients(big)["h"].tolist(),
+                            dist.average_gradients(big, fused=False)["h"].tolist()]
     sums = dist.all_sum({"loss": mx.array(float(r + 1)), "ntok": mx.array(r + 10)})
     res["sums"] = [sums["loss"].item(), sums["ntok"].item(), str(sums["ntok"].dtype)]
     bcast = dist.broadcast_params(g)
@@ -328,6 +342,19 @@ def test_two_ranks_average_equals_numpy_mean(two_ranks):
             np.testing.assert_allclose(arrays[r]["compiled:" + p], ref, rtol=1e-6, atol=1e-6)
     for key in arrays[0]:  # every rank ends with bit-identical averages
         np.testing.assert_array_equal(arrays[0][key], arrays[1][key], err_msg=key)
+
+
+def test_two_ranks_weighted_half_precision_neither_overflows_nor_rounds_the_weight(two_ranks):
+    results, _ = two_ranks
+    # float16 grads 10 and 20 with weights 1e5 and 2e5 (float16 tops out at 65504)
+    want = float(np.float16((1e5 * 10 + 2e5 * 20) / 3e5))
+    # bfloat16 grads 1 and -1 with weights 513 and 511 (bfloat16 rounds both to 512: 0)
+    exact = (513 * 1.0 + 511 * -1.0) / (513 + 511)
+    for res in results:
+        for got in res["half_big_weight"]:
+            np.testing.assert_allclose(got, [want] * 3, rtol=1e-3)
+        assert res["bf16_weight"] == [exact, "mlx.core.bfloat16", exact]
+        assert res["half_sum_mean"] == [[40000.0, 40000.0]] * 2  # 80000 is inf in float16
 
 
 def test_two_ranks_all_sum_broadcast_and_divergence_check(two_ranks):
