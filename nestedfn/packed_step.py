@@ -121,7 +121,7 @@ class _Layout(NamedTuple):
     packed_sig: tuple  # (shape, dtype) of every packed-state leaf
     shapes: list  # every params leaf's shape, in leaf order
     dtypes: list  # every params leaf's dtype, in leaf order
-    get_leaves: Callable[[Any], list | None]  # treecode.leaf_getter(params_def)
+    get_leaves: Callable[[Any], list | None]  # treecode.leaf_getter(params_def, False)
     build_params: Callable[[list], Any]  # treecode.tree_builder(params_def)
 
 
@@ -208,7 +208,7 @@ class PackedCompiledStep:
             sig,
             list(layout.shapes),
             list(layout.dtypes),
-            leaf_getter(td),
+            leaf_getter(td, check_leaves=False),  # every leaf is checked by identity or .shape
             tree_builder(td),
         )
 

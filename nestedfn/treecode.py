@@ -59,8 +59,12 @@ def _general_getter(td: TreeDef) -> Callable[[Any], list | None]:
 
 
 @lru_cache(maxsize=256)
-def leaf_getter(td: TreeDef) -> Callable[[Any], list | None]:
-    """A function ``tree -> leaves | None`` specialised to the structure ``td``."""
+def leaf_getter(td: TreeDef, check_leaves: bool = True) -> Callable[[Any], list | None]:
+    """A function ``tree -> leaves | None`` specialised to the structure ``td``.
+
+    With ``check_leaves=False`` a node (dict, list, tuple, None) in a leaf position is
+    returned as a "leaf" instead of refused: for callers that check every leaf themselves
+    anyway (an identity test, an attribute such as ``.shape``), one test fewer per leaf."""
     if not _simple(td):
         return _general_getter(td)
     consts: dict[str, Any] = {}
@@ -76,7 +80,8 @@ def leaf_getter(td: TreeDef) -> Callable[[Any], list | None]:
     def walk(node: TreeDef, var: str) -> None:
         kind = node.kind
         if kind == "leaf":
-            lines.append(f"if {var} is None or isinstance({var}, _NODES): return None")
+            if check_leaves:
+                lines.append(f"if {var} is None or isinstance({var}, _NODES): return None")
             leaves.append(var)
             return
         if kind == "none":

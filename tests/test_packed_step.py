@@ -93,6 +93,11 @@ def test_packed_refuses_what_it_cannot_do():
     step_fn = compile_step(adam, packed=True)
     with pytest.raises(TreeMismatchError, match="grads shaped unlike params"):
         step_fn(init(adam, _tree(0)), {"x": mx.ones(2)})
+    for bad in (None, {"w": mx.ones((3, 4))}, [mx.ones((3, 4))], 1.0):  # a node or number
+        grads = _tree(1)
+        grads["model"]["layers"][0]["w"] = bad
+        with pytest.raises(TreeMismatchError, match="grads shaped unlike params"):
+            step_fn(step_fn.init(_tree(0)), grads)
     other = _tree(0, shapes=((2, 2), (3,), (1,)))
     with pytest.raises(TreeMismatchError, match="does not fit"):  # a state for other params
         step_fn(step_fn.init(_tree(0))._replace(params=other), other)

@@ -70,3 +70,12 @@ def test_ordered_dicts_use_the_general_path_and_stay_exact():
     rebuilt = tree_builder(td)(leaves)
     assert type(rebuilt) is OrderedDict and list(rebuilt) == ["b", "a"]
     assert leaf_getter(td)(dict(tree)) is None
+
+
+def test_unchecked_leaves_return_nodes_in_leaf_positions_for_the_caller_to_check():
+    tree = {"a": mx.zeros((1,)), "b": [mx.ones((2,))]}
+    td = nf.flatten(tree)[1]
+    odd = {"a": {"x": 1}, "b": [None]}
+    assert leaf_getter(td)(odd) is None
+    assert leaf_getter(td, check_leaves=False)(odd) == [{"x": 1}, None]
+    assert leaf_getter(td, check_leaves=False)({"a": 1, "b": (2,)}) is None  # nodes still checked
