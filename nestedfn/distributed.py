@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from nestedfn.tree import flatten, to_flat, unflatten
 
@@ -365,25 +366,41 @@ _BITS = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 
 
 def _signature(tree: Tree) -> int:
-    """A process-independent checksum of structure, paths, shapes and dtypes (crc32)."""
+    """A process-independent checksum of structure, paths, shapes and dtypes (crc32); for a
+    leaf that is not an ``mx.array`` its type."""
     leaves, treedef = flatten(tree)
-    text = repr(treedef) + "|" + ";".join(f"{x.shape}:{x.dtype}" for x in leaves)
+    text = (
+        repr(treedef)
+        + "|"
+        + ";".join(
+            f"{x.shape}:{x.dtype}" if isinstance(x, mx.array) else type(x).__name__ for x in leaves
+        )
+    )
     return zlib.crc32(text.encode())
+
+
+def _checksum(x: Any) -> int:
+    """crc32 of the value of a leaf that is not an ``mx.array`` (a counter, a numpy array)."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        a = np.asarray(x)
+        return zlib.crc32(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+    return zlib.crc32(f"{type(x).__name__}:{x!r}".encode())
 
 
 def check_identical(tree: Tree, group: Group | None = None, what: str = "params") -> None:
     """Raise ``DivergenceError`` unless every rank holds a bit-identical ``tree``.
 
     First the structure (a checksum of paths, shapes and dtypes: the collectives above would
-    silently mis-sum trees that differ), then the values: the bits of every leaf are reduced
-    with ``all_max`` and ``all_min`` and must agree, which needs no gather.  The message names
-    the leaves that differ.  On one process this does nothing (there is nothing to compare).
+    silently mis-sum trees that differ), then the values: the bits of every ``mx.array`` leaf
+    are reduced with ``all_max`` and ``all_min`` and must agree, which needs no gather; other
+    leaves (Python numbers, strings, numpy arrays: a ``TrainState``'s step, counters in an
+    optimizer state) are compared by a checksum of their value.  The message names the leaves
+    that differ.  On one process this does nothing (there is nothing to compare).
     """
     g = _resolve(group)
     if g is None:
         return
     leaves, _ = flatten(tree)
-    _check_arrays(leaves, tree, "check_identical")
     sig = mx.array([_signature(tree)], dtype=mx.uint32)
     lo, hi = mx.distributed.all_min(sig, group=g), mx.distributed.all_max(sig, group=g)
     if lo.item() != hi.item():
@@ -394,12 +411,20 @@ def check_identical(tree: Tree, group: Group | None = None, what: str = "params"
         )
     order: list[int] = []
     flags: list[mx.array] = []
-    for idx in _by_dtype(leaves).values():
-        buf = _concat(leaves, idx)
+    at = [i for i, x in enumerate(leaves) if isinstance(x, mx.array)]
+    arrays = [leaves[i] for i in at]
+    for idx in _by_dtype(arrays).values():
+        buf = _concat(arrays, idx)
         bits = buf.view(_BITS[buf.dtype.size])
         neq = mx.distributed.all_max(bits, group=g) != mx.distributed.all_min(bits, group=g)
-        order += idx
-        flags += [part.any() for part in _split(neq, leaves, idx)]
+        order += [at[j] for j in idx]
+        flags += [part.any() for part in _split(neq, arrays, idx)]
+    others = [i for i, x in enumerate(leaves) if not isinstance(x, mx.array)]
+    if others:
+        sums = mx.array([_checksum(leaves[i]) for i in others], dtype=mx.uint32)
+        neq = mx.distributed.all_max(sums, group=g) != mx.distributed.all_min(sums, group=g)
+        order += others
+        flags += list(neq)
     differs = mx.stack(flags).tolist() if flags else []
     differ = sorted(i for i, d in zip(order, differs) if d)
     if differ:

@@ -264,6 +264,12 @@ try:
         res["one_off_paths"] = None
     except dist.DivergenceError as e:
         res["one_off_paths"] = e.paths
+    try:  # leaves that are not arrays (a step count, a numpy counter) are compared too
+        dist.check_identical({"a": mx.zeros(2), "step": 7, "np": np.arange(3)})
+        dist.check_identical({"a": mx.zeros(2), "step": 7 + r, "np": np.arange(3) * r})
+        res["scalar_paths"] = None
+    except dist.DivergenceError as e:
+        res["scalar_paths"] = e.paths
     try:
         dist.check_identical({"x": mx.zeros(3 + r)})
         res["structure_error"] = None
@@ -365,6 +371,7 @@ def test_two_ranks_all_sum_broadcast_and_divergence_check(two_ranks):
         assert res["bcast_bits_equal_rank0"]
         assert sorted(res["diverged_paths"]) == sorted(nonempty)
         assert res["one_off_paths"] == ["half"]
+        assert res["scalar_paths"] == ["step", "np"]
         assert "structure, shapes or dtypes differ" in res["structure_error"]
 
 
@@ -509,3 +516,54 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_proc
     assert set(x) == set(y)
     for k in y:
         np.testing.assert_allclose(np.array(x[k]), np.array(y[k]), rtol=1e-4, atol=2e-5)
+
+
+# `python -c` that gives each rank its own --seed (0, 1): different initial LoRA parameters.
+PER_RANK_SEED = (
+    "import os, sys; from nestedfn.cli import main; "
+    "sys.exit(main(sys.argv[1:] + ['--seed', os.environ.get('MLX_RANK', '0')]))"
+)
+
+
+def test_two_processes_starting_from_different_parameters_stop_before_writing(
+    demo_assets, tmp_path
+):
+    run = tmp_path / "run"
+    flags = [f for f in TRAIN_FLAGS if f not in ("--seed", "3")]
+    proc = launch(["-c", PER_RANK_SEED, "train", *demo_assets, *flags, "--out", str(run)])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # (mlx.launch terminates the other rank once one has exited: its code can be -15)
+    assert "exited with code 2" in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nestedfn train: error:")]
+    assert errors and all(
+        "the training state at the start" in ln and "differ across the 2 ranks: params." in ln
+        for ln in errors
+    ), proc.stderr
+    assert not run.exists()  # rank 0 wrote nothing
+
+
+def test_two_processes_resuming_different_optimizer_states_stop_before_writing(
+    demo_assets, single_run, tmp_path
+):
+    # --resume across machines: each rank reads its own copy of the run, and rank 1's copy
+    # holds other optimizer moments (same parameters, same step)
+    for r in (0, 1):
+        shutil.copytree(single_run, tmp_path / f"rank{r}")
+        shutil.rmtree(tmp_path / f"rank{r}" / "checkpoints" / "step_00000004")
+    ckpt = tmp_path / "rank1" / "checkpoints" / "step_00000002" / "arrays.safetensors"
+    arrays = mx.load(str(ckpt))
+    n_params = len(mx.load(str(single_run / "adapters.safetensors")))
+    first_moment = str(n_params)  # leaves are stored in order: params, then opt_state
+    arrays[first_moment] = arrays[first_moment] + 1.0
+    mx.save_safetensors(str(ckpt), arrays)
+    before = {r: {p: (tmp_path / f"rank{r}" / p).read_bytes() for p in _files(tmp_path / f"rank{r}")}
+              for r in (0, 1)}  # fmt: skip
+    proc = launch(["-c", PER_RANK_OUT, "train", "--resume", "--out", str(tmp_path)])
+    assert "Traceback" not in proc.stderr and "exited with code 2" in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nestedfn train: error:")]
+    assert errors and all(
+        "differ across the 2 ranks: opt_state." in ln and "params." not in ln for ln in errors
+    ), proc.stderr
+    for r in (0, 1):
+        after = {p: (tmp_path / f"rank{r}" / p).read_bytes() for p in _files(tmp_path / f"rank{r}")}
+        assert after == before[r]

@@ -537,9 +537,19 @@ def train(
     fns = _step_fns(prep)
     _dry_run(prep, state, fns)
     # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
-    # half-written run), and all ranks start from bit-identical parameters.
+    # half-written run), and all ranks start from a bit-identical state (parameters and
+    # optimizer state: with --resume across machines each reads its own copy of the run).
     distributed.barrier()
-    distributed.check_identical(state.params, what="LoRA parameters at the start")
+    try:
+        distributed.check_identical(
+            {"params": state.params, "opt_state": state.opt_state, "step": state.step},
+            what="the training state at the start",
+        )
+    except distributed.DivergenceError as e:
+        raise RunError(
+            f"{e}; every process must start from the same model, options and seed (and, with "
+            "--resume, the same checkpoint)"
+        ) from None
     main = distributed.is_main()
     if main:
         if not resume:
