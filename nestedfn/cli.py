@@ -112,6 +112,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(summary: Any) -> None:
+    """The run's summary lines, printed by rank 0 only (every rank has the same numbers)."""
+    from nestedfn import distributed
+
+    if not distributed.is_main():
+        return
     if summary.first_loss is not None:
         print(f"train loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
     if summary.valid_losses:

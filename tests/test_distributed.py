@@ -470,6 +470,8 @@ def test_two_processes_train_like_one_and_only_rank0_writes(demo_assets, single_
     assert not (tmp_path / "rank1").exists(), _files(tmp_path / "rank1")  # rank 1: no files
     _same_run(tmp_path / "rank0", single_run)
     assert proc.stdout.count("wrote the run to") == 1
+    # the summary too is printed once, by rank 0
+    assert proc.stdout.count("train loss") == 1 and proc.stdout.count("tokens/s over") == 1
 
 
 def test_two_processes_resume_matches_one_process(demo_assets, single_run, tmp_path):
