@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.fn(args))
-    except (RunError, ConfigError, DataError, _UsageError) as e:
+    except (RunError, ConfigError, DataError, _UsageError, distributed.ConnectError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"nestedfn {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -34,12 +34,14 @@ import numpy as np
 from nestedfn.tree import flatten, to_flat, unflatten
 
 __all__ = [
+    "ConnectError",
     "DivergenceError",
     "all_sum",
     "average_gradients",
     "barrier",
     "broadcast_params",
     "check_identical",
+    "connect_timeout",
     "is_launched",
     "is_main",
     "rank",
@@ -56,6 +58,13 @@ _LAUNCH_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 _WORLD: Group | None = None
 _WORLD_READY = False
+
+CONNECT_TIMEOUT_VAR = "NESTEDFN_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 300.0
+
+
+class ConnectError(RuntimeError):
+    """A launched process that cannot join its peers (``world()``)."""
 
 
 class DivergenceError(RuntimeError):
@@ -104,17 +113,84 @@ def is_launched() -> bool:
     return size is not None and size > 1
 
 
+# The watchdog of ``world()``: a separate process (MLX's ``init`` holds the GIL while it
+# waits, so no thread of ours could run) that stops its parent when the wait is over.
+_WATCHDOG = """
+import os, signal, sys, time
+pid, limit, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + limit
+while time.monotonic() < end:
+    if os.getppid() != pid:
+        sys.exit(0)
+    time.sleep(min(0.2, max(end - time.monotonic(), 0.0)))
+sys.stderr.write(message + "\\n")
+sys.stderr.flush()
+os.kill(pid, signal.SIGTERM)
+time.sleep(3)
+if os.getppid() == pid:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def connect_timeout() -> float:
+    """Seconds ``world()`` waits for the peers: ``NESTEDFN_CONNECT_TIMEOUT`` (default 300;
+    0 or less waits forever)."""
+    text = os.environ.get(CONNECT_TIMEOUT_VAR, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        return float(text)
+    except ValueError:
+        raise ConnectError(f"{CONNECT_TIMEOUT_VAR}={text!r} is not a number of seconds") from None
+
+
+def _init_within(limit: float) -> Group:
+    """``mx.distributed.init(strict=True)``, the process stopped (SIGTERM, after a message on
+    stderr) if it has not returned within ``limit`` seconds.
+
+    The ring backend's listening side (rank 0 of two) otherwise waits forever for a peer that
+    never starts, and the call cannot be interrupted from Python (it holds the GIL), so a
+    watchdog process does it.  The connecting side gives up by itself after about 30 s."""
+    import subprocess
+    import sys
+
+    watchdog = None
+    if limit > 0:
+        size = _launched_size()
+        message = (
+            f"nestedfn: this process (rank {os.environ.get('MLX_RANK', '?')} of {size}) could "
+            f"not connect to its peers within {limit:g} s; stopping it (are all the processes "
+            f"started? {CONNECT_TIMEOUT_VAR} sets the wait, 0 waits forever)"
+        )
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(limit), message],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+    try:
+        return mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise ConnectError(f"this process could not join its peers: {e}") from e
+    finally:
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
+
+
 def world() -> Group | None:
     """The global group of all launched processes, or ``None`` on a single process.
 
     Initialised once, on first use, with ``mx.distributed.init(strict=True)``: a launched
-    process that cannot join its peers raises instead of silently training alone (and then
-    writing files as a second "rank 0").
+    process that cannot join its peers stops instead of silently training alone (and then
+    writing files as a second "rank 0"): ``ConnectError`` when the backend gives up (the ring's
+    connecting side after about 30 s), and, for a side that would wait forever (the ring's
+    listening rank 0 when a peer never starts), the process is terminated with a message on
+    stderr after ``connect_timeout()`` seconds (``NESTEDFN_CONNECT_TIMEOUT``, default 300).
     """
     global _WORLD, _WORLD_READY
     if not _WORLD_READY:
         if is_launched():
-            group = mx.distributed.init(strict=True)
+            group = _init_within(connect_timeout())
             _WORLD = group if group.size() > 1 else None
         _WORLD_READY = True
     return _WORLD

@@ -176,6 +176,41 @@ def test_launch_detection_from_environment(monkeypatch, tmp_path):
     assert dist.is_launched()
 
 
+def test_connect_timeout_from_environment(monkeypatch):
+    monkeypatch.delenv("NESTEDFN_CONNECT_TIMEOUT", raising=False)
+    assert dist.connect_timeout() == 300
+    monkeypatch.setenv("NESTEDFN_CONNECT_TIMEOUT", "0")
+    assert dist.connect_timeout() == 0
+    monkeypatch.setenv("NESTEDFN_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(dist.ConnectError, match="'soon' is not a number of seconds"):
+        dist.connect_timeout()
+
+
+def test_a_launched_rank_whose_peer_never_starts_stops_after_the_connect_timeout(tmp_path):
+    # rank 0 of the ring listens for rank 1, which never starts: without a bound it would wait
+    # forever (in MLX's init, which holds the GIL); with one it is stopped, saying why
+    import time
+
+    port = _free_ports(2)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(hostfile), NESTEDFN_CONNECT_TIMEOUT="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    code = "import nestedfn.distributed as d; d.world(); print('trained alone')"
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert time.monotonic() - tic < 20
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "nestedfn: this process (rank 0 of 2) could not connect to its peers within 2 s; "
+        "stopping it (are all the processes started? NESTEDFN_CONNECT_TIMEOUT sets the wait, "
+        "0 waits forever)\n"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Two launched processes
 
