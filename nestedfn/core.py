@@ -137,8 +137,9 @@ _NO_UPDATE: weakref.WeakValueDictionary[int, mx.array] = weakref.WeakValueDictio
 
 def no_update(p: Any) -> Any:
     """The update that leaves ``p`` as it is: ``-0.0`` in ``p``'s shape and dtype (``x + -0.0``
-    is ``x`` bit for bit, signed zeros and NaN included; ``+0.0`` would turn ``-0.0`` into
-    ``+0.0``), marked so that ``apply_updates`` returns ``p`` itself.  The array is lazy: when
+    is ``x``: signed zeros kept, NaN stays NaN, though a GPU may change a NaN's payload;
+    ``+0.0`` would turn ``-0.0`` into ``+0.0``), marked so that ``apply_updates`` returns
+    ``p`` itself, bit for bit.  The array is lazy: when
     only ``apply_updates`` sees it, it is never computed, and under ``mx.compile`` the
     parameter goes through the graph untouched.  A transform that rewrites the update gets an
     ordinary array (still exact after ``u * c`` with ``c >= 0``); one that passes the array on

@@ -271,7 +271,9 @@ def test_inactive_leaves_pass_through_as_the_same_arrays_eager():
     assert is_no_update(updates["b"]) and is_no_update(updates["c"])
     new = apply_updates(params, updates)
     assert new["b"] is params["b"] and new["c"] is params["c"]
-    np.testing.assert_array_equal(_bits(params["b"] + updates["b"]), _bits(params["b"]))
+    by_hand = np.array(params["b"] + updates["b"])  # -0.0 stays -0.0, NaN stays NaN (a GPU
+    assert np.signbit(by_hand[0]) and by_hand[0] == 0.0 and np.isnan(by_hand[1])  # may change
+    # the NaN's payload, so bits are compared only where apply_updates passes through)
     sched = nested_adam(lambda step: 0.1 / (1 + step), (1, 2, 4), tiers=TIERS3)
     updates, _ = sched.update(grads, sched.init(params), params, 0)
     new = apply_updates(params, updates)
