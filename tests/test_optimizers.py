@@ -21,18 +21,25 @@ STEPS = 60
 
 
 def _tree(rng: np.random.Generator) -> dict:
-    """A small MLX-style parameter tree: an embedding, a ``layers`` list, a head bias."""
+    """A random MLX-style parameter tree: an embedding, a ``layers`` list of 2-4 blocks, a
+    head bias; the sizes are drawn from ``rng``, so every seed is another tree."""
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    d, n = int(rng.integers(2, 6)), int(rng.integers(2, 5))
     return {
-        "embed": rng.standard_normal((5, 3)).astype(np.float32),
+        "embed": normal(int(rng.integers(3, 8)), d),
         "layers": [
-            {
-                "attn": {"q": rng.standard_normal((3, 4)).astype(np.float32)},
-                "norm": rng.standard_normal((3,)).astype(np.float32),
-            }
-            for _ in range(3)
+            {"attn": {"q": normal(d, int(rng.integers(2, 6)))}, "norm": normal(d)} for _ in range(n)
         ],
-        "head": {"bias": rng.standard_normal((2,)).astype(np.float32)},
+        "head": {"bias": normal(int(rng.integers(1, 4)))},
     }
+
+
+def _like(params: dict, rng: np.random.Generator) -> dict:
+    """Standard-normal arrays shaped like ``params`` (gradients for it)."""
+    return nf.tree_map(lambda x: mx.array(rng.standard_normal(x.shape).astype(np.float32)), params)
 
 
 def _to_mx(tree_np: dict) -> dict:
@@ -42,7 +49,14 @@ def _to_mx(tree_np: dict) -> dict:
 
 def _run(optimizer: nf.Optimizer, reference, seed: int = 0, steps: int = STEPS, atol=2e-6):
     """Run ``optimizer`` and ``reference(p, g, state, step) -> (p, state)`` (numpy, leaf by
-    leaf) side by side on the same gradients; compare params after every step."""
+    leaf) side by side on the same gradients; compare params after every step.  Done on two
+    random trees (``seed`` and ``seed + 100``)."""
+    for s in (seed, seed + 100):
+        state = _run_one(optimizer, reference, s, steps, atol)
+    return state
+
+
+def _run_one(optimizer: nf.Optimizer, reference, seed: int, steps: int, atol: float):
     rng = np.random.default_rng(seed)
     p_np, td = flatten(_tree(rng))
     p_np = [x.copy() for x in p_np]
@@ -112,7 +126,7 @@ def test_adam_matches_mlx_optimizers_adam():
     )
     their_params = params
     for _ in range(STEPS):
-        grads = _to_mx({k: v for k, v in _tree(rng).items()})
+        grads = _like(params, rng)
         state = nf.apply_gradients(ours, state, grads)
         their_params = theirs.apply_gradients(grads, their_params)
         for a, b in zip(flatten(state.params)[0], flatten(their_params)[0]):
@@ -301,7 +315,7 @@ def test_scheduled_optimizer_compiled_equals_eager(name):
     step_fn = compile_step(optimizer)
     eager = compiled = nf.init(optimizer, params)
     for _ in range(20):
-        g = _to_mx(_tree(rng))
+        g = _like(params, rng)
         eager = nf.apply_gradients(optimizer, eager, g)
         compiled = step_fn(compiled, g)
     assert step_fn.graphs_built == 1
