@@ -10,7 +10,8 @@ the least a step returning a fresh params tree can do: one elementwise op over t
 buffers and every leaf handed back as a view, evaluated (per-array bookkeeping; on a GPU it,
 not the arithmetic, bounds the packed step).
 
-Then ``nested_adam`` with frequencies (1, 2, 4) on the LoRA tree (tiers by depth): the mean
+Then ``nested_adam`` with frequencies (1, 2, 4) on the LoRA tree (tiers by depth), with
+``compile_step`` and with ``compile_step(packed=True)`` (tier by tier on flat buffers): the mean
 step over one full period against plain ``adam`` compiled, and the cost of a tier-0-only step
 against a step where every tier updates.
 
@@ -203,12 +204,15 @@ def bench_handback(params, iters: int, warmup: int) -> list[float]:
     return time_loop(step, iters, warmup)
 
 
-def bench_nested(params, grads, periods: int, warmup_periods: int) -> dict[str, float]:
-    """Per phase of nested_adam((1, 2, 4)) compiled; returns ms for the period mean, the
-    tier-0-only step, the all-tiers step and the parameter share of tier 0."""
+def bench_nested(
+    params, grads, periods: int, warmup_periods: int, packed: bool = False
+) -> dict[str, float]:
+    """Per phase of nested_adam((1, 2, 4)) compiled (``packed``: tier by tier on flat
+    buffers); returns ms for the period mean, the tier-0-only step, the all-tiers step and
+    the parameter share of tier 0."""
     opt = nested_adam(LR, frequencies=(1, 2, 4))
-    state = nf.init(opt, params)
-    fn = nf.compile_step(opt)
+    fn = nf.compile_step(opt, packed=packed)
+    state = fn.init(params) if packed else nf.init(opt, params)
     period = opt.period
     by_phase: dict[int, list[float]] = {k: [] for k in range(period)}
     for it in range((warmup_periods + periods) * period):
@@ -305,23 +309,31 @@ def main() -> None:
 
     if lora_compiled is not None:
         params, grads, adam_ms, packed_ms = lora_compiled
-        nb = bench_nested(params, grads, periods=3 if args.quick else 10, warmup_periods=2)
-        print("\nnested_adam (1, 2, 4) on the LoRA tree, tiers by depth, compile_step:\n")
-        print("| | ms | ratio |")
-        print("|---|---|---|")
-        print(
-            f"| mean step over one period ({nb['period']} steps, {nb['graphs']} graphs) "
-            f"| {nb['mean']:.2f} | {nb['mean'] / adam_ms:.2f}x adam compile_step ({adam_ms:.2f} ms) |"
-        )
-        print(
-            f"| tier-0-only step (tier 0 holds {100 * nb['tier0_share']:.0f}% of params) "
-            f"| {nb['tier0_only']:.2f} | {nb['tier0_only'] / nb['all']:.2f}x the all-tiers step |"
-        )
-        print(f"| all-tiers step | {nb['all']:.2f} | 1.00x |")
-        print(
-            "\nper phase (step % period -> ms): "
-            + ", ".join(f"{k}: {v:.2f}" for k, v in nb["phases"].items())
-        )
+        for packed, base, base_name in (
+            (False, adam_ms, "adam compile_step"),
+            (True, packed_ms, "adam compile_step(packed)"),
+        ):
+            nb = bench_nested(
+                params, grads, 3 if args.quick else 10, warmup_periods=2, packed=packed
+            )
+            how = "compile_step(packed=True)" if packed else "compile_step"
+            print(f"\nnested_adam (1, 2, 4) on the LoRA tree, tiers by depth, {how}:\n")
+            print("| | ms | ratio |")
+            print("|---|---|---|")
+            print(
+                f"| mean step over one period ({nb['period']} steps, {nb['graphs']} graphs) "
+                f"| {nb['mean']:.2f} | {nb['mean'] / base:.2f}x {base_name} ({base:.2f} ms) |"
+            )
+            print(
+                f"| tier-0-only step (tier 0 holds {100 * nb['tier0_share']:.0f}% of params) "
+                f"| {nb['tier0_only']:.2f} | {nb['tier0_only'] / nb['all']:.2f}x the "
+                "all-tiers step |"
+            )
+            print(f"| all-tiers step | {nb['all']:.2f} | 1.00x |")
+            print(
+                "\nper phase (step % period -> ms): "
+                + ", ".join(f"{k}: {v:.2f}" for k, v in nb["phases"].items())
+            )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
     "Grads",
     "OptState",
     "Optimizer",
+    "PackGroups",
     "Params",
     "Schedule",
     "Step",
@@ -65,6 +66,21 @@ Step = int | mx.array
 Schedule = Callable[[Step], float | mx.array]
 
 
+class PackGroups(NamedTuple):
+    """How an optimizer that treats groups of leaves differently (``nested``: tiers) runs on
+    packed buffers (``compile_step(packed=True)``), each buffer holding one group's leaves.
+
+    labels: per params leaf (``flatten`` order), its group ``0..G-1``.
+    subdefs: per group, the structure of the params sub-tree the optimizer's state keeps for
+    that group.  rebind(buffer_labels): the same optimizer over a list of buffers labelled
+    ``buffer_labels``, and per group the structure its state keeps for that group's buffers.
+    """
+
+    labels: tuple[int, ...]
+    subdefs: tuple[Any, ...]
+    rebind: Callable[[list[int]], tuple[Any, tuple[Any, ...]]]
+
+
 class Optimizer(NamedTuple):
     """A gradient transformation: ``init(params) -> state`` and
     ``update(grads, state, params, step) -> (updates, state)``; both pure.
@@ -73,13 +89,16 @@ class Optimizer(NamedTuple):
     steps ``s`` and ``s + period``.  ``phase_key``: ``step -> hashable`` with
     ``phase_key(s) == phase_key(s + period)``; two steps with equal keys must take the same
     branches (so a graph traced at one serves the other).  ``None`` means ``s % period``.
-    Read it through ``opt.phase(step)``.
+    Read it through ``opt.phase(step)``.  ``pack_groups``: ``params -> PackGroups`` for an
+    optimizer whose leaves fall into groups that packed buffers must not mix (``None``: the
+    optimizer is the same for every leaf).
     """
 
     init: Callable[[Params], OptState]
     update: Callable[[Grads, OptState, Params, Step], tuple[Updates, OptState]]
     period: int = 1
     phase_key: Callable[[int], Hashable] | None = None
+    pack_groups: Callable[[Params], PackGroups] | None = None
 
     def phase(self, step: int) -> Hashable:
         """The phase of the Python-int ``step``: what a compiled graph is cached by."""
@@ -208,7 +227,27 @@ def chain(*opts: Optimizer) -> Optimizer:
         return grads, tuple(new_states)
 
     period = math.lcm(*(o.period for o in opts)) if opts else 1
-    return Optimizer(init_fn, update_fn, period, combined_phase_key(opts))
+    return Optimizer(init_fn, update_fn, period, combined_phase_key(opts), _chain_groups(opts))
+
+
+def _chain_groups(opts: Sequence[Optimizer]) -> Callable[[Params], PackGroups] | None:
+    """``pack_groups`` of a chain with exactly one grouped member: that member's groups, the
+    chain rebuilt around its rebound self.  (Two grouped members could disagree: none.)"""
+    grouped = [i for i, o in enumerate(opts) if o.pack_groups is not None]
+    if len(grouped) != 1:
+        return None
+    at = grouped[0]
+
+    def pack_groups(params: Params) -> PackGroups:
+        inner = opts[at].pack_groups(params)
+
+        def rebind(buffer_labels: list[int]) -> tuple[Optimizer, tuple[Any, ...]]:
+            member, subdefs = inner.rebind(buffer_labels)
+            return chain(*opts[:at], member, *opts[at + 1 :]), subdefs
+
+        return PackGroups(inner.labels, inner.subdefs, rebind)
+
+    return pack_groups
 
 
 def combined_phase_key(opts: Sequence[Optimizer]) -> Callable[[int], Hashable] | None:

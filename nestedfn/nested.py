@@ -35,6 +35,7 @@ from nestedfn import optimizers
 from nestedfn.core import (
     Optimizer,
     OptState,
+    PackGroups,
     Params,
     Step,
     chain,
@@ -350,8 +351,25 @@ def _nested(
             (o.phase(step // f),) if (step + 1) % f == 0 else None for o, f in zip(inners, freqs)
         )
 
+    def pack_groups(params: Params) -> PackGroups:
+        # packed buffers hold one tier each: the tier-local inner states and chunk sums then
+        # map tier by tier between the params' sub-trees and the tier's buffers
+        plan, leaves = plan_for(params)
+        labels = [0] * len(leaves)
+        for k, idx in enumerate(plan.index):
+            for i in idx:
+                labels[i] = k
+
+        def rebind(buffer_tiers: list[int]) -> tuple[Optimizer, tuple[TreeDef, ...]]:
+            tiers = list(buffer_tiers)
+            opt = _nested(inners, lambda p: tiers, freqs, reduce)
+            bufs = [mx.zeros((1,)) for _ in tiers]
+            return opt, _make_plan(bufs, tiers, freqs).subdefs
+
+        return PackGroups(tuple(labels), plan.subdefs, rebind)
+
     period = math.lcm(*(f * o.period for f, o in zip(freqs, inners)))
-    return Optimizer(init_fn, update_fn, period, phase_key)
+    return Optimizer(init_fn, update_fn, period, phase_key, pack_groups)
 
 
 def _find_nested(state: Any) -> NestedState | None:

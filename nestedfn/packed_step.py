@@ -113,6 +113,7 @@ def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
 class _Layout(NamedTuple):
     """Everything fixed by one params structure (shapes and dtypes included)."""
 
+    opt: Optimizer  # what runs on the buffers: the step's optimizer, rebound to its groups
     layout: PackLayout
     params_def: TreeDef
     packed_def: TreeDef  # structure of opt.init(buffers)
@@ -182,13 +183,23 @@ class PackedCompiledStep:
         return entry, leaves
 
     def _make_layout(self, params: Params, leaves: list[mx.array], td: TreeDef) -> _Layout:
-        layout = pack_layout(leaves, td, self.chunk_size)
+        groups = None if self.opt.pack_groups is None else self.opt.pack_groups(params)
+        layout = pack_layout(
+            leaves, td, self.chunk_size, groups=None if groups is None else groups.labels
+        )
         zeros = [
             mx.zeros(shape, dtype=leaves[idx[0]].dtype)
             for shape, idx in zip(layout.buffer_shapes, layout.buffers)
         ]
+        opt, subsets = self.opt, ()
+        if groups is not None:  # one optimizer over the buffers, each labelled with its group
+            opt, buffer_subdefs = groups.rebind(list(layout.groups))
+            subsets = tuple(
+                (sub, bsub, tuple(i for i, g in enumerate(groups.labels) if g == k))
+                for k, (sub, bsub) in enumerate(zip(groups.subdefs, buffer_subdefs))
+            )
         try:
-            packed_leaves, packed_def = flatten(self.opt.init(zeros))
+            packed_leaves, packed_def = flatten(opt.init(zeros))
         except (ValueError, TypeError, LookupError) as e:
             raise NotPackableError(
                 "compile_step(packed=True): the optimizer cannot be initialised on packed "
@@ -197,9 +208,10 @@ class PackedCompiledStep:
             ) from e
         _check_arrays(packed_leaves, packed_def, "packed opt_state")
         tree_def = flatten(self.opt.init(params))[1]
-        plan = plan_state(tree_def, packed_def, td, flatten(zeros)[1])
+        plan = plan_state(tree_def, packed_def, td, flatten(zeros)[1], subsets)
         sig = tuple((tuple(x.shape), x.dtype) for x in packed_leaves)
         return _Layout(
+            opt,
             layout,
             td,
             packed_def,
@@ -269,8 +281,14 @@ class PackedCompiledStep:
             owner.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
             cum += size
         state_owner: list[int] = []
-        for kind, n in entry.plan.segments:
-            state_owner.extend([0] * n if kind == "copy" else owner)
+        for kind, n, j in entry.plan.segments:
+            if kind == "copy":
+                state_owner.extend([0] * n)
+            else:  # the subset's buffers, in buffer order
+                sub = entry.plan.subsets[j][0] if j >= 0 else None
+                state_owner.extend(
+                    owner[b] for b, idx in enumerate(layout.buffers) if sub is None or idx[0] in sub
+                )
         per_pos = owner + state_owner
         groups: list[list[int]] = [[] for _ in range(k)]
         for pos, g in enumerate(per_pos):
@@ -279,7 +297,7 @@ class PackedCompiledStep:
         return [g for g in groups if g]
 
     def _build(self, entry: _Layout, trace_step: int) -> list[tuple[Callable[..., Any], list[int]]]:
-        opt, packed_def = self.opt, entry.packed_def
+        opt, packed_def = entry.opt, entry.packed_def
 
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
             opt_state = unflatten(packed_def, ps_leaves)

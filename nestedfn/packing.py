@@ -68,7 +68,8 @@ class PackLayout(NamedTuple):
     buffer, each leaf's first element.  sizes: per buffer, its number of elements.
     buffer_shapes: per buffer, its shape ``(rows, *trailing)``.  cuts: per buffer, the row
     where each leaf but the first starts (``mx.split``'s indices).  scalars: the 0-d leaves
-    (a row of one element in their buffer, reshaped by ``unpack``).
+    (a row of one element in their buffer, reshaped by ``unpack``).  groups: per buffer, the
+    group its leaves belong to (``pack_layout``'s ``groups``; 0 without them).
     """
 
     treedef: TreeDef
@@ -80,6 +81,36 @@ class PackLayout(NamedTuple):
     buffer_shapes: tuple[tuple[int, ...], ...]
     cuts: tuple[tuple[int, ...], ...]
     scalars: tuple[int, ...]
+    groups: tuple[int, ...]
+
+    def restrict(self, leaf_idx: tuple[int, ...], treedef: TreeDef) -> PackLayout:
+        """The layout of the leaves ``leaf_idx`` alone (renumbered ``0..``, structure
+        ``treedef``): the buffers holding them, which must hold nothing else."""
+        local = {g: i for i, g in enumerate(leaf_idx)}
+        keep = []
+        for b, idx in enumerate(self.buffers):
+            inside = [i in local for i in idx]
+            if any(inside) != all(inside):
+                raise NotPackableError(
+                    "packed state: a buffer holds leaves of two groups; pack_layout's groups "
+                    "must separate them"
+                )
+            if all(inside):
+                keep.append(b)
+        if sum(len(self.buffers[b]) for b in keep) != len(leaf_idx):
+            raise NotPackableError("packed state: a group's leaves are not all in the layout")
+        return PackLayout(
+            treedef,
+            tuple(self.shapes[g] for g in leaf_idx),
+            tuple(self.dtypes[g] for g in leaf_idx),
+            tuple(tuple(local[i] for i in self.buffers[b]) for b in keep),
+            tuple(self.offsets[b] for b in keep),
+            tuple(self.sizes[b] for b in keep),
+            tuple(self.buffer_shapes[b] for b in keep),
+            tuple(self.cuts[b] for b in keep),
+            tuple(local[i] for i in self.scalars if i in local),
+            tuple(self.groups[b] for b in keep),
+        )
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -92,34 +123,40 @@ def pack_layout(
     treedef: TreeDef,
     chunk_size: int | None = None,
     max_leaves: int = 256,
+    groups: tuple[int, ...] | None = None,
 ) -> PackLayout:
-    """Group ``leaves`` by dtype and trailing shape (first-seen order) and cut each group into
-    buffers that close as soon as they reach ``chunk_size`` elements (``default_chunk()``
-    when ``None``) or ``max_leaves`` leaves (what one gather kernel takes,
-    ``nestedfn.gather``)."""
+    """Group ``leaves`` by ``groups`` (a label per leaf, e.g. its tier; none: one group),
+    dtype and trailing shape (first-seen order) and cut each group into buffers that close as
+    soon as they reach ``chunk_size`` elements (``default_chunk()`` when ``None``) or
+    ``max_leaves`` leaves (what one gather kernel takes, ``nestedfn.gather``)."""
     if chunk_size is None:
         chunk_size = default_chunk()
     if chunk_size < 1:
         raise ValueError(f"pack_layout: chunk_size must be >= 1, got {chunk_size}")
+    if groups is not None and len(groups) != len(leaves):
+        raise ValueError(f"pack_layout: {len(groups)} group labels for {len(leaves)} leaves")
     paths = None
-    groups: dict[Any, list[int]] = {}
+    by_key: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         if not isinstance(x, mx.array):
             paths = paths or treedef.paths()
             raise NotPackableError(
                 f"pack: leaf {paths[i]!r} is a {type(x).__name__}, not an mx.array"
             )
-        groups.setdefault((x.dtype, tuple(x.shape[1:])), []).append(i)
-    buffers, offsets, sizes, shapes, cuts = [], [], [], [], []
+        label = 0 if groups is None else groups[i]
+        by_key.setdefault((label, x.dtype, tuple(x.shape[1:])), []).append(i)
+    buffers, offsets, sizes, shapes, cuts, labels = [], [], [], [], [], []
 
-    def close(cur: list[int], offs: list[int], n: int, starts: list[int], trailing: tuple) -> None:
+    def close(cur: list[int], offs: list[int], n: int, starts: list[int], key: tuple) -> None:
+        label, _, trailing = key
+        labels.append(label)
         buffers.append(tuple(cur))
         offsets.append(tuple(offs))
         sizes.append(n)
         shapes.append((starts[-1], *trailing))
         cuts.append(tuple(starts[1:-1]))
 
-    for (_, trailing), idx in groups.items():
+    for key, idx in by_key.items():
         cur: list[int] = []
         offs: list[int] = []
         starts = [0]  # row of each leaf's start, then the total
@@ -130,10 +167,10 @@ def pack_layout(
             n += leaves[i].size
             starts.append(starts[-1] + _rows(tuple(leaves[i].shape)))
             if n >= chunk_size or len(cur) >= max_leaves:
-                close(cur, offs, n, starts, trailing)
+                close(cur, offs, n, starts, key)
                 cur, offs, starts, n = [], [], [0], 0
         if cur:
-            close(cur, offs, n, starts, trailing)
+            close(cur, offs, n, starts, key)
     return PackLayout(
         treedef,
         tuple(tuple(x.shape) for x in leaves),
@@ -144,6 +181,7 @@ def pack_layout(
         tuple(shapes),
         tuple(cuts),
         tuple(i for i, x in enumerate(leaves) if x.ndim == 0),
+        tuple(labels),
     )
 
 
@@ -182,34 +220,59 @@ def unpack(layout: PackLayout, buffers: list[mx.array]) -> list[mx.array]:
 
 
 class StatePlan(NamedTuple):
-    """Segments over the flattened tree state: ``("copy", n)`` passes ``n`` leaves through,
-    ``("pack", n)`` is a params-shaped sub-tree of ``n`` leaves that becomes the buffers.
-    ``packed_treedef`` is the structure of the packed state."""
+    """Segments over the flattened tree state: ``("copy", n, -1)`` passes ``n`` leaves
+    through, ``("pack", n, -1)`` is a params-shaped sub-tree of ``n`` leaves that becomes the
+    buffers, ``("pack", n, j)`` the sub-tree of subset ``j`` (its leaves ``subsets[j]`` of
+    params) that becomes that subset's buffers.  ``packed_treedef`` is the structure of the
+    packed state."""
 
-    segments: tuple[tuple[str, int], ...]
+    segments: tuple[tuple[str, int, int], ...]
     packed_treedef: TreeDef
+    subsets: tuple[tuple[tuple[int, ...], TreeDef], ...] = ()
+
+    def layout_for(self, layout: PackLayout, j: int) -> PackLayout:
+        """The layout segment ``("pack", n, j)`` packs with."""
+        if j < 0:
+            return layout
+        idx, treedef = self.subsets[j]
+        return layout.restrict(idx, treedef)
 
 
 def plan_state(
-    tree_td: TreeDef, packed_td: TreeDef, params_td: TreeDef, buffers_td: TreeDef
+    tree_td: TreeDef,
+    packed_td: TreeDef,
+    params_td: TreeDef,
+    buffers_td: TreeDef,
+    subsets: tuple[tuple[TreeDef, TreeDef, tuple[int, ...]], ...] = (),
 ) -> StatePlan:
     """Match ``opt.init(params)``'s structure against ``opt.init(buffers)``'s.
 
     Where the first has a params-shaped node and the second the buffers' list, that sub-tree
-    packs; elsewhere both must have the same node kinds, keys and leaves, or the optimizer's
-    state is not elementwise over params and ``NotPackableError`` names the path.
+    packs; so does a node shaped like a subset's params sub-tree where the second has that
+    subset's buffers (``subsets``: per subset, the two structures and the params leaves it
+    holds; ``nested``'s tiers).  Elsewhere both must have the same node kinds, keys and
+    leaves, or the optimizer's state is not elementwise over params and ``NotPackableError``
+    names the path.
     """
-    segments: list[tuple[str, int]] = []
+    segments: list[tuple[str, int, int]] = []
 
-    def emit(kind: str, n: int) -> None:
+    def emit(kind: str, n: int, j: int = -1) -> None:
         if kind == "copy" and segments and segments[-1][0] == "copy":
-            segments[-1] = ("copy", segments[-1][1] + n)
+            segments[-1] = ("copy", segments[-1][1] + n, -1)
         elif n or kind == "pack":
-            segments.append((kind, n))
+            segments.append((kind, n, j))
 
     def walk(a: TreeDef, b: TreeDef, path: str) -> None:
         if a == params_td and b == buffers_td:
             emit("pack", a.num_leaves)
+            return
+        hits = [j for j, (sa, sb, _) in enumerate(subsets) if a == sa and b == sb]
+        if len(hits) > 1:
+            raise NotPackableError(
+                f"packed state: at {path or '<root>'!r} the state matches several groups"
+            )
+        if hits:
+            emit("pack", a.num_leaves, hits[0])
             return
         if a.kind == "leaf" and b.kind == "leaf":
             emit("copy", 1)
@@ -224,18 +287,18 @@ def plan_state(
             walk(ca, cb, f"{path}.{k}" if path else str(k))
 
     walk(tree_td, packed_td, "")
-    return StatePlan(tuple(segments), packed_td)
+    return StatePlan(tuple(segments), packed_td, tuple((idx, sa) for sa, _, idx in subsets))
 
 
 def pack_state(plan: StatePlan, layout: PackLayout, leaves: list[Any]) -> list[Any]:
     """Tree-layout state leaves -> packed-state leaves (``plan`` from ``plan_state``)."""
     out: list[Any] = []
     pos = 0
-    for kind, n in plan.segments:
+    for kind, n, j in plan.segments:
         if kind == "copy":
             out.extend(leaves[pos : pos + n])
         else:
-            out.extend(pack(layout, leaves[pos : pos + n]))
+            out.extend(pack(plan.layout_for(layout, j), leaves[pos : pos + n]))
         pos += n
     return out
 
@@ -244,12 +307,13 @@ def unpack_state(plan: StatePlan, layout: PackLayout, packed: list[Any]) -> list
     """Packed-state leaves -> tree-layout state leaves (params-shaped parts as views)."""
     out: list[Any] = []
     pos = 0
-    nb = len(layout.buffers)
-    for kind, n in plan.segments:
+    for kind, n, j in plan.segments:
         if kind == "copy":
             out.extend(packed[pos : pos + n])
             pos += n
         else:
-            out.extend(unpack(layout, packed[pos : pos + nb]))
+            sub = plan.layout_for(layout, j)
+            nb = len(sub.buffers)
+            out.extend(unpack(sub, packed[pos : pos + nb]))
             pos += nb
     return out

@@ -99,7 +99,7 @@ def test_state_plan_packs_params_shaped_parts_and_passes_scalars():
     bufs = pack(layout, lv)
     s_leaves, s_td = flatten(tree_state)
     plan = plan_state(s_td, flatten(init(bufs))[1], ptd, flatten(bufs)[1])
-    assert plan.segments == (("copy", 1), ("pack", 3), ("pack", 3))
+    assert plan.segments == (("copy", 1, -1), ("pack", 3, -1), ("pack", 3, -1))
     packed = pack_state(plan, layout, s_leaves)
     assert len(packed) == 1 + 2 + 2
     np.testing.assert_array_equal(np.array(packed[1]), [0, 2, 4, 0])  # mu of x0, y
@@ -131,3 +131,27 @@ def test_state_plan_refuses_state_not_elementwise_over_params():
 
     with pytest.raises(NotPackableError, match="not elementwise"):
         plan_state(flatten(init2(params))[1], flatten(init2(bufs))[1], ptd, flatten(bufs)[1])
+
+
+def test_groups_never_share_a_buffer_and_restrict_gives_a_groups_own_layout():
+    leaves = [mx.full((2, 3), float(i)) for i in range(6)]
+    lv, td = flatten({"layers": leaves})
+    labels = (0, 1, 0, 2, 1, 0)
+    layout = pack_layout(lv, td, 100, groups=labels)
+    for idx, g in zip(layout.buffers, layout.groups):
+        assert {labels[i] for i in idx} == {g}
+    assert sorted(i for b in layout.buffers for i in b) == list(range(6))
+    bufs = pack(layout, lv)
+    for g in (0, 1, 2):
+        idx = tuple(i for i, lab in enumerate(labels) if lab == g)
+        sub_td = flatten([lv[i] for i in idx])[1]
+        sub = layout.restrict(idx, sub_td)
+        mine = [b for b, lab in zip(bufs, layout.groups) if lab == g]
+        back = unpack(sub, mine)  # the group's leaves, in order, from its own buffers
+        assert [float(x[0, 0]) for x in back] == [float(i) for i in idx]
+        np.testing.assert_array_equal(np.array(pack(sub, [lv[i] for i in idx])[0]), mine[0])
+    mixed = pack_layout(lv, td, 100)  # one buffer holds every leaf: a group cannot be cut out
+    with pytest.raises(NotPackableError, match="two groups"):
+        mixed.restrict((0, 2), td)
+    with pytest.raises(ValueError, match="6 leaves"):
+        pack_layout(lv, td, 100, groups=(0, 1))
