@@ -5,17 +5,17 @@ launches one fused kernel per leaf and per operation group, and Python walks eve
 dispatch, not arithmetic, dominates.  Here the optimizer state lives in a few flat buffers
 per dtype (``nestedfn.packing``) and one step is
 
-1. the gradient leaves concatenated into the buffers' layout (``nestedfn.gather``: one
-   kernel per buffer on CUDA);
+1. the param and gradient leaves concatenated into the buffers' layout (``nestedfn.gather``:
+   one kernel per buffer on CUDA);
 2. ``opt.update`` once over the buffers: one fused kernel per buffer;
 3. the new params returned as zero-copy views of the new param buffers, in the params' own
    tree layout (what the model needs); the state stays packed (``PackedState``).
 
-When the next call receives exactly the views it returned (the usual training loop), the
-param buffers behind them are reused; any other params (edited, restored) are packed afresh,
-so results never depend on that cache.  A tree-layout ``opt_state`` (from ``nestedfn.init``
-or a checkpoint) is accepted and packed on the way in; ``unpack_state`` gives the tree
-layout back.
+The params are gathered afresh at every call, never taken from a cache of the last call's
+buffers: an MLX array can be changed in place (``x[i] = v`` keeps the object), so nothing
+short of reading it proves it unchanged.  A tree-layout ``opt_state`` (from
+``nestedfn.init`` or a checkpoint) is accepted and packed on the way in; ``unpack_state``
+gives the tree layout back.
 
 Valid for optimizers that are elementwise over params (Adam, SGD, momentum, Lion, weight
 decay without a mask, ...; global reductions such as ``clip_by_global_norm`` are fine).
@@ -48,7 +48,6 @@ from nestedfn.packing import (
     NotPackableError,
     PackLayout,
     StatePlan,
-    pack,
     pack_layout,
     pack_state,
     plan_state,
@@ -126,10 +125,11 @@ class _Layout(NamedTuple):
     build_params: Callable[[list], Any]  # treecode.tree_builder(params_def)
 
 
-class _Last(NamedTuple):
-    views: list
-    buffers: list
-    entry: _Layout
+def _arrays_like(leaves: list | None, entry: _Layout) -> bool:
+    """Whether ``leaves`` are MLX arrays with the shapes and dtypes of ``entry``'s params."""
+    if leaves is None or set(map(type, leaves)) - {mx.array}:
+        return False
+    return list(map(_SHAPE, leaves)) == entry.shapes and list(map(_DTYPE, leaves)) == entry.dtypes
 
 
 class PackedCompiledStep:
@@ -163,7 +163,7 @@ class PackedCompiledStep:
         self._layouts: dict[Any, _Layout] = {}
         self._graphs: dict[Any, Callable[..., Any]] = {}
         self._verified: set[Any] = set()
-        self._last: _Last | None = None
+        self._last: _Layout | None = None  # the layout of the last call's params
 
     @property
     def graphs_built(self) -> int:
@@ -334,22 +334,22 @@ class PackedCompiledStep:
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
         step = state.step
         concrete = step if isinstance(step, int) else static_step(step)
-        # fast path: the params are exactly the views the last call returned (same objects,
-        # same order), so their buffers are the last call's buffers
+        # the usual loop passes params shaped as last time: their layout without a TreeDef
         last = self._last
-        p_leaves = None if last is None else last.entry.get_leaves(state.params)
-        if p_leaves is not None and all(map(operator.is_, last.views, p_leaves)):
-            entry, p_bufs = last.entry, last.buffers
+        p_leaves = None if last is None else last.get_leaves(state.params)
+        if _arrays_like(p_leaves, last):
+            entry = last
         else:
             entry, p_leaves = self._entry(state.params)
-            p_bufs = pack(entry.layout, p_leaves)
+        # the params' own shapes and dtypes (checked above or by _entry): one dtype per buffer
+        p_bufs = gather(entry.layout, p_leaves, dtypes_checked=True)
         shapes = entry.shapes
         g_leaves = entry.get_leaves(grads)
-        try:  # an attribute error means a leaf that is not an array
-            ok = g_leaves is not None and list(map(_SHAPE, g_leaves)) == shapes
-        except AttributeError:
-            ok = False
-        if not ok:
+        if (
+            g_leaves is None
+            or set(map(type, g_leaves)) - {mx.array}
+            or list(map(_SHAPE, g_leaves)) != shapes
+        ):
             g_leaves = []
             _leaves_as(grads, entry.params_def, g_leaves)
             problems = [
@@ -388,8 +388,8 @@ class PackedCompiledStep:
                     for i, x in zip(pos, part(*args)):
                         out[i] = x
         nb = len(entry.layout.buffers)
-        new_bufs, new_ps = out[:nb], out[nb:]
-        views = unpack(entry.layout, new_bufs)
+        views = unpack(entry.layout, out[:nb])
+        new_ps = out[nb:]
         new = TrainState(
             entry.build_params(views),
             PackedState(unflatten(entry.packed_def, new_ps)),
@@ -398,7 +398,7 @@ class PackedCompiledStep:
         if self.verify and gkey not in self._verified:
             self._check(state, grads, new)
             self._verified.add(gkey)
-        self._last = _Last(views, new_bufs, entry)
+        self._last = entry
         return new
 
     def _check(self, state: TrainState, grads: Grads, got: TrainState) -> None:

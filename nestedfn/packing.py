@@ -195,9 +195,11 @@ def pack(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
         dt = parts[0].dtype
         for i, p in zip(idx, parts):
             if p.dtype != dt or tuple(p.shape) != layout.shapes[i]:
+                paths = layout.treedef.paths()
                 raise NotPackableError(
-                    f"pack: leaf {layout.treedef.paths()[i]!r} is {p.dtype} {tuple(p.shape)}, "
-                    f"its buffer holds {dt} leaves and the params leaf is {layout.shapes[i]}"
+                    f"pack: leaf {paths[i]!r} is {p.dtype} {tuple(p.shape)}; the params leaf "
+                    f"is {layout.shapes[i]}, and it shares a buffer with {paths[idx[0]]!r}, "
+                    f"which is {dt} (one dtype per buffer)"
                 )
         rows = [p if p.ndim else p.reshape(1) for p in parts]
         out.append(rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0))

@@ -198,3 +198,41 @@ def test_packed_refuses_a_nested_optimizer_it_cannot_split_by_tier():
     opt = accumulate(nested_adam(1e-2, (1, 2), tiers=lambda p, x: 0 if "head" in p else 1), 2)
     with pytest.raises(NotPackableError, match="compile_step\\(opt\\)"):
         compile_step(opt, packed=True)(init(opt, _tree(0)), _tree(1))
+
+
+def test_params_changed_in_place_between_steps_are_seen():
+    """MLX arrays can be assigned into (``x[i] = v`` keeps the object): a step must read the
+    params it is given, not the buffers behind the views it returned last time."""
+    from nestedfn.optimizers import sgd
+
+    opt = sgd(1.0)
+    params = {"a": mx.zeros((3,)), "b": mx.zeros((2, 2))}
+    grads = {"a": mx.ones((3,)), "b": mx.ones((2, 2))}
+    step_fn = compile_step(opt, packed=True)
+    packed, eager = step_fn.init(params), init(opt, params)
+    for t in range(3):
+        packed, eager = step_fn(packed, grads), apply_gradients(opt, eager, grads)
+        packed.params["a"][0] = 100.0 + t  # in place, on the returned view
+        eager.params["a"][0] = 100.0 + t
+        packed.params["b"][1] = mx.array([7.0, 8.0])
+        eager.params["b"][1] = mx.array([7.0, 8.0])
+    packed, eager = step_fn(packed, grads), apply_gradients(opt, eager, grads)
+    _assert_close(packed.params, eager.params)
+    np.testing.assert_array_equal(np.array(packed.params["a"]), [101.0, -4.0, -4.0])
+
+
+def test_grads_that_are_not_mlx_arrays_are_refused_at_their_path():
+    step_fn = compile_step(_adam(1e-2), packed=True)
+    state = step_fn.init(_tree(0))
+    grads = _tree(1)
+    grads["model"]["head"] = (np.ones((2, 2), dtype=np.float32),)  # right shape, numpy
+    with pytest.raises(TreeMismatchError, match="model.head.0"):
+        step_fn(state, grads)
+
+
+def test_grads_mixing_dtypes_in_one_buffer_name_both_leaves():
+    step_fn = compile_step(_adam(1e-2), packed=True)
+    params = {"a": mx.ones((3,)), "s": mx.ones((2,))}  # one buffer (trailing shape ())
+    grads = {"a": mx.ones((3,)), "s": mx.ones((2,), dtype=mx.float16)}
+    with pytest.raises(NotPackableError, match="'s' is mlx.core.float16.*'a', which is"):
+        step_fn(step_fn.init(params), grads)
