@@ -93,9 +93,10 @@ def gather(
         if not dtypes_checked:
             for i, p in zip(idx, parts):
                 if p.dtype != dt:  # the kernel's pointers are typed: refuse, don't reinterpret
+                    paths = layout.treedef.paths()
                     raise NotPackableError(
-                        f"gather: leaf {layout.treedef.paths()[i]!r} is {p.dtype}; its buffer "
-                        f"holds {dt}"
+                        f"gather: leaf {paths[i]!r} is {p.dtype}; it shares a buffer with "
+                        f"{paths[idx[0]]!r}, which is {dt} (one dtype per buffer)"
                     )
         if len(parts) == 1:
             out.append(parts[0].reshape(shape))
