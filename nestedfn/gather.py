@@ -13,7 +13,7 @@ import hashlib
 
 import mlx.core as mx
 
-from nestedfn.packing import NotPackableError, PackLayout, pack
+from nestedfn.packing import PackLayout, check_buffer_leaves, pack
 
 __all__ = ["MAX_KERNEL_INPUTS", "cuda_gather_available", "gather"]
 
@@ -89,15 +89,8 @@ def gather(
         layout.buffers, layout.offsets, layout.sizes, layout.buffer_shapes
     ):
         parts = [leaves[i] for i in idx]
-        dt = parts[0].dtype
-        if not dtypes_checked:
-            for i, p in zip(idx, parts):
-                if p.dtype != dt:  # the kernel's pointers are typed: refuse, don't reinterpret
-                    paths = layout.treedef.paths()
-                    raise NotPackableError(
-                        f"gather: leaf {paths[i]!r} is {p.dtype}; it shares a buffer with "
-                        f"{paths[idx[0]]!r}, which is {dt} (one dtype per buffer)"
-                    )
+        if not dtypes_checked:  # the kernel's pointers are typed: refuse, don't reinterpret
+            check_buffer_leaves(layout, idx, parts, "gather", shapes=False)
         if len(parts) == 1:
             out.append(parts[0].reshape(shape))
         elif len(parts) > MAX_KERNEL_INPUTS:

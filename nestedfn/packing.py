@@ -32,6 +32,7 @@ __all__ = [
     "NotPackableError",
     "PackLayout",
     "StatePlan",
+    "check_buffer_leaves",
     "default_chunk",
     "pack",
     "pack_layout",
@@ -185,6 +186,23 @@ def pack_layout(
     )
 
 
+def check_buffer_leaves(
+    layout: PackLayout, idx: tuple[int, ...], parts: list[mx.array], who: str, shapes: bool = True
+) -> None:
+    """Refuse the leaves ``parts`` (positions ``idx``) of one buffer unless they share a dtype
+    and (with ``shapes``) have the layout's shapes: ``NotPackableError`` names the leaf and
+    the one it shares the buffer with."""
+    dt = parts[0].dtype
+    for i, p in zip(idx, parts):
+        if p.dtype != dt or (shapes and tuple(p.shape) != layout.shapes[i]):
+            paths = layout.treedef.paths()
+            raise NotPackableError(
+                f"{who}: leaf {paths[i]!r} is {p.dtype} {tuple(p.shape)}; the params leaf is "
+                f"{layout.shapes[i]}, and it shares a buffer with {paths[idx[0]]!r}, which is "
+                f"{dt} (one dtype per buffer)"
+            )
+
+
 def pack(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
     """Concatenate ``leaves`` (shaped like the layout's params, any one dtype per buffer) into
     the layout's buffers.  A leaf shaped unlike its params leaf, or mixed dtypes inside one
@@ -192,15 +210,7 @@ def pack(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
     out = []
     for idx, shape in zip(layout.buffers, layout.buffer_shapes):
         parts = [leaves[i] for i in idx]
-        dt = parts[0].dtype
-        for i, p in zip(idx, parts):
-            if p.dtype != dt or tuple(p.shape) != layout.shapes[i]:
-                paths = layout.treedef.paths()
-                raise NotPackableError(
-                    f"pack: leaf {paths[i]!r} is {p.dtype} {tuple(p.shape)}; the params leaf "
-                    f"is {layout.shapes[i]}, and it shares a buffer with {paths[idx[0]]!r}, "
-                    f"which is {dt} (one dtype per buffer)"
-                )
+        check_buffer_leaves(layout, idx, parts, "pack")
         rows = [p if p.ndim else p.reshape(1) for p in parts]
         out.append(rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0))
         assert tuple(out[-1].shape) == shape
