@@ -125,11 +125,11 @@ class _Layout(NamedTuple):
     build_params: Callable[[list], Any]  # treecode.tree_builder(params_def)
 
 
-def _arrays_like(leaves: list | None, entry: _Layout) -> bool:
-    """Whether ``leaves`` are MLX arrays with the shapes and dtypes of ``entry``'s params."""
+def _arrays_shaped(leaves: list | None, entry: _Layout) -> bool:
+    """Whether ``leaves`` are MLX arrays with the shapes of ``entry``'s params."""
     if leaves is None or set(map(type, leaves)) - {mx.array}:
         return False
-    return list(map(_SHAPE, leaves)) == entry.shapes and list(map(_DTYPE, leaves)) == entry.dtypes
+    return list(map(_SHAPE, leaves)) == entry.shapes
 
 
 class PackedCompiledStep:
@@ -220,7 +220,7 @@ class PackedCompiledStep:
             sig,
             list(layout.shapes),
             list(layout.dtypes),
-            leaf_getter(td, check_leaves=False),  # every leaf is checked by identity or .shape
+            leaf_getter(td, check_leaves=False),  # every leaf's type and shape are checked
             tree_builder(td),
         )
 
@@ -337,7 +337,7 @@ class PackedCompiledStep:
         # the usual loop passes params shaped as last time: their layout without a TreeDef
         last = self._last
         p_leaves = None if last is None else last.get_leaves(state.params)
-        if _arrays_like(p_leaves, last):
+        if _arrays_shaped(p_leaves, last) and list(map(_DTYPE, p_leaves)) == last.dtypes:
             entry = last
         else:
             entry, p_leaves = self._entry(state.params)
@@ -345,11 +345,7 @@ class PackedCompiledStep:
         p_bufs = gather(entry.layout, p_leaves, dtypes_checked=True)
         shapes = entry.shapes
         g_leaves = entry.get_leaves(grads)
-        if (
-            g_leaves is None
-            or set(map(type, g_leaves)) - {mx.array}
-            or list(map(_SHAPE, g_leaves)) != shapes
-        ):
+        if not _arrays_shaped(g_leaves, entry):
             g_leaves = []
             _leaves_as(grads, entry.params_def, g_leaves)
             problems = [
