@@ -111,13 +111,24 @@ def test_accumulate_period_and_inner_phase_eager_and_compiled():
     assert step_fn.graphs_built == 3
 
 
-def test_accumulate_adam_compiled_equals_eager():
-    acc_opt = C.accumulate(opt.adam(0.01), 4)
-    eager = compiled = nf.init(acc_opt, _params())
-    step_fn = compile_step(acc_opt)
-    for g in _grads_seq(8, seed=3):
-        eager = nf.apply_gradients(acc_opt, eager, g)
+def _eager_and_compiled(o, n: int, seed: int, every_step_tol=None):
+    """Run ``o`` eagerly and under ``compile_step`` on the same ``n`` gradients; with
+    ``every_step_tol=(rtol, atol)`` compare params and state after every step.  Returns
+    ``(eager, compiled, step_fn)``."""
+    eager = compiled = nf.init(o, _params())
+    step_fn = compile_step(o)
+    for g in _grads_seq(n, seed=seed):
+        eager = nf.apply_gradients(o, eager, g)
         compiled = step_fn(compiled, g)
+        if every_step_tol is not None:
+            rtol, atol = every_step_tol
+            _close(compiled.params, eager.params, rtol=rtol, atol=atol)
+            _close(compiled.opt_state, eager.opt_state, rtol=rtol, atol=atol)
+    return eager, compiled, step_fn
+
+
+def test_accumulate_adam_compiled_equals_eager():
+    eager, compiled, _ = _eager_and_compiled(C.accumulate(opt.adam(0.01), 4), 8, seed=3)
     _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
     _close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-7)
 
@@ -226,14 +237,8 @@ def test_combinators_phase_keys_combine_children_and_compiled_graphs_follow_them
     assert nf.chain(opt.adam(0.1), opt.sgd(1.0)).phase_key is None  # period 1: nothing varies
     assert len({part.phase(s) for s in range(6)}) == 4
     for o, graphs in ((part, 4), (mask, 2)):
-        eager = compiled = nf.init(o, _params())
-        step_fn = compile_step(o)
-        for g in _grads_seq(12, seed=9):
-            eager = nf.apply_gradients(o, eager, g)
-            compiled = step_fn(compiled, g)
-            # Adam's bias correction: float32 on the compiled array step, float64 eager
-            _close(compiled.params, eager.params, rtol=1e-5, atol=1e-5)
-            _close(compiled.opt_state, eager.opt_state, rtol=1e-5, atol=1e-5)
+        # Adam's bias correction: float32 on the compiled array step, float64 eager
+        _, _, step_fn = _eager_and_compiled(o, 12, seed=9, every_step_tol=(1e-5, 1e-5))
         assert step_fn.graphs_built == graphs
 
 
@@ -313,11 +318,7 @@ def test_partition_period_is_lcm_and_compiles():
         _by_ndim,
     )
     assert part.period == 6
-    eager = compiled = nf.init(part, _params())
-    step_fn = compile_step(part)
-    for g in _grads_seq(7, seed=6):
-        eager = nf.apply_gradients(part, eager, g)
-        compiled = step_fn(compiled, g)
+    eager, compiled, _ = _eager_and_compiled(part, 7, seed=6)
     _close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
 
 
