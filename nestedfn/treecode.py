@@ -24,7 +24,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from nestedfn.tree import TreeDef, unflatten
+from nestedfn.tree import TreeDef, flatten, unflatten
 
 __all__ = ["leaf_getter", "tree_builder"]
 
@@ -46,8 +46,6 @@ def _simple(td: TreeDef) -> bool:
 
 
 def _general_getter(td: TreeDef) -> Callable[[Any], list | None]:
-    from nestedfn.tree import flatten
-
     def get(tree: Any) -> list | None:
         try:
             leaves, got = flatten(tree)
