@@ -4,21 +4,25 @@
 few microseconds, so concatenating a LoRA adapter's 336 gradients costs about 1.5 ms on an
 H100 -- twenty times the optimizer arithmetic.  ``gather`` does the same copy with one custom
 CUDA kernel per buffer (``mx.fast.cuda_kernel``): block row ``y`` copies leaf ``y`` to its
-offset.  Anywhere else (CPU, Metal) it is ``nestedfn.packing.pack``.
+offset.  Anywhere else (CPU, Metal) it is ``mx.concatenate`` per buffer, as in
+``nestedfn.packing.pack``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from typing import Any
 
 import mlx.core as mx
 
-from nestedfn.packing import PackLayout, check_buffer_leaves, pack
+from nestedfn.packing import PackLayout, check_buffer_leaves, concat_buffer
 
 __all__ = ["MAX_KERNEL_INPUTS", "cuda_gather_available", "gather"]
 
 MAX_KERNEL_INPUTS = 256  # pointers per launch: well inside CUDA's 4 KB parameter limit
 _KERNELS: dict[tuple[int, ...], object] = {}
+_LAUNCH: dict[tuple[int, ...], tuple[object, int]] = {}
 _THREADS = 256
 
 
@@ -59,13 +63,22 @@ def _kernel(offsets: tuple[int, ...]) -> object:
     return k
 
 
+def _launch(offsets: tuple[int, ...]) -> tuple[object, int]:
+    """The kernel for ``offsets`` and its grid width (threads per leaf row), cached."""
+    hit = _LAUNCH.get(offsets)
+    if hit is None:
+        biggest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        threads = min(-(-biggest // _THREADS) * _THREADS, _THREADS * 1024)
+        hit = _LAUNCH[offsets] = (_kernel(offsets), threads)
+    return hit
+
+
 def _gather_one(
     parts: list[mx.array], offsets: tuple[int, ...], shape: tuple[int, ...]
 ) -> mx.array:
     dtype = parts[0].dtype
-    biggest = max(b - a for a, b in zip(offsets, offsets[1:]))
-    threads = min(-(-biggest // _THREADS) * _THREADS, _THREADS * 1024)
-    return _kernel(offsets)(
+    kernel, threads = _launch(offsets)
+    return kernel(  # type: ignore[operator]
         inputs=parts,
         template=[("T", dtype)],
         grid=(threads, len(parts), 1),
@@ -76,25 +89,30 @@ def _gather_one(
 
 
 def gather(
-    layout: PackLayout, leaves: list[mx.array], dtypes_checked: bool = False
+    layout: PackLayout,
+    leaves: list[mx.array],
+    dtypes_checked: bool = False,
+    streams: list[Any] | None = None,
 ) -> list[mx.array]:
     """``pack(layout, leaves)``: the same buffers, with one kernel per buffer on CUDA.
 
     The caller guarantees the leaves' shapes match the layout (checked there once), and with
-    ``dtypes_checked`` that every buffer's leaves share one dtype."""
-    if not cuda_gather_available():
-        return pack(layout, leaves)
+    ``dtypes_checked`` that every buffer's leaves share one dtype.  ``streams``: per buffer,
+    the stream its copy runs on (on the CPU, buffers gathered on different streams are
+    copied by different threads)."""
+    cuda = cuda_gather_available()
     out = []
-    for idx, offs, size, shape in zip(
-        layout.buffers, layout.offsets, layout.sizes, layout.buffer_shapes
+    for b, (idx, offs, size, shape) in enumerate(
+        zip(layout.buffers, layout.offsets, layout.sizes, layout.buffer_shapes)
     ):
         parts = [leaves[i] for i in idx]
-        if not dtypes_checked:  # the kernel's pointers are typed: refuse, don't reinterpret
+        if not dtypes_checked:  # typed kernel pointers, or concatenate's promotion: refuse
             check_buffer_leaves(layout, idx, parts, "gather", shapes=False)
-        if len(parts) == 1:
-            out.append(parts[0].reshape(shape))
-        elif len(parts) > MAX_KERNEL_INPUTS:
-            out.append(mx.concatenate([p.reshape(-1) for p in parts]).reshape(shape))
-        else:
-            out.append(_gather_one(parts, tuple(offs) + (size,), shape))
+        with mx.stream(streams[b]) if streams is not None else contextlib.nullcontext():
+            if cuda and 1 < len(parts) <= MAX_KERNEL_INPUTS:
+                out.append(_gather_one(parts, tuple(offs) + (size,), shape))
+            elif len(parts) == 1:
+                out.append(parts[0].reshape(shape))
+            else:
+                out.append(concat_buffer(layout, b, leaves))
     return out

@@ -164,6 +164,7 @@ class PackedCompiledStep:
         self._graphs: dict[Any, Callable[..., Any]] = {}
         self._verified: set[Any] = set()
         self._last: _Layout | None = None  # the layout of the last call's params
+        self._owner_cache: dict[int, list[int]] = {}  # id(layout entry) -> thread per buffer
 
     @property
     def graphs_built(self) -> int:
@@ -271,15 +272,32 @@ class PackedCompiledStep:
 
     # -- the step --------------------------------------------------------------------------
 
-    def _groups(self, entry: _Layout) -> list[list[int]]:
-        """Output positions per thread: new buffers, then packed-state leaves, split so that
-        each thread owns whole buffers of about equal size (scalars go to thread 0)."""
-        layout, k = entry.layout, self.threads
-        total = sum(layout.sizes) or 1
-        owner, cum = [], 0
-        for size in layout.sizes:
-            owner.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
-            cum += size
+    def _owners(self, entry: _Layout) -> list[int]:
+        """The thread of every buffer: whole buffers, about equal work per thread."""
+        owners = self._owner_cache.get(id(entry))
+        if owners is None:
+            layout, k = entry.layout, self.threads
+            total = sum(layout.sizes) or 1
+            owners, cum = [], 0
+            for size in layout.sizes:
+                owners.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
+                cum += size
+            self._owner_cache[id(entry)] = owners
+        return owners
+
+    def _buffer_streams(self, entry: _Layout) -> list[Any] | None:
+        """Per buffer, the CPU stream of its thread (None with one thread): its gather, its
+        arithmetic and its outputs all run there."""
+        if self.threads == 1:
+            return None
+        if not self._streams:
+            self._streams = [mx.new_stream(mx.cpu) for _ in range(self.threads)]
+        return [self._streams[t] for t in self._owners(entry)]
+
+    def _groups(self, entry: _Layout) -> list[tuple[int, list[int]]]:
+        """Per thread with work: the thread and its output positions (new buffers, then
+        packed-state leaves; scalars go to thread 0)."""
+        layout, owner = entry.layout, self._owners(entry)
         state_owner: list[int] = []
         for kind, n, j in entry.plan.segments:
             if kind == "copy":
@@ -290,13 +308,17 @@ class PackedCompiledStep:
                     owner[b] for b, idx in enumerate(layout.buffers) if sub is None or idx[0] in sub
                 )
         per_pos = owner + state_owner
-        groups: list[list[int]] = [[] for _ in range(k)]
+        groups: list[list[int]] = [[] for _ in range(self.threads)]
         for pos, g in enumerate(per_pos):
             groups[g].append(pos)
         assert len(per_pos) == len(layout.buffers) + len(entry.packed_sig)
-        return [g for g in groups if g]
+        return [(t, g) for t, g in enumerate(groups) if g]
 
-    def _build(self, entry: _Layout, trace_step: int) -> list[tuple[Callable[..., Any], list[int]]]:
+    def _build(
+        self, entry: _Layout, trace_step: int
+    ) -> list[tuple[Callable[..., Any], list[int], int]]:
+        """The compiled graphs of one step: per thread with work, the graph, its output
+        positions and the thread."""
         opt, packed_def = entry.opt, entry.packed_def
 
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
@@ -317,7 +339,7 @@ class PackedCompiledStep:
 
         groups = self._groups(entry)
         if len(groups) == 1:
-            return [(mx.compile(pure_step), groups[0])]
+            return [(mx.compile(pure_step), groups[0][1], groups[0][0])]
 
         # one graph per thread: each traces the whole update but returns only its outputs, so
         # mx.compile keeps only the work those outputs need (anything shared, such as a global
@@ -329,7 +351,7 @@ class PackedCompiledStep:
 
             return mx.compile(fn)
 
-        return [(part(pos), pos) for pos in groups]
+        return [(part(pos), pos, t) for t, pos in groups]
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
         step = state.step
@@ -342,7 +364,8 @@ class PackedCompiledStep:
         else:
             entry, p_leaves = self._entry(state.params)
         # the params' own shapes and dtypes (checked above or by _entry): one dtype per buffer
-        p_bufs = gather(entry.layout, p_leaves, dtypes_checked=True)
+        streams = self._buffer_streams(entry)
+        p_bufs = gather(entry.layout, p_leaves, dtypes_checked=True, streams=streams)
         shapes = entry.shapes
         g_leaves = entry.get_leaves(grads)
         if not _arrays_shaped(g_leaves, entry):
@@ -371,16 +394,14 @@ class PackedCompiledStep:
         if fn is None:
             fn = self._graphs[gkey] = self._build(entry, concrete)
         # grads with the params' dtypes: each buffer is one dtype (the layout groups by it)
-        g_bufs = gather(entry.layout, g_leaves, dtypes_checked=dkey == "params")
+        g_bufs = gather(entry.layout, g_leaves, dtypes_checked=dkey == "params", streams=streams)
         args = (mx.array(concrete, dtype=mx.int32), p_bufs, ps_leaves, g_bufs)
-        if len(fn) == 1:
+        if self.threads == 1:
             out = fn[0][0](*args)
         else:
-            if len(self._streams) < len(fn):
-                self._streams = [mx.new_stream(mx.cpu) for _ in fn]
-            out = [None] * sum(len(pos) for _, pos in fn)
-            for (part, pos), stream in zip(fn, self._streams):
-                with mx.stream(stream):
+            out = [None] * sum(len(pos) for _, pos, _ in fn)
+            for part, pos, t in fn:
+                with mx.stream(self._streams[t]):
                     for i, x in zip(pos, part(*args)):
                         out[i] = x
         nb = len(entry.layout.buffers)

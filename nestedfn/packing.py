@@ -33,6 +33,7 @@ __all__ = [
     "PackLayout",
     "StatePlan",
     "check_buffer_leaves",
+    "concat_buffer",
     "default_chunk",
     "pack",
     "pack_layout",
@@ -208,13 +209,17 @@ def pack(layout: PackLayout, leaves: list[mx.array]) -> list[mx.array]:
     the layout's buffers.  A leaf shaped unlike its params leaf, or mixed dtypes inside one
     buffer (``concatenate`` would silently promote them), raise ``NotPackableError``."""
     out = []
-    for idx, shape in zip(layout.buffers, layout.buffer_shapes):
-        parts = [leaves[i] for i in idx]
-        check_buffer_leaves(layout, idx, parts, "pack")
-        rows = [p if p.ndim else p.reshape(1) for p in parts]
-        out.append(rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0))
-        assert tuple(out[-1].shape) == shape
+    for b, idx in enumerate(layout.buffers):
+        check_buffer_leaves(layout, idx, [leaves[i] for i in idx], "pack")
+        out.append(concat_buffer(layout, b, leaves))
     return out
+
+
+def concat_buffer(layout: PackLayout, b: int, leaves: list[mx.array]) -> mx.array:
+    """Buffer ``b`` of the layout: its leaves concatenated along their rows, unchecked (the
+    caller has checked shapes and dtypes: ``concatenate`` would promote mixed dtypes)."""
+    rows = [leaves[i] if leaves[i].ndim else leaves[i].reshape(1) for i in layout.buffers[b]]
+    return rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0)
 
 
 def unpack(layout: PackLayout, buffers: list[mx.array]) -> list[mx.array]:

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from nestedfn.gather import cuda_gather_available, gather
-from nestedfn.packing import pack, pack_layout
+from nestedfn.packing import NotPackableError, pack, pack_layout
 from nestedfn.tree import flatten
 
 
-def _check(leaves, chunk, max_leaves=256):
+def _check(leaves, chunk, max_leaves=256, streams=None):
     lv, td = flatten({"layers": [{"w": x} for x in leaves]})
     layout = pack_layout(lv, td, chunk, max_leaves=max_leaves)
-    got, want = gather(layout, lv), pack(layout, lv)
+    per_buffer = None if streams is None else [streams[b % 2] for b in range(len(layout.buffers))]
+    got, want = gather(layout, lv, streams=per_buffer), pack(layout, lv)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
@@ -34,6 +35,29 @@ def test_gather_equals_pack_on_the_default_device():
     layout = _check(leaves, 1 << 20, max_leaves=4)  # buffers close at max_leaves leaves
     assert max(len(b) for b in layout.buffers) == 4
     _check([x.astype(mx.bfloat16) for x in leaves], 1 << 20)
+
+
+def test_gather_on_per_buffer_cpu_streams_equals_pack():
+    # the packed step gathers each buffer on its CPU thread's stream
+    rng = np.random.default_rng(2)
+    shapes = [(4, 3), (6,), (9, 3), ()] * 9
+    leaves = [mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    old = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+        layout = _check(leaves, 20, streams=streams)
+        assert len(layout.buffers) > 2  # both streams copy something
+    finally:
+        mx.set_default_device(old)
+
+
+def test_gather_refuses_mixed_dtypes_in_one_buffer():
+    lv, td = flatten({"a": mx.zeros((2, 3)), "b": mx.zeros((4, 3))})
+    layout = pack_layout(lv, td, 1 << 20)
+    assert len(layout.buffers) == 1
+    with pytest.raises(NotPackableError, match=r"'b'.*shares a buffer with 'a'"):
+        gather(layout, [lv[0], lv[1].astype(mx.float16)])
 
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the CUDA kernel needs a CUDA GPU")
