@@ -54,7 +54,6 @@ __all__ = [
     "init",
     "is_no_update",
     "no_update",
-    "step_scalar",
     "static_step",
     "tracing_step",
 ]
@@ -143,21 +142,6 @@ def static_step(step: Step) -> int:
     if traced is not None:
         return traced
     return int(step.item())
-
-
-def step_scalar(x: Any) -> Any:
-    """A step-dependent scalar (a schedule's value, a bias correction) that every leaf will
-    multiply by, kept out of the leaves' fused kernels.
-
-    Under ``mx.compile`` an elementwise kernel absorbs the scalar ops feeding it, so a scalar
-    used by one buffer has its whole computation (``power``, ``cos``, ...) redone for every
-    element; a CPU kernel then spends most of its time there.  ``mx.stop_gradient`` is not
-    fusable: the scalar is computed once, and the kernels read it.  These scalars depend on
-    the step only, never on anything differentiable, so stopping their gradient changes no
-    result.  Python numbers and non-scalars pass through."""
-    if isinstance(x, mx.array) and x.ndim == 0:
-        return mx.stop_gradient(x)
-    return x
 
 
 def init(opt: Optimizer, params: Params) -> TrainState:

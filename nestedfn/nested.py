@@ -42,7 +42,6 @@ from nestedfn.core import (
     is_no_update,
     no_update,
     static_step,
-    step_scalar,
     tracing_step,
 )
 from nestedfn.tiers import TierRule, by_depth, resolve
@@ -470,7 +469,7 @@ def multiscale_momentum(
         grads: Any, state: MultiscaleMomentumState, params: Params, step: Step
     ) -> tuple[Any, MultiscaleMomentumState]:
         slow = (static_step(step) + 1) % slow_every == 0
-        lr = step_scalar(learning_rate(step) if callable(learning_rate) else learning_rate)
+        lr = learning_rate(step) if callable(learning_rate) else learning_rate
         g_leaves, td = flatten(grads)
         fields = [flatten(x)[0] for x in state]
         for name, lv in zip(state._fields, fields):
@@ -521,7 +520,7 @@ def _scale_by_global_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
         return ()
 
     def update_fn(updates: Any, state: tuple, params: Params, step: Step) -> Any:
-        lr = step_scalar(schedule(step))
+        lr = schedule(step)
         return tree_map(lambda u: u if is_no_update(u) else u * lr, updates), state
 
     return Optimizer(init_fn, update_fn)

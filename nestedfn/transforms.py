@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from nestedfn.core import Optimizer, OptState, Params, Schedule, Step, step_scalar
+from nestedfn.core import Optimizer, OptState, Params, Schedule, Step
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = [
@@ -76,12 +76,8 @@ def _zeros(p: Any, dtype: mx.Dtype | None) -> mx.array:
 
 def _as(x: Any, like: mx.array) -> Any:
     """A scalar factor in ``like``'s dtype (arrays are cast so that a float32 scalar does not
-    promote a float16 leaf; Python numbers are weakly typed already).
-
-    A scalar already of that dtype is returned as it is: a per-leaf ``astype`` of a shared
-    scalar would make ``mx.compile`` fuse the scalar's whole computation (the bias
-    correction's ``power``) into every leaf's elementwise kernel, where the CPU runs it once
-    per element."""
+    promote a float16 leaf; Python numbers are weakly typed already).  A scalar already of
+    that dtype is returned as it is, not through a no-op ``astype`` per leaf."""
     if isinstance(x, mx.array) and x.dtype != like.dtype:
         return x.astype(like.dtype)
     return x
@@ -127,7 +123,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> Optimizer:
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
         lr = learning_rate(step) if callable(learning_rate) else learning_rate
-        neg = step_scalar(-lr)
+        neg = -lr
         return tree_map(lambda g: g * _as(neg, g), grads), state
 
     return Optimizer(_empty_init, update_fn)
@@ -171,8 +167,8 @@ def scale_by_adam(
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
         if bias_correction:
-            c1 = step_scalar(1.0 / _bias_correction(b1, step))
-            c2 = step_scalar(1.0 / _sqrt(_bias_correction(b2, step)))
+            c1 = 1.0 / _bias_correction(b1, step)
+            c2 = 1.0 / _sqrt(_bias_correction(b2, step))
 
         def leaf(g: mx.array, m: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
             gs = g.astype(m.dtype)

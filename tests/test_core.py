@@ -178,20 +178,3 @@ def test_no_update_under_mx_compile_passes_the_param_through_bit_identical():
         out = mx.compile(step)(p, q)
         np.testing.assert_array_equal(_bits(out[0]), _bits(p))
         np.testing.assert_array_equal(_bits(out[1]), _bits(q))
-
-
-def test_step_scalar_keeps_the_value_and_passes_other_things_through():
-    step = mx.array(6)
-    c = 1.0 - mx.power(mx.array(0.9), (step + 1).astype(mx.float32))
-    got = core.step_scalar(c)
-    assert got.shape == () and got.dtype == mx.float32
-    assert got.item() == pytest.approx(1.0 - 0.9**7, rel=1e-6)
-    assert core.step_scalar(0.25) == 0.25  # Python numbers stay weakly typed
-    leaf = mx.ones((3,))
-    assert core.step_scalar(leaf) is leaf  # only 0-d arrays are scalars
-    # under mx.compile it multiplies a buffer exactly as the plain scalar does
-    x = mx.arange(8, dtype=mx.float32)
-    plain = mx.compile(lambda x, s: x * (1.0 - mx.power(mx.array(0.9), s)))
-    kept = mx.compile(lambda x, s: x * core.step_scalar(1.0 - mx.power(mx.array(0.9), s)))
-    s = mx.array(3.0)
-    np.testing.assert_array_equal(np.array(plain(x, s)), np.array(kept(x, s)))
