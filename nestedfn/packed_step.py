@@ -286,13 +286,18 @@ class PackedCompiledStep:
         return owners
 
     def _buffer_streams(self, entry: _Layout) -> list[Any] | None:
-        """Per buffer, the CPU stream of its thread (None with one thread): its gather, its
-        arithmetic and its outputs all run there."""
-        if self.threads == 1:
+        """Per buffer, the CPU stream of its thread: its gather, its arithmetic and its
+        outputs all run there.  None with one thread, or when the default device is not the
+        CPU (a CUDA gather kernel must run on the GPU's stream; the threads' graphs still run
+        on CPU streams, as asked)."""
+        if self.threads == 1 or mx.default_device() != mx.cpu:
             return None
+        return [self._thread_streams()[t] for t in self._owners(entry)]
+
+    def _thread_streams(self) -> list[Any]:
         if not self._streams:
             self._streams = [mx.new_stream(mx.cpu) for _ in range(self.threads)]
-        return [self._streams[t] for t in self._owners(entry)]
+        return self._streams
 
     def _groups(self, entry: _Layout) -> list[tuple[int, list[int]]]:
         """Per thread with work: the thread and its output positions (new buffers, then
@@ -400,8 +405,9 @@ class PackedCompiledStep:
             out = fn[0][0](*args)
         else:
             out = [None] * sum(len(pos) for _, pos, _ in fn)
+            thread_streams = self._thread_streams()
             for part, pos, t in fn:
-                with mx.stream(self._streams[t]):
+                with mx.stream(thread_streams[t]):
                     for i, x in zip(pos, part(*args)):
                         out[i] = x
         nb = len(entry.layout.buffers)
