@@ -7,8 +7,10 @@ state array, then ``mx.synchronize``) for nestedfn eager ``apply_gradients``, ne
 the memory floor (7 x 4 bytes per float32 parameter -- read p, m, v, g, write p, m, v -- over
 the copy bandwidth measured in the same run).  The "hand-back floor" is what MLX charges for
 the least a step returning a fresh params tree can do: one elementwise op over the packed
-buffers and every leaf handed back as a view, evaluated (per-array bookkeeping; on a GPU it,
-not the arithmetic, bounds the packed step).
+buffers and every leaf handed back as a view, evaluated (per-array bookkeeping).  The
+"gather + hand-back floor" adds reading every param and gradient leaf into those buffers (no
+optimizer, no checks): the least any step that takes and returns trees costs in MLX; on a GPU
+it, not the arithmetic, bounds the packed step.
 
 Then ``nested_adam`` with frequencies (1, 2, 4) on the LoRA tree (tiers by depth), with
 ``compile_step`` and with ``compile_step(packed=True)`` (tier by tier on flat buffers): the mean
@@ -34,6 +36,7 @@ import mlx.optimizers as mlx_optim
 from mlx.utils import tree_flatten, tree_map
 
 import nestedfn as nf
+from nestedfn.gather import gather
 from nestedfn.nested import nested_adam, tier_stats
 from nestedfn.optimizers import adam
 from nestedfn.packing import pack, pack_layout, unpack
@@ -208,6 +211,24 @@ def bench_handback(params, iters: int, warmup: int) -> list[float]:
     return time_loop(step, iters, warmup)
 
 
+def bench_gather_floor(params, grads, iters: int, warmup: int) -> list[float]:
+    """The least a step that reads every param and gradient leaf and hands back a fresh
+    params tree costs in MLX: both trees gathered into the packed buffers (one kernel per
+    buffer on CUDA), one elementwise op, every leaf handed back as a view, evaluated.  No
+    optimizer and no Python checks: on a GPU this, not the arithmetic, bounds any step that
+    takes and returns trees."""
+    lv, td = nf.flatten(params)
+    gl = nf.flatten(grads)[0]
+    layout = pack_layout(lv, td)
+
+    def step():
+        p_bufs = gather(layout, lv, dtypes_checked=True)
+        g_bufs = gather(layout, gl, dtypes_checked=True)
+        mx.eval(unpack(layout, [p + g for p, g in zip(p_bufs, g_bufs)]))
+
+    return time_loop(step, iters, warmup)
+
+
 def bench_nested(
     params, grads, periods: int, warmup_periods: int, packed: bool = False
 ) -> dict[str, float]:
@@ -273,13 +294,14 @@ def main() -> None:
     )
 
     header = (
-        "| tree | floor | hand-back floor | nestedfn eager | nestedfn compile_step "
+        "| tree | floor | hand-back floor | gather + hand-back floor | nestedfn eager "
+        "| nestedfn compile_step "
         "| nestedfn compile_step(packed) | packed, threads=1 | mlx.optimizers.Adam "
         "| tree_map Adam, mx.compile |"
     )
-    rows_ms = [header, "|---|---|---|---|---|---|---|---|---|"]
+    rows_ms = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     rows_ratio = [
-        header.replace("| floor | hand-back floor ", ""),
+        header.replace("| floor | hand-back floor | gather + hand-back floor ", ""),
         "|---|---|---|---|---|---|---|",
     ]
     lora_compiled = None
@@ -302,6 +324,7 @@ def main() -> None:
                 _add(res, "packed1", bench_nestedfn(params, grads, "packed1", iters, warmup))
             _add(res, "mlx", bench_mlx_adam(params, grads, iters, warmup))
             _add(res, "handback", bench_handback(params, iters, warmup))
+            _add(res, "gather_floor", bench_gather_floor(params, grads, iters, warmup))
             _add(res, "tree_map", bench_tree_map_compiled(params, grads, iters, warmup))
         med = {k: statistics.median(v) for k, v in res.items()}
         if name == "lora":
@@ -309,7 +332,9 @@ def main() -> None:
         keys = ["eager", "compiled", "packed", "packed1", "mlx", "tree_map"]
         cells = [f"{med[k]:.2f}" if k in med else "-" for k in keys]
         rows_ms.append(
-            f"| {title} | {floor:.2f} | {med['handback']:.2f} | " + " | ".join(cells) + " |"
+            f"| {title} | {floor:.2f} | {med['handback']:.2f} | {med['gather_floor']:.2f} | "
+            + " | ".join(cells)
+            + " |"
         )
         ratio = [
             f"{med[k] / med['mlx']:.2f}x / {med[k] / floor:.1f}x" if k in med else "-" for k in keys
