@@ -9,8 +9,9 @@ the copy bandwidth measured in the same run).  The "hand-back floor" is what MLX
 the least a step returning a fresh params tree can do: one elementwise op over the packed
 buffers and every leaf handed back as a view, evaluated (per-array bookkeeping).  The
 "gather + hand-back floor" adds reading every param and gradient leaf into those buffers (no
-optimizer, no checks): the least any step that takes and returns trees costs in MLX; on a GPU
-it, not the arithmetic, bounds the packed step.
+optimizer, no checks), on one stream: on a GPU, the least any step that takes and returns
+trees costs in MLX, which bounds the packed step there; on the CPU the packed step splits the
+same work over its threads, so it is not a floor there.
 
 Then ``nested_adam`` with frequencies (1, 2, 4) on the LoRA tree (tiers by depth), with
 ``compile_step`` and with ``compile_step(packed=True)`` (tier by tier on flat buffers): the mean
@@ -212,11 +213,11 @@ def bench_handback(params, iters: int, warmup: int) -> list[float]:
 
 
 def bench_gather_floor(params, grads, iters: int, warmup: int) -> list[float]:
-    """The least a step that reads every param and gradient leaf and hands back a fresh
-    params tree costs in MLX: both trees gathered into the packed buffers (one kernel per
-    buffer on CUDA), one elementwise op, every leaf handed back as a view, evaluated.  No
+    """What a step that reads every param and gradient leaf and hands back a fresh params
+    tree costs in MLX on one stream: both trees gathered into the packed buffers (one kernel
+    per buffer on CUDA), one elementwise op, every leaf handed back as a view, evaluated.  No
     optimizer and no Python checks: on a GPU this, not the arithmetic, bounds any step that
-    takes and returns trees."""
+    takes and returns trees (on the CPU, threads can split it)."""
     lv, td = nf.flatten(params)
     gl = nf.flatten(grads)[0]
     layout = pack_layout(lv, td)
@@ -274,14 +275,17 @@ def main() -> None:
     ap.add_argument("--trees", default="lora,big,tiny", help="comma list of lora,big,tiny")
     ap.add_argument("--no-eager", action="store_true", help="skip nestedfn eager (slow)")
     ap.add_argument(
-        "--rounds", type=int, default=3, help="turns each contender takes (medians pool them)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="turns each contender takes, medians pool them (default 3; 1 with --quick)",
     )
     args = ap.parse_args()
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     iters, warmup = (5, 2) if args.quick else (20, 5)
-    if args.quick:
-        args.rounds = 1
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     dev = mx.default_device()
     print(
         f"# step latency: mlx {mx.__version__}, device {dev}, {platform.processor() or platform.machine()}"

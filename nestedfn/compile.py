@@ -136,8 +136,10 @@ def compile_step(
     elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``)
     (``PackedCompiledStep``): same inputs, outputs and tree layout, far fewer kernel
     dispatches on trees of many small arrays.  ``verify`` checks its first step
-    of every graph against the eager per-leaf step.  On the CPU the buffers are updated by
-    ``threads`` MLX streams at once (default: 2 where there are 2 cores; 1 on a GPU).
+    of every graph against the eager per-leaf step.  ``threads`` splits the buffers over that
+    many CPU streams, each gathering and updating its own buffers at once (default: 2 where
+    the CPU is the default device and there are 2 cores, else 1); on a GPU, ``threads > 1``
+    runs the graphs on CPU streams, so the arithmetic moves to the CPU.
     """
     if packed:
         if shapeless:

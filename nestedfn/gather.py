@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from nestedfn.packing import PackLayout, check_buffer_leaves, concat_buffer
+from nestedfn.packing import NotPackableError, PackLayout, check_buffer_leaves, concat_buffer
 
 __all__ = ["MAX_KERNEL_INPUTS", "cuda_gather_available", "gather"]
 
@@ -115,4 +115,9 @@ def gather(
                 out.append(parts[0].reshape(shape))
             else:
                 out.append(concat_buffer(layout, b, leaves))
+        if tuple(out[-1].shape) != shape:  # the caller's shape guarantee, checked per buffer
+            raise NotPackableError(
+                f"gather: buffer {b} came out {tuple(out[-1].shape)}, the layout says {shape}; "
+                "the leaves are shaped unlike the layout's params"
+            )
     return out

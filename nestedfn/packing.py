@@ -50,9 +50,10 @@ GPU_CHUNK = 1 << 26  # on a GPU: one buffer per dtype for any adapter-sized tree
 def default_chunk() -> int:
     """Buffer size for the default device.
 
-    On the CPU, buffers of a few MB keep every allocation in glibc's heap, so a step's fresh
-    outputs reuse heap pages instead of page-faulting new ones, while there are few enough of
-    them that the per-buffer Python work stays small.  The LoRA tree's packed Adam step (2-core
+    On the CPU, buffers of a few MB stay in glibc's heap once its dynamic mmap threshold has
+    risen past them (after the first frees), so a step's fresh outputs reuse heap pages
+    instead of page-faulting new ones, while there are few enough of them that the per-buffer
+    Python work stays small.  The LoRA tree's packed Adam step (2-core
     CPU, two runs of alternating rounds) took 24.4-28.8 ms with buffers of 2^18 elements,
     21.4-21.7 ms with 2^19, 23.6-23.9 ms with 2^20, and 75.6 ms with 2^23 (one buffer per
     trailing shape).  On a GPU every buffer is one kernel launch, so fewer is better.

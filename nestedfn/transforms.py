@@ -288,7 +288,9 @@ def newton_schulz(g: mx.array, steps: int = 5, eps: float = 1e-7) -> mx.array:
         X = G / (||G||_F + eps)                 (transposed so that rows <= columns)
         repeat steps:  A = X Xᵀ;  X = a X + (b A + c A²) X,   (a, b, c) = (3.4445, -4.7750, 2.0315)
 
-    Returned in ``g``'s dtype and shape.
+    Returned in ``g``'s dtype and shape.  On CUDA GPUs MLX runs float32 matmuls at TF32
+    precision (about 1e-3 relative) unless ``MLX_ENABLE_TF32=0`` is set before the first
+    operation; Muon's iteration is approximate anyway, but results then differ from the CPU's.
     """
     if g.ndim != 2:
         raise ValueError(f"newton_schulz: expected a 2-D array, got shape {tuple(g.shape)}")

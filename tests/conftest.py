@@ -1,7 +1,13 @@
 """Hypothesis profiles: a fast default, and ``ci`` (more examples, derandomized so a run is
-reproducible and never flaky) chosen when ``CI`` is set or ``HYPOTHESIS_PROFILE=ci``."""
+reproducible and never flaky) chosen when ``CI`` is set or ``HYPOTHESIS_PROFILE=ci``.
+
+Full float32 matmuls: on CUDA (and Apple's neural accelerators) MLX runs float32 matmuls at
+TF32 precision unless ``MLX_ENABLE_TF32=0`` is set before its first operation, and the
+Newton-Schulz / Muon / multiscale-momentum tests compare with float32 numpy references."""
 
 import os
+
+os.environ["MLX_ENABLE_TF32"] = "0"  # before anything imports mlx and runs an op
 
 from hypothesis import HealthCheck, settings
 

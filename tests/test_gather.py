@@ -72,3 +72,12 @@ def test_gather_kernel_on_cuda():
         _check([x.astype(mx.bfloat16) for x in leaves], 1 << 26, max_leaves=100)
     finally:
         mx.set_default_device(old)
+
+
+def test_gather_refuses_leaves_that_do_not_fill_the_layouts_buffer():
+    # the caller promises the layout's shapes; a leaf with extra rows is still caught per
+    # buffer instead of giving a buffer of another shape
+    lv, td = flatten({"a": mx.zeros((2, 3)), "b": mx.zeros((4, 3))})
+    layout = pack_layout(lv, td, 1 << 20)
+    with pytest.raises(NotPackableError, match=r"came out \(7, 3\).*says \(6, 3\)"):
+        gather(layout, [mx.zeros((3, 3)), lv[1]], dtypes_checked=True)
