@@ -70,7 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from nestedfn.lm.config import TrainConfig, is_tiered, load_config, resolve
+    from nestedfn.lm.config import TrainConfig, is_tiered, load_config, resolve, untiered_reason
 
     base = load_config(args.config) if args.config else TrainConfig()
     overrides = _overrides(args)
@@ -78,12 +78,7 @@ def _config(args: argparse.Namespace) -> Any:
     ignored = [k for k in ("tiers", "tier_order", "tier_reduce") if k in overrides]
     if ignored and not is_tiered(config):
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-        why = (
-            "multiscale_momentum has its own timescales"
-            if config.optimizer == "multiscale_momentum"
-            else f"frequencies {list(config.frequencies)} is a single tier"
-        )
-        raise _UsageError(f"{flags} would be ignored: {why}")
+        raise _UsageError(f"{flags} would be ignored: {untiered_reason(config)}")
     return config
 
 

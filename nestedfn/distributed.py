@@ -252,10 +252,18 @@ def _check_arrays(leaves: list[Any], tree: Tree, what: str, floating: bool = Fal
             raise TypeError(f"{what}: leaf {_leaf_paths(tree)[i]!r} {bad}")
 
 
-def _by_dtype(leaves: list[mx.array]) -> dict[mx.Dtype, list[int]]:
+def _wide(dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a gradient travels and is summed in: float32 for the half-precision ones (so
+    a weight or a sum beyond float16's 65504, or a weight bfloat16 would round, stays exact
+    enough), else its own."""
+    return mx.float32 if dtype in (mx.float16, mx.bfloat16) else dtype
+
+
+def _by_dtype(leaves: list[mx.array], widen: bool = False) -> dict[mx.Dtype, list[int]]:
+    """Leaf indices per dtype (with ``widen``, per ``_wide`` dtype), in first-seen order."""
     groups: dict[mx.Dtype, list[int]] = {}
     for i, x in enumerate(leaves):
-        groups.setdefault(x.dtype, []).append(i)
+        groups.setdefault(_wide(x.dtype) if widen else x.dtype, []).append(i)
     return groups
 
 
@@ -274,13 +282,6 @@ def _split(buf: mx.array, leaves: list[mx.array], idx: list[int]) -> Iterable[mx
     return (p.reshape(leaves[i].shape) for p, i in zip(mx.split(buf, offsets), idx))
 
 
-def _wide(dtype: mx.Dtype) -> mx.Dtype:
-    """The dtype a gradient travels and is summed in: float32 for the half-precision ones (so
-    a weight or a sum beyond float16's 65504, or a weight bfloat16 would round, stays exact
-    enough), else its own."""
-    return mx.float32 if dtype in (mx.float16, mx.bfloat16) else dtype
-
-
 def _reduce_buffers(
     leaves: list[mx.array], group: Group, scale: mx.array | None = None, widen: bool = False
 ) -> list[tuple[list[int], mx.array]]:
@@ -292,11 +293,8 @@ def _reduce_buffers(
     one op per dtype, not one per leaf (hundreds of small ops cost more than the communication
     on a CPU).
     """
-    groups: dict[mx.Dtype, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault(_wide(x.dtype) if widen else x.dtype, []).append(i)
     out = []
-    for dtype, idx in groups.items():
+    for dtype, idx in _by_dtype(leaves, widen).items():
         buf = _concat(leaves, idx)
         if buf.dtype != dtype:
             buf = buf.astype(dtype)

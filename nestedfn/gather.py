@@ -111,9 +111,7 @@ def gather(
         with mx.stream(streams[b]) if streams is not None else contextlib.nullcontext():
             if cuda and 1 < len(parts) <= MAX_KERNEL_INPUTS:
                 out.append(_gather_one(parts, tuple(offs) + (size,), shape))
-            elif len(parts) == 1:
-                out.append(parts[0].reshape(shape))
-            else:
+            else:  # one leaf (no copy), or no kernel: concatenate
                 out.append(concat_buffer(layout, b, leaves))
         if tuple(out[-1].shape) != shape:  # the caller's shape guarantee, checked per buffer
             raise NotPackableError(

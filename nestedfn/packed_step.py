@@ -54,7 +54,7 @@ from nestedfn.packing import (
     unpack,
     unpack_state,
 )
-from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
+from nestedfn.tree import TreeDef, TreeMismatchError, _structure_diff, flatten, unflatten
 from nestedfn.treecode import leaf_getter, tree_builder
 
 __all__ = ["PackedCompiledStep", "PackedState"]
@@ -68,37 +68,6 @@ class PackedState(NamedTuple):
     """The ``opt_state`` a packed step returns: the optimizer's state over flat buffers."""
 
     inner: OptState
-
-
-def _leaves_as(tree: Any, td: TreeDef, out: list) -> bool:
-    """Append the leaves of ``tree`` to ``out`` if ``tree`` has exactly the structure ``td``
-    (node kinds, dict keys in order, lengths, NamedTuple types); False at the first
-    difference.  The per-step check that grads are shaped like params, without building a
-    TreeDef."""
-    kind = td.kind
-    if kind == "leaf":
-        if tree is None or isinstance(tree, (dict, list, tuple)):
-            return False
-        out.append(tree)
-        return True
-    if kind == "dict":
-        if not isinstance(tree, dict) or len(tree) != len(td.meta):
-            return False
-        for key, want, child in zip(tree, td.meta, td.children):
-            if key != want or not _leaves_as(tree[key], child, out):
-                return False
-        return True
-    if kind == "none":
-        return tree is None
-    if kind == "list":
-        ok = type(tree) is list
-    elif kind == "tuple":
-        ok = type(tree) is tuple
-    else:
-        ok = type(tree) is td.meta
-    if not ok or len(tree) != len(td.children):
-        return False
-    return all(_leaves_as(c, cd, out) for c, cd in zip(tree, td.children))
 
 
 def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
@@ -120,17 +89,17 @@ class _Layout(NamedTuple):
     tree_def: TreeDef  # structure of opt.init(params)
     plan: StatePlan
     packed_sig: tuple  # (shape, dtype) of every packed-state leaf
-    shapes: list  # every params leaf's shape, in leaf order
-    dtypes: list  # every params leaf's dtype, in leaf order
+    owners: list  # per buffer, the thread (of ``threads``) that gathers and updates it
     get_leaves: Callable[[Any], list | None]  # treecode.leaf_getter(params_def, False)
     build_params: Callable[[list], Any]  # treecode.tree_builder(params_def)
+    get_packed: Callable[[Any], list | None]  # treecode.leaf_getter(packed_def)
 
 
 def _arrays_shaped(leaves: list | None, entry: _Layout) -> bool:
     """Whether ``leaves`` are MLX arrays with the shapes of ``entry``'s params."""
     if leaves is None or set(map(type, leaves)) - {mx.array}:
         return False
-    return list(map(_SHAPE, leaves)) == entry.shapes
+    return tuple(map(_SHAPE, leaves)) == entry.layout.shapes
 
 
 class PackedCompiledStep:
@@ -165,7 +134,6 @@ class PackedCompiledStep:
         self._graphs: dict[Any, Callable[..., Any]] = {}
         self._verified: set[Any] = set()
         self._last: _Layout | None = None  # the layout of the last call's params
-        self._owner_cache: dict[int, list[int]] = {}  # id(layout entry) -> thread per buffer
 
     @property
     def graphs_built(self) -> int:
@@ -220,10 +188,10 @@ class PackedCompiledStep:
             tree_def,
             plan,
             sig,
-            list(layout.shapes),
-            list(layout.dtypes),
+            self._thread_owners(layout),
             leaf_getter(td, check_leaves=False),  # every leaf's type and shape are checked
             tree_builder(td),
+            leaf_getter(packed_def),
         )
 
     # -- state conversions -----------------------------------------------------------------
@@ -261,7 +229,7 @@ class PackedCompiledStep:
         return unflatten(entry.packed_def, pack_state(entry.plan, entry.layout, leaves))
 
     def _packed_leaves(self, entry: _Layout, packed: PackedState) -> list[mx.array]:
-        leaves = leaf_getter(entry.packed_def)(packed.inner)
+        leaves = entry.get_packed(packed.inner)
         if leaves is None or entry.packed_sig != tuple(
             (tuple(x.shape), x.dtype) if isinstance(x, mx.array) else x for x in leaves
         ):
@@ -273,17 +241,13 @@ class PackedCompiledStep:
 
     # -- the step --------------------------------------------------------------------------
 
-    def _owners(self, entry: _Layout) -> list[int]:
+    def _thread_owners(self, layout: PackLayout) -> list[int]:
         """The thread of every buffer: whole buffers, about equal work per thread."""
-        owners = self._owner_cache.get(id(entry))
-        if owners is None:
-            layout, k = entry.layout, self.threads
-            total = sum(layout.sizes) or 1
-            owners, cum = [], 0
-            for size in layout.sizes:
-                owners.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
-                cum += size
-            self._owner_cache[id(entry)] = owners
+        k, total = self.threads, sum(layout.sizes) or 1
+        owners, cum = [], 0
+        for size in layout.sizes:
+            owners.append(min(k - 1, (2 * cum + size) * k // (2 * total)))
+            cum += size
         return owners
 
     def _buffer_streams(self, entry: _Layout) -> list[Any] | None:
@@ -293,7 +257,7 @@ class PackedCompiledStep:
         on CPU streams, as asked)."""
         if self.threads == 1 or mx.default_device() != mx.cpu:
             return None
-        return [self._thread_streams()[t] for t in self._owners(entry)]
+        return [self._thread_streams()[t] for t in entry.owners]
 
     def _thread_streams(self) -> list[Any]:
         if not self._streams:
@@ -303,7 +267,7 @@ class PackedCompiledStep:
     def _groups(self, entry: _Layout) -> list[tuple[int, list[int]]]:
         """Per thread with work: the thread and its output positions (new buffers, then
         packed-state leaves; scalars go to thread 0)."""
-        layout, owner = entry.layout, self._owners(entry)
+        layout, owner = entry.layout, entry.owners
         state_owner: list[int] = []
         for kind, n, j in entry.plan.segments:
             if kind == "copy":
@@ -365,26 +329,30 @@ class PackedCompiledStep:
         # the usual loop passes params shaped as last time: their layout without a TreeDef
         last = self._last
         p_leaves = None if last is None else last.get_leaves(state.params)
-        if _arrays_shaped(p_leaves, last) and list(map(_DTYPE, p_leaves)) == last.dtypes:
+        if _arrays_shaped(p_leaves, last) and tuple(map(_DTYPE, p_leaves)) == last.layout.dtypes:
             entry = last
         else:
             entry, p_leaves = self._entry(state.params)
         # the params' own shapes and dtypes (checked above or by _entry): one dtype per buffer
         streams = self._buffer_streams(entry)
         p_bufs = gather(entry.layout, p_leaves, dtypes_checked=True, streams=streams)
-        shapes = entry.shapes
         g_leaves = entry.get_leaves(grads)
         if not _arrays_shaped(g_leaves, entry):
-            g_leaves = []
-            _leaves_as(grads, entry.params_def, g_leaves)
-            problems = [
-                (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
-                for path, g, s in zip(entry.params_def.paths(), g_leaves, shapes)
-                if not isinstance(g, mx.array) or g.shape != s
-            ]
-            g_def = flatten(grads)[1]
+            g_leaves, g_def = flatten(grads)
             if g_def != entry.params_def:
-                problems.insert(0, ("", f"grads {g_def!r} vs params {entry.params_def!r}"))
+                problems = [
+                    (
+                        path,
+                        why.replace("the first tree", "params").replace("the second tree", "grads"),
+                    )
+                    for path, why in _structure_diff(entry.params_def, g_def)
+                ]
+            else:
+                problems = [
+                    (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
+                    for path, g, s in zip(entry.params_def.paths(), g_leaves, entry.layout.shapes)
+                    if not isinstance(g, mx.array) or g.shape != s
+                ]
             raise TreeMismatchError(
                 problems, "compile_step(packed=True): grads shaped unlike params"
             )
@@ -393,8 +361,8 @@ class PackedCompiledStep:
             ps_leaves = self._packed_leaves(entry, opt_state)
         else:
             ps_leaves = flatten(self._pack_tree_state(entry, opt_state))[0]
-        g_dtypes = list(map(_DTYPE, g_leaves))
-        dkey = "params" if g_dtypes == entry.dtypes else tuple(g_dtypes)
+        g_dtypes = tuple(map(_DTYPE, g_leaves))
+        dkey = "params" if g_dtypes == entry.layout.dtypes else g_dtypes
         gkey = (id(entry), dkey, self.opt.phase(concrete))
         fn = self._graphs.get(gkey)
         if fn is None:

@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "is_tiered",
+    "untiered_reason",
     "load_config",
     "parse_yaml",
     "resolve",
@@ -219,13 +220,8 @@ def _validate(c: TrainConfig) -> None:
             f"tiers must be 'depth' or a mapping {{regex: tier index}}, got {c.tiers!r}"
         )
     if isinstance(c.tiers, dict) and not is_tiered(c):
-        why = (
-            "multiscale_momentum has its own timescales"
-            if c.optimizer == "multiscale_momentum"
-            else f"frequencies {list(freqs)} is a single tier"
-        )
         raise ConfigError(
-            f"tiers {c.tiers!r} would be ignored: {why}; drop tiers or give the tiers' "
+            f"tiers {c.tiers!r} would be ignored: {untiered_reason(c)}; drop tiers or give the tiers' "
             "frequencies (e.g. frequencies: [1, 4])"
         )
     if c.decay_steps is not None and (not _is_int(c.decay_steps) or c.decay_steps < 1):
@@ -243,6 +239,14 @@ def is_tiered(config: TrainConfig) -> bool:
     timescales; one frequency ``[1]`` means a plain optimizer): where ``tiers``,
     ``tier_order`` and ``tier_reduce`` apply."""
     return config.optimizer != "multiscale_momentum" and tuple(config.frequencies) != (1,)
+
+
+def untiered_reason(config: TrainConfig) -> str:
+    """Why ``config``'s optimizer runs without tiers (``not is_tiered(config)``), for the
+    errors about tier options it would ignore."""
+    if config.optimizer == "multiscale_momentum":
+        return "multiscale_momentum has its own timescales"
+    return f"frequencies {list(config.frequencies)} is a single tier"
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:

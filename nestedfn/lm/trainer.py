@@ -603,15 +603,14 @@ def _dry_run(prep: _Prepared, state: TrainState, fns: _StepFns) -> None:
         ) from None
 
 
-def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> Path:
+def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
     from nestedfn.checkpoint import prune_checkpoints, save_checkpoint
 
     n_blocks = len(prep.model.layers)
     info = {"optimizer": prep.config.optimizer, "step": int(state.step)}
-    path = save_checkpoint(out / CHECKPOINT_DIR, state, dict(extra), int(state.step))
+    save_checkpoint(out / CHECKPOINT_DIR, state, dict(extra), int(state.step))
     prune_checkpoints(out / CHECKPOINT_DIR, keep)
     save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
-    return path
 
 
 def _loop(
