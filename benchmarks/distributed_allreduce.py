@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 from mlx.nn.utils import average_gradients as mlx_average_gradients
 
-import nestedfn.distributed as dist
+import nestedfn.run.distributed as dist
 
 HIDDEN, INTER, KV, RANK, LAYERS = 896, 4864, 128, 8, 24
 PROJ = {

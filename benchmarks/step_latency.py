@@ -37,10 +37,10 @@ import mlx.optimizers as mlx_optim
 from mlx.utils import tree_flatten, tree_map
 
 import nestedfn as nf
-from nestedfn.gather import gather
-from nestedfn.nested import nested_adam, tier_stats
-from nestedfn.optimizers import adam
-from nestedfn.packing import pack, pack_layout, unpack
+from nestedfn.fast.gather import gather
+from nestedfn.fast.packing import pack, pack_layout, unpack
+from nestedfn.optim.optimizers import adam
+from nestedfn.tiered import nested_adam, tier_stats
 
 LR = 1e-3
 

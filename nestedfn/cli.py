@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _report(summary: Any) -> None:
     """The run's summary lines, printed by rank 0 only (every rank has the same numbers)."""
-    from nestedfn import distributed
+    from nestedfn.run import distributed
 
     if not distributed.is_main():
         return
@@ -126,7 +126,8 @@ def _report(summary: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from nestedfn.lm.config import TrainConfig
     from nestedfn.lm.demo import build_demo_model, write_demo_dataset
-    from nestedfn.lm.trainer import check_out_dir, train
+    from nestedfn.lm.rundir import check_out_dir
+    from nestedfn.lm.trainer import train
 
     out = Path(args.out or Path("nestedfn-runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     check_out_dir(out, resume=False, force=args.force)
@@ -160,7 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from nestedfn.lm.trainer import inspect
+    from nestedfn.lm.prepare import inspect
 
     config = _config(args)
     config = dataclasses.replace(config, model=args.model or config.model)
@@ -228,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nestedfn import distributed
     from nestedfn.lm.config import ConfigError
     from nestedfn.lm.data import DataError
-    from nestedfn.lm.trainer import Interrupted, RunError
+    from nestedfn.lm.errors import RunError
+    from nestedfn.lm.trainer import Interrupted
+    from nestedfn.run import distributed
 
     try:
         return int(args.fn(args))

@@ -19,8 +19,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from nestedfn.checkpoint import atomic_write, atomic_write_text
 from nestedfn.lm.lora import LoraSpec
+from nestedfn.run.checkpoint import atomic_write, atomic_write_text
 from nestedfn.tree import from_flat, to_flat
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "adapter_config", "load_adapters", "save_adapters"]

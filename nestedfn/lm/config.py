@@ -294,7 +294,7 @@ def resolve(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
 def save_config(config: TrainConfig, directory: str | Path) -> Path:
     """Write the resolved config as ``directory/config.yaml`` (read back by ``load_config``),
     atomically: a resume that rewrites it leaves the old one or the new one, never a part."""
-    from nestedfn.checkpoint import atomic_write_text
+    from nestedfn.run.checkpoint import atomic_write_text
 
     return atomic_write_text(
         Path(directory) / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False)

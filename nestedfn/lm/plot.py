@@ -16,7 +16,8 @@ __all__ = ["plot_run", "read_metrics"]
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """``(train records, eval records)`` of ``run_dir/metrics.jsonl``; a missing or empty file
     or a bad line raises ``ValueError`` naming the file (and line)."""
-    from nestedfn.lm.trainer import METRICS_FILE, RunError
+    from nestedfn.lm.errors import RunError
+    from nestedfn.lm.rundir import METRICS_FILE
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

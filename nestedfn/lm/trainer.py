@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,50 +47,27 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from nestedfn import distributed
-from nestedfn.checkpoint import atomic_write_text
-from nestedfn.core import Optimizer, Params, Step, TrainState, apply_gradients, chain, init
-from nestedfn.lm.adapters import ADAPTER_CONFIG, ADAPTER_FILE, save_adapters
-from nestedfn.lm.config import (
-    RUN_CONFIG,
-    ConfigError,
-    TrainConfig,
-    is_tiered,
-    load_config,
-    save_config,
+from nestedfn.lm.adapters import ADAPTER_FILE, save_adapters
+from nestedfn.lm.config import RUN_CONFIG, TrainConfig, load_config, save_config
+from nestedfn.lm.errors import RunError
+from nestedfn.lm.evaluate import evaluate
+from nestedfn.lm.lora import bind
+from nestedfn.lm.loss import make_eval_fn, make_grad_fn
+from nestedfn.lm.prepare import Prepared, overview, prepare
+from nestedfn.lm.rundir import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    RESUMABLE,
+    check_out_dir,
+    clear_run,
+    kept_metrics,
 )
-from nestedfn.lm.lora import LoraSpec, apply_lora, bind
-from nestedfn.tree import flatten, tree_map, unflatten
+from nestedfn.optim.core import Params, TrainState, apply_gradients
+from nestedfn.run import distributed
+from nestedfn.run.checkpoint import atomic_write_text
 
-__all__ = [
-    "METRICS_FILE",
-    "Interrupted",
-    "RunError",
-    "Summary",
-    "build_optimizer",
-    "build_schedule",
-    "is_tiered",
-    "resolve_tiers",
-    "check_out_dir",
-    "evaluate",
-    "inspect",
-    "load_run_model",
-    "make_eval_fn",
-    "make_grad_fn",
-    "masked_cross_entropy",
-    "train",
-]
-
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-BEST_DIR = "best"
-# Everything a run writes into its directory (what --force removes, and nothing else).
-RUN_FILES = (RUN_CONFIG, METRICS_FILE, ADAPTER_FILE, ADAPTER_CONFIG, CHECKPOINT_DIR, BEST_DIR)
-RESUMABLE = ("steps", "save_every", "keep_last", "eval_every")
-
-
-class RunError(RuntimeError):
-    """A problem with the user's input (paths, data, options): reported without traceback."""
+__all__ = ["Interrupted", "Summary", "train"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -116,302 +92,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(msg)
 
 
-# ---------------------------------------------------------------------------------------------
-# the pure core: loss, gradients, optimizer
-# ---------------------------------------------------------------------------------------------
-
-
-def masked_cross_entropy(
-    logits: mx.array, targets: mx.array, mask: mx.array
-) -> tuple[mx.array, mx.array]:
-    """``(Σ mask·CE, Σ mask)`` in float32: the summed token loss and the number of tokens."""
-    ce = nn.losses.cross_entropy(logits, targets) * mask
-    return ce.astype(mx.float32).sum(), mask.astype(mx.float32).sum()
-
-
-def make_grad_fn(
-    model: nn.Module, params: Params, compile: bool = True
-) -> Callable[..., tuple[mx.array, mx.array, Params]]:
-    """``fn(params, inputs, targets, mask) -> (mean loss, tokens, grads)`` for the LoRA tree.
-
-    ``params`` fixes the tree structure; the model's frozen weights are constants of the
-    (compiled) graph.  The global random state is an input and output of the compiled graph so
-    that LoRA dropout draws what ``mx.random.seed`` set before the call.
-    """
-    _, td = flatten(params)
-
-    def loss_fn(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
-        bind(model, unflatten(td, leaves))
-        model.train(True)
-        total, ntoks = masked_cross_entropy(model(inputs), targets, mask)
-        return total / ntoks, ntoks
-
-    value_and_grad = mx.value_and_grad(loss_fn)
-
-    def step(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
-        (loss, ntoks), grads = value_and_grad(leaves, inputs, targets, mask)
-        return loss, ntoks, grads
-
-    if compile:
-        state = [mx.random.state]
-        step = mx.compile(step, inputs=state, outputs=state)
-
-    def grad_fn(params: Params, inputs: mx.array, targets: mx.array, mask: mx.array):
-        leaves, got = flatten(params)
-        if got != td:
-            raise ValueError("grad_fn: params are not shaped like the tree it was built for")
-        loss, ntoks, grads = step(leaves, inputs, targets, mask)
-        return loss, ntoks, unflatten(td, grads)
-
-    return grad_fn
-
-
-def make_eval_fn(
-    model: nn.Module, params: Params, compile: bool = True
-) -> Callable[..., tuple[mx.array, mx.array]]:
-    """``fn(params, inputs, targets, mask) -> (Σ mask·CE, Σ mask)`` with dropout off."""
-    _, td = flatten(params)
-
-    def fn(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
-        bind(model, unflatten(td, leaves))
-        model.train(False)
-        return masked_cross_entropy(model(inputs), targets, mask)
-
-    if compile:
-        fn = mx.compile(fn)
-
-    def eval_fn(params: Params, inputs: mx.array, targets: mx.array, mask: mx.array):
-        return fn(flatten(params)[0], inputs, targets, mask)
-
-    return eval_fn
-
-
-def build_schedule(config: TrainConfig) -> Callable[[Step], Any]:
-    """The learning rate per optimizer update: linear warmup over ``warmup_steps`` from 0,
-    then constant or cosine decay to ``min_lr_ratio * learning_rate`` at ``decay_steps``
-    (default: the run's number of updates)."""
-    from nestedfn import schedules
-
-    lr = float(config.learning_rate)
-    if config.schedule == "cosine":
-        decay = config.decay_steps or max(config.steps // config.grad_accumulation, 1)
-        if decay <= config.warmup_steps:
-            raise ConfigError(
-                f"decay_steps ({decay}) must exceed warmup_steps ({config.warmup_steps})"
-            )
-        return schedules.warmup_cosine(
-            lr, config.warmup_steps, decay, end_value=lr * config.min_lr_ratio
-        )
-    if config.warmup_steps:
-        return schedules.linear_warmup(lr, config.warmup_steps)
-    return schedules.constant(lr)
-
-
-def _scale_by_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
-    """Multiply updates by ``schedule(step)`` (non-negative, so ``-0.0`` stays ``-0.0`` and
-    leaves of inactive tiers stay bit-identical)."""
-
-    def update_fn(updates: Any, state: tuple, params: Params, step: Step) -> Any:
-        lr = schedule(step)
-        return tree_map(lambda u: u * lr, updates), state
-
-    return Optimizer(lambda params: (), update_fn)
-
-
-def resolve_tiers(config: TrainConfig, params: Params) -> Params:
-    """The tree of tier indices for ``params``: ``by_depth`` for ``tiers: depth``, else
-    ``by_pattern`` of the ``{regex: tier}`` mapping.  Raises ``ValueError`` when a tier would be
-    empty or a pattern matches nothing."""
-    from nestedfn.tiers import by_depth, by_pattern
-
-    if config.tiers == "depth":
-        return by_depth(params, len(config.frequencies), config.tier_order)
-    labels = by_pattern({str(k): int(v) for k, v in config.tiers.items()}, params=params)
-    used = {int(x) for x in flatten(labels)[0]}
-    n = len(config.frequencies)
-    empty = [k for k in range(n) if k not in used]
-    if empty or max(used) >= n:
-        raise ValueError(
-            f"tiers {dict(config.tiers)} give tiers {sorted(used)} but frequencies "
-            f"{list(config.frequencies)} need exactly tiers 0..{n - 1}; empty: {empty}"
-        )
-    return labels
-
-
-def build_optimizer(
-    config: TrainConfig, schedule: Callable[[Step], Any], tiers: Params | None
-) -> Optimizer:
-    """The optimizer a config describes, outermost first: ``accumulate`` (when
-    ``grad_accumulation > 1``), ``clip_by_global_norm`` (when ``grad_clip > 0``), then the
-    optimizer, in ``tiers`` (from ``resolve_tiers``; ``None`` when not ``is_tiered``).  Tiered
-    optimizers run with learning rate 1 inside the tiers and their updates are scaled by
-    ``schedule`` at the global update count, so warmup and decay count updates for every tier
-    (as ``nested_adam`` does)."""
-    from nestedfn import combinators, optimizers, transforms
-    from nestedfn.nested import multiscale_momentum, nested, nested_adam
-
-    name, kw = config.optimizer, dict(config.optimizer_args)
-    freqs = tuple(config.frequencies)
-    if name in ("nested_adam", "adamw", "lion", "muon") and config.weight_decay:
-        kw.setdefault("weight_decay", config.weight_decay)
-    if name == "nested_adam":
-        if tiers is None:
-            raise ValueError("nested_adam needs tiers (more than one frequency)")
-        opt = nested_adam(schedule, frequencies=freqs, tiers=tiers, reduce=config.tier_reduce, **kw)
-    elif name == "multiscale_momentum":
-        opt = multiscale_momentum(schedule, **kw)
-    elif tiers is not None:
-        inner = getattr(optimizers, name)(1.0, **kw)
-        opt = chain(nested(inner, tiers, freqs, config.tier_reduce), _scale_by_schedule(schedule))
-    else:
-        opt = getattr(optimizers, name)(schedule, **kw)
-    if config.grad_clip:
-        opt = chain(transforms.clip_by_global_norm(float(config.grad_clip)), opt)
-    if config.grad_accumulation > 1:
-        opt = combinators.accumulate(opt, config.grad_accumulation)
-    return opt
-
-
-# ---------------------------------------------------------------------------------------------
-# loading, checked before anything is written
-# ---------------------------------------------------------------------------------------------
-
-
-def load_run_model(model_path: str | Path | None) -> tuple[nn.Module, Any]:
-    """``mlx_lm.load`` of a local model directory; a missing path is a ``RunError`` (never a
-    Hugging Face download attempt)."""
-    if not model_path:
-        raise RunError("no model given: pass --model PATH (an mlx-lm model directory)")
-    path = Path(model_path)
-    if not path.is_dir():
-        raise RunError(f"model path {path} does not exist or is not a directory")
-    if not (path / "config.json").is_file():
-        raise RunError(f"model path {path} holds no config.json: not an mlx-lm model directory")
-    import mlx_lm
-
-    try:
-        return mlx_lm.load(str(path))
-    except Exception as e:  # mlx-lm raises many kinds; the user needs the path and the reason
-        raise RunError(f"could not load the model in {path}: {type(e).__name__}: {e}") from e
-
-
-def check_out_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to start a run in a directory that holds one (any of ``RUN_FILES``) unless
-    ``force``; ``resume`` needs one.  Other files in ``out`` are left alone."""
-    if resume and force:
-        raise RunError("--resume and --force contradict each other: pick one")
-    if resume:
-        if not (out / RUN_CONFIG).is_file():
-            raise RunError(f"cannot resume: {out} holds no run ({RUN_CONFIG} missing)")
-        return
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output path {out} exists and is not a directory")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not force:
-        raise RunError(
-            f"output directory {out} already holds a run ({', '.join(found)}); pass --resume to "
-            "continue it or --force to start over (removes only the run's own files)"
-        )
-
-
-def _clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-@dataclass
-class _Prepared:
-    config: TrainConfig
-    model: nn.Module
-    train_set: Any
-    valid_set: Any
-    spec: LoraSpec
-    params: Params
-    opt: Optimizer
-    schedule: Callable[[Step], Any]
-    state: TrainState
-    tiers: Params | None
-
-
-def _prepare(config: TrainConfig, need_data: bool = True) -> _Prepared:
-    from nestedfn.lm.data import DataError, load_dataset
-    from nestedfn.lm.lora import LoraError
-
-    model, tokenizer = load_run_model(config.model)
-    train_set = valid_set = None
-    if need_data or config.data:
-        if not config.data:
-            raise RunError("no data given: pass --data DIR (with train.jsonl and valid.jsonl)")
-        data = Path(config.data)
-        if not data.is_dir():
-            raise RunError(f"data directory {data} does not exist")
-        try:
-            train_set = load_dataset(data, "train", tokenizer, config.max_seq_len)
-            valid_set = load_dataset(data, "valid", tokenizer, config.max_seq_len)
-        except DataError as e:
-            raise RunError(str(e)) from None
-    world = distributed.world_size()
-    if config.batch_size % world:
-        raise RunError(f"batch_size {config.batch_size} is not a multiple of {world} processes")
-    keys = tuple(config.lora_keys) if config.lora_keys is not None else None
-    spec = LoraSpec(
-        config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_layers, keys
-    )
-    try:
-        params = apply_lora(model, spec, seed=config.seed)
-    except LoraError as e:
-        raise RunError(str(e)) from None
-    try:
-        tiers = resolve_tiers(config, params) if is_tiered(config) else None
-        schedule = build_schedule(config)
-        opt = build_optimizer(config, schedule, tiers)
-        state = init(opt, params)
-    except (ValueError, TypeError, KeyError) as e:
-        raise RunError(f"optimizer {config.optimizer!r}: {e}") from None
-    return _Prepared(config, model, train_set, valid_set, spec, params, opt, schedule, state, tiers)
-
-
-def _overview(prep: _Prepared) -> str:
-    from nestedfn.tiers import describe
-    from nestedfn.tree import to_flat
-
-    c = prep.config
-    flat = to_flat(prep.params)
-    n_blocks = len(prep.model.layers)
-    lora_blocks = n_blocks if c.lora_layers == -1 else c.lora_layers
-    size = sum(int(x.size) for x in flat.values())
-    lines = [
-        f"model {c.model}: {n_blocks} blocks; LoRA rank {c.lora_rank} on the last "
-        f"{lora_blocks}: {len(flat)} arrays, {size:,} trainable parameters",
-        f"optimizer {c.optimizer}, learning rate {c.learning_rate:g} ({c.schedule}, warmup "
-        f"{c.warmup_steps}), batch {c.batch_size} x accumulation {c.grad_accumulation}",
-    ]
-    if prep.train_set is not None:
-        lines.insert(
-            1,
-            f"data {c.data}: {len(prep.train_set)} train / {len(prep.valid_set)} valid examples "
-            f"({prep.train_set.format})",
-        )
-    if prep.tiers is not None:
-        lines.append(describe(prep.tiers, prep.params, list(c.frequencies)))
-    return "\n".join(lines)
-
-
-def inspect(config: TrainConfig) -> str:
-    """The tier table and model summary a run with ``config`` would start from (model, data,
-    LoRA and optimizer all loaded and checked; nothing written)."""
-    return _overview(_prepare(config, need_data=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop and its side effects
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Summary:
     """What a run did: steps done, first/last training loss of this process's part, evals,
@@ -429,55 +109,12 @@ class Summary:
     model: nn.Module
 
 
-def evaluate(eval_fn: Callable, params: Params, dataset: Any, config: TrainConfig) -> float:
-    """Mean token loss over the first ``eval_batches`` batches of ``dataset`` (the same
-    batches every time; all of them with -1), summed over processes."""
-    from nestedfn.lm.data import batch_at
-
-    n = -(-len(dataset) // config.batch_size)
-    if config.eval_batches != -1:
-        n = min(n, config.eval_batches)
-    rank, world = distributed.rank(), distributed.world_size()
-    total, ntoks = mx.array(0.0), mx.array(0.0)
-    for i in range(n):
-        batch = batch_at(
-            dataset, i, config.batch_size, config.seed, config.max_seq_len, rank, world
-        )
-        s, t = eval_fn(params, *batch)
-        total, ntoks = total + s, ntoks + t
-    if world > 1:
-        total, ntoks = distributed.all_sum([total, ntoks])
-    return float((total / ntoks).item())
-
-
 def _tier_updates(opt_state: Any) -> list[int] | None:
-    from nestedfn.nested import _find_nested, tier_stats
+    from nestedfn.tiered.cms import _find_nested, tier_stats
 
     if _find_nested(opt_state) is None:
         return None
     return [t.updates for t in tier_stats(opt_state)]
-
-
-def _kept_metrics(path: Path, step: int) -> str | None:
-    """The text of ``path`` without the records past ``step`` (written after the checkpoint a
-    resume starts from) and without a torn last line (a crash mid-write); ``None`` when there is
-    no such file.  Read before anything is written: a garbled line is a ``RunError``."""
-    if not path.exists():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    keep = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-            if n == len(lines):
-                break  # the record being written when the run was killed
-        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
-            raise RunError(f"{path}:{n}: not a metrics record; fix or remove the line")
-        if rec["step"] <= step:
-            keep.append(line)
-    return "".join(ln + "\n" for ln in keep)
 
 
 def _bar(total: int, initial: int, enabled: bool) -> Any:
@@ -505,7 +142,7 @@ def train(
     would), after writing a checkpoint there.  User errors raise ``RunError``/``ConfigError``
     before anything in ``out`` is touched.
     """
-    from nestedfn.checkpoint import latest_checkpoint, load_checkpoint
+    from nestedfn.run.checkpoint import latest_checkpoint, load_checkpoint
 
     out = Path(out)
     check_out_dir(out, resume, force)
@@ -523,9 +160,9 @@ def train(
     if config.schedule == "cosine" and config.decay_steps is None:
         # pin the horizon so that a resume with more steps keeps the same schedule
         config = replace(config, decay_steps=max(config.steps // config.grad_accumulation, 1))
-    prep = _prepare(config)
+    prep = prepare(config)
     if distributed.is_main():
-        log(_overview(prep))
+        log(overview(prep))
     state, extra = prep.state, {"best_loss": None, "best_step": None, "bad_evals": 0}
     if resume:
         ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
@@ -533,7 +170,7 @@ def train(
             raise RunError(f"cannot resume: no checkpoint in {out / CHECKPOINT_DIR}")
         state, saved_extra = load_checkpoint(ckpt, like=state)
         extra.update(saved_extra)
-    metrics = _kept_metrics(out / METRICS_FILE, int(state.step)) if resume else None
+    metrics = kept_metrics(out / METRICS_FILE, int(state.step)) if resume else None
     fns = _step_fns(prep)
     _dry_run(prep, state, fns)
     # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
@@ -554,7 +191,7 @@ def train(
     if main:
         if not resume:
             if force:
-                _clear_run(out)
+                clear_run(out)
             out.mkdir(parents=True, exist_ok=True)
         save_config(config, out)  # both atomic: an interrupted resume leaves the old files
         if metrics is not None:
@@ -569,8 +206,8 @@ class _StepFns:
     step: Callable[[TrainState, Params], TrainState]
 
 
-def _step_fns(prep: _Prepared) -> _StepFns:
-    from nestedfn.compile import compile_step
+def _step_fns(prep: Prepared) -> _StepFns:
+    from nestedfn.fast.compile import compile_step
 
     c = prep.config
     step = compile_step(prep.opt) if c.compile else lambda s, g: apply_gradients(prep.opt, s, g)
@@ -581,7 +218,7 @@ def _step_fns(prep: _Prepared) -> _StepFns:
     )
 
 
-def _dry_run(prep: _Prepared, state: TrainState, fns: _StepFns) -> None:
+def _dry_run(prep: Prepared, state: TrainState, fns: _StepFns) -> None:
     """The run's first training step (loss, gradients, optimizer update) on this rank's part of
     its first batch, the result thrown away: whatever the model, data and options first fail
     on fails here, before anything in the run directory is touched (and the graphs it traces
@@ -603,8 +240,8 @@ def _dry_run(prep: _Prepared, state: TrainState, fns: _StepFns) -> None:
         ) from None
 
 
-def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
-    from nestedfn.checkpoint import prune_checkpoints, save_checkpoint
+def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
+    from nestedfn.run.checkpoint import prune_checkpoints, save_checkpoint
 
     n_blocks = len(prep.model.layers)
     info = {"optimizer": prep.config.optimizer, "step": int(state.step)}
@@ -614,7 +251,7 @@ def _save(prep: _Prepared, state: TrainState, extra: dict, out: Path, keep: int)
 
 
 def _loop(
-    prep: _Prepared,
+    prep: Prepared,
     fns: _StepFns,
     state: TrainState,
     extra: dict,
@@ -624,8 +261,8 @@ def _loop(
     resumed: bool,
     stop_at: int | None,
 ) -> Summary:
-    from nestedfn.checkpoint import step_dir_name
     from nestedfn.lm.data import batch_at
+    from nestedfn.run.checkpoint import step_dir_name
 
     c = prep.config
     main = distributed.is_main()

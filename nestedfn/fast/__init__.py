@@ -1,0 +1,16 @@
+"""Fast steps: ``compile_step`` and the packed representation behind it.  Stands on
+``nestedfn.optim`` and ``nestedfn.tree`` (a tiered optimizer is reached only through the
+``Optimizer.pack_groups`` protocol, never imported).
+
+- ``compile``: ``compile_step(opt)``, ``apply_gradients`` under ``mx.compile``, one graph per
+  structure and phase;
+- ``packed_step``: ``compile_step(opt, packed=True)``, the optimizer over a few flat buffers;
+- ``packing``: the ``PackLayout`` of a tree as flat buffers, and states to match;
+- ``gather``: reading every leaf into its buffer (a CUDA kernel, or one copy per buffer).
+"""
+
+from nestedfn.fast.compile import CompiledStep, compile_step
+from nestedfn.fast.packed_step import PackedCompiledStep, PackedState
+from nestedfn.fast.packing import NotPackableError
+
+__all__ = ["CompiledStep", "NotPackableError", "PackedCompiledStep", "PackedState", "compile_step"]

@@ -1,0 +1,155 @@
+"""Compiled training steps: ``compile_step(opt)`` is ``apply_gradients`` under ``mx.compile``.
+
+``mx.compile`` traces a pure function of arrays.  A ``TrainState`` is a tree, so the step
+flattens ``(params, opt_state)`` and ``grads`` with ``nestedfn.tree.flatten``, hands the
+compiled function the leaf lists, and rebuilds the trees inside it with ``unflatten``.
+
+The step count stays a Python int outside (``TrainState.step``), but the graph receives it as
+an ``mx.array`` input so that a schedule ``lr(step)`` does not force a retrace every step.
+Optimizers whose *control flow* depends on the step (nested tiers, gradient accumulation)
+declare ``Optimizer.period`` (and possibly ``phase_key``) and branch on ``static_step(step)``;
+each graph is traced under ``tracing_step(s)`` for the concrete ``s`` of the first step of its
+phase ``opt.phase(s)`` and reused at every later step of that phase: one graph per distinct
+set of active tiers for a nested optimizer (3 for frequencies (1, 2, 4), 4 for (1, 3, 4);
+never more than ``lcm(frequencies)``).
+
+Graphs are cached per ``(state structure, grads structure, leaf shapes and dtypes, phase)``:
+a change of any of these builds a new graph (counted in ``graphs_built``) instead of
+silently reusing a graph traced for another tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from nestedfn.fast.packed_step import PackedCompiledStep
+from nestedfn.optim.core import (
+    Grads,
+    Optimizer,
+    TrainState,
+    apply_updates,
+    static_step,
+    tracing_step,
+)
+from nestedfn.tree import TreeDef, flatten, unflatten
+
+__all__ = ["CompiledStep", "PackedCompiledStep", "compile_step"]
+
+
+def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
+    """``mx.compile`` only passes arrays through a graph: anything else would be frozen into
+    the graph as a constant and silently go stale, so refuse it naming the path."""
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, mx.array):
+            path = treedef.paths()[i]
+            raise TypeError(
+                f"compile_step: {what} leaf {path!r} is a {type(leaf).__name__}, not an "
+                "mx.array; a compiled step can only carry arrays (keep counters as mx.array)"
+            )
+
+
+def _signature(leaves: list[mx.array]) -> tuple[Any, ...]:
+    return tuple((tuple(x.shape), x.dtype) for x in leaves)
+
+
+class CompiledStep:
+    """``(state, grads) -> state`` equal to ``apply_gradients(opt, state, grads)``, compiled.
+
+    ``graphs_built`` counts the graphs traced so far (1 for a ``period == 1`` optimizer on a
+    fixed tree; one per distinct ``opt.phase(step)``, at most ``period``, for one whose
+    control flow repeats every ``period`` steps).
+    """
+
+    def __init__(self, opt: Optimizer, shapeless: bool = False):
+        if not isinstance(opt.period, int) or opt.period < 1:
+            raise ValueError(
+                f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
+            )
+        if opt.phase_key is not None and not callable(opt.phase_key):
+            raise ValueError(
+                "compile_step: Optimizer.phase_key must be None or a function step -> "
+                f"hashable, got {opt.phase_key!r}"
+            )
+        self.opt = opt
+        self.shapeless = shapeless
+        self._graphs: dict[Any, tuple[Callable[..., Any], list[TreeDef]]] = {}
+
+    @property
+    def graphs_built(self) -> int:
+        """How many compiled graphs this step function has traced."""
+        return len(self._graphs)
+
+    def _build(self, state_td: TreeDef, grads_td: TreeDef, trace_step: int) -> Any:
+        opt = self.opt
+        out_td: list[TreeDef] = []
+
+        def pure_step(step: mx.array, state_leaves: list[mx.array], grad_leaves: list[mx.array]):
+            st = unflatten(state_td, state_leaves)
+            params, opt_state = st["params"], st["opt_state"]
+            grads = unflatten(grads_td, grad_leaves)
+            with tracing_step(trace_step):
+                updates, new_opt_state = opt.update(grads, opt_state, params, step)
+            new_params = apply_updates(params, updates)
+            leaves, td = flatten({"params": new_params, "opt_state": new_opt_state})
+            _check_arrays(leaves, td, "new state")
+            out_td.append(td)
+            return leaves
+
+        return mx.compile(pure_step, shapeless=self.shapeless), out_td
+
+    def __call__(self, state: TrainState, grads: Grads) -> TrainState:
+        step = state.step
+        concrete = step if isinstance(step, int) else static_step(step)
+        state_leaves, state_td = flatten({"params": state.params, "opt_state": state.opt_state})
+        grad_leaves, grads_td = flatten(grads)
+        _check_arrays(state_leaves, state_td, "state")
+        _check_arrays(grad_leaves, grads_td, "grads")
+        key = (
+            state_td,
+            grads_td,
+            self.opt.phase(concrete),
+            None if self.shapeless else _signature(state_leaves),
+            None if self.shapeless else _signature(grad_leaves),
+        )
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._build(state_td, grads_td, concrete)
+        fn, out_td = entry
+        out = fn(mx.array(concrete, dtype=mx.int32), state_leaves, grad_leaves)
+        new = unflatten(out_td[0], out)
+        return TrainState(new["params"], new["opt_state"], step + 1)
+
+
+def compile_step(
+    opt: Optimizer,
+    shapeless: bool = False,
+    packed: bool = False,
+    chunk_size: int | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+) -> CompiledStep | PackedCompiledStep:
+    """A compiled ``(state, grads) -> state`` giving the same results as
+    ``apply_gradients(opt, state, grads)`` (up to float rounding of a schedule evaluated on
+    an ``mx.array`` step instead of a Python int).
+
+    One graph is traced per ``(tree structure, leaf shapes/dtypes, opt.phase(step))`` and
+    reused; ``shapeless=True`` lets one graph serve changing leaf shapes (only valid for
+    optimizers whose graph does not depend on shapes).
+
+    ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
+    elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``)
+    (``PackedCompiledStep``): same inputs, outputs and tree layout, far fewer kernel
+    dispatches on trees of many small arrays.  ``verify`` checks its first step
+    of every graph against the eager per-leaf step.  ``threads`` splits the buffers over that
+    many CPU streams, each gathering and updating its own buffers at once (default: 2 where
+    the CPU is the default device and there are 2 cores, else 1); on a GPU, ``threads > 1``
+    runs the graphs on CPU streams, so the arithmetic moves to the CPU.
+    """
+    if packed:
+        if shapeless:
+            raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")
+        return PackedCompiledStep(opt, chunk_size=chunk_size, verify=verify, threads=threads)
+    return CompiledStep(opt, shapeless=shapeless)

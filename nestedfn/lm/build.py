@@ -1,0 +1,98 @@
+"""The optimizer a ``TrainConfig`` describes: schedule, tiers, clipping, accumulation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nestedfn.lm.config import ConfigError, TrainConfig
+from nestedfn.optim.core import Optimizer, Params, Step, chain
+from nestedfn.tree import flatten, tree_map
+
+__all__ = ["build_optimizer", "build_schedule", "resolve_tiers"]
+
+
+def build_schedule(config: TrainConfig) -> Callable[[Step], Any]:
+    """The learning rate per optimizer update: linear warmup over ``warmup_steps`` from 0,
+    then constant or cosine decay to ``min_lr_ratio * learning_rate`` at ``decay_steps``
+    (default: the run's number of updates)."""
+    from nestedfn.optim import schedules
+
+    lr = float(config.learning_rate)
+    if config.schedule == "cosine":
+        decay = config.decay_steps or max(config.steps // config.grad_accumulation, 1)
+        if decay <= config.warmup_steps:
+            raise ConfigError(
+                f"decay_steps ({decay}) must exceed warmup_steps ({config.warmup_steps})"
+            )
+        return schedules.warmup_cosine(
+            lr, config.warmup_steps, decay, end_value=lr * config.min_lr_ratio
+        )
+    if config.warmup_steps:
+        return schedules.linear_warmup(lr, config.warmup_steps)
+    return schedules.constant(lr)
+
+
+def _scale_by_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
+    """Multiply updates by ``schedule(step)`` (non-negative, so ``-0.0`` stays ``-0.0`` and
+    leaves of inactive tiers stay bit-identical)."""
+
+    def update_fn(updates: Any, state: tuple, params: Params, step: Step) -> Any:
+        lr = schedule(step)
+        return tree_map(lambda u: u * lr, updates), state
+
+    return Optimizer(lambda params: (), update_fn)
+
+
+def resolve_tiers(config: TrainConfig, params: Params) -> Params:
+    """The tree of tier indices for ``params``: ``by_depth`` for ``tiers: depth``, else
+    ``by_pattern`` of the ``{regex: tier}`` mapping.  Raises ``ValueError`` when a tier would be
+    empty or a pattern matches nothing."""
+    from nestedfn.tiered.tiers import by_depth, by_pattern
+
+    if config.tiers == "depth":
+        return by_depth(params, len(config.frequencies), config.tier_order)
+    labels = by_pattern({str(k): int(v) for k, v in config.tiers.items()}, params=params)
+    used = {int(x) for x in flatten(labels)[0]}
+    n = len(config.frequencies)
+    empty = [k for k in range(n) if k not in used]
+    if empty or max(used) >= n:
+        raise ValueError(
+            f"tiers {dict(config.tiers)} give tiers {sorted(used)} but frequencies "
+            f"{list(config.frequencies)} need exactly tiers 0..{n - 1}; empty: {empty}"
+        )
+    return labels
+
+
+def build_optimizer(
+    config: TrainConfig, schedule: Callable[[Step], Any], tiers: Params | None
+) -> Optimizer:
+    """The optimizer a config describes, outermost first: ``accumulate`` (when
+    ``grad_accumulation > 1``), ``clip_by_global_norm`` (when ``grad_clip > 0``), then the
+    optimizer, in ``tiers`` (from ``resolve_tiers``; ``None`` when not ``is_tiered``).  Tiered
+    optimizers run with learning rate 1 inside the tiers and their updates are scaled by
+    ``schedule`` at the global update count, so warmup and decay count updates for every tier
+    (as ``nested_adam`` does)."""
+    from nestedfn.optim import combinators, optimizers, transforms
+    from nestedfn.tiered import multiscale_momentum, nested, nested_adam
+
+    name, kw = config.optimizer, dict(config.optimizer_args)
+    freqs = tuple(config.frequencies)
+    if name in ("nested_adam", "adamw", "lion", "muon") and config.weight_decay:
+        kw.setdefault("weight_decay", config.weight_decay)
+    if name == "nested_adam":
+        if tiers is None:
+            raise ValueError("nested_adam needs tiers (more than one frequency)")
+        opt = nested_adam(schedule, frequencies=freqs, tiers=tiers, reduce=config.tier_reduce, **kw)
+    elif name == "multiscale_momentum":
+        opt = multiscale_momentum(schedule, **kw)
+    elif tiers is not None:
+        inner = getattr(optimizers, name)(1.0, **kw)
+        opt = chain(nested(inner, tiers, freqs, config.tier_reduce), _scale_by_schedule(schedule))
+    else:
+        opt = getattr(optimizers, name)(schedule, **kw)
+    if config.grad_clip:
+        opt = chain(transforms.clip_by_global_norm(float(config.grad_clip)), opt)
+    if config.grad_accumulation > 1:
+        opt = combinators.accumulate(opt, config.grad_accumulation)
+    return opt

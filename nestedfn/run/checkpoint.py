@@ -1,0 +1,397 @@
+"""Atomic, exact checkpoints of a ``TrainState`` plus JSON-able extras (data index, seeds, ...).
+
+Layout of one checkpoint, ``DIR/step_00000042/``:
+
+* ``arrays.safetensors`` -- every ``mx.array`` leaf of the flattened state
+  (``nestedfn.tree.flatten`` order), key = leaf index, dtype and shape kept (bfloat16 included);
+* ``meta.json`` -- format version, step, a JSON description of the tree structure (dict keys,
+  NamedTuple type and fields, ``None``, empty containers), one descriptor per leaf (an array
+  key, the value of a Python ``int``/``float``/``bool``/``str`` leaf such as a counter, or the
+  exact bytes of a small numpy array such as an RNG state) and
+  the caller's ``extra``.
+
+Restoring needs ``like`` (a state of the same structure, e.g. a fresh ``init``): its structure
+must equal the stored description, else ``TreeMismatchError`` naming the paths; leaves are then
+put back in ``like``'s exact tree type (NamedTuple classes come from ``like``, never imported
+by name).
+
+Atomicity: everything is written into ``DIR/.tmp-step_...-PID-RANDOM/``, each file fsynced,
+then the directory is renamed to ``step_...`` (a rename within one file system is atomic) and
+the parent fsynced.  A crash leaves either the complete new checkpoint or none; a leftover
+temporary directory is never read (``latest_checkpoint`` only sees ``step_########``) and is
+removed by the next ``save_checkpoint``.  One writer per directory (rank 0).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from nestedfn.optim.core import TrainState
+from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "atomic_write_text",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "save_checkpoint",
+]
+
+FORMAT = "nestedfn-checkpoint"
+VERSION = 1
+ARRAYS = "arrays.safetensors"
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the path."""
+
+
+# ---- structure description --------------------------------------------------------------
+
+
+def _key(k: Any) -> list:
+    """A dict key as JSON, type-tagged so ``1`` and ``"1"`` stay different."""
+    if isinstance(k, bool) or not isinstance(k, (str, int)):
+        return ["repr", repr(k)]
+    return ["str" if isinstance(k, str) else "int", k]
+
+
+def _describe(td: TreeDef) -> dict:
+    """JSON description of a ``TreeDef`` (what ``load_checkpoint`` compares with ``like``)."""
+    if td.kind == "leaf":
+        return {"kind": "leaf"}
+    if td.kind == "none":
+        return {"kind": "none"}
+    children = [_describe(c) for c in td.children]
+    if td.kind == "dict":
+        return {"kind": "dict", "keys": [_key(k) for k in td.meta], "children": children}
+    if td.kind == "nt":
+        cls = td.meta
+        return {
+            "kind": "namedtuple",
+            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": list(cls._fields),
+            "children": children,
+        }
+    return {"kind": td.kind, "children": children}
+
+
+def _diff(a: dict, b: dict, path: str = "") -> list[tuple[str, str]]:
+    """Differences between the stored description ``a`` and ``like``'s ``b``, by path."""
+
+    def name(d: dict) -> str:
+        return d["type"] if d["kind"] == "namedtuple" else d["kind"]
+
+    if name(a) != name(b):
+        return [(path, f"checkpoint has {name(a)}, like has {name(b)}")]
+    join = lambda seg: f"{path}.{seg}" if path else str(seg)  # noqa: E731
+    if a["kind"] == "dict":
+        ka = [k[1] for k in a["keys"]]
+        kb = [k[1] for k in b["keys"]]
+        if a["keys"] != b["keys"]:
+            only_a = [k for k in ka if k not in kb]
+            only_b = [k for k in kb if k not in ka]
+            why = f"dict keys differ: only in checkpoint {only_a}, only in like {only_b}"
+            if not only_a and not only_b:
+                why = f"dict key order differs: {ka} vs {kb}"
+            return [(path, why)]
+        labels = ka
+    elif "children" in a:
+        if len(a["children"]) != len(b["children"]):
+            return [
+                (path, f"length {len(a['children'])} in checkpoint, {len(b['children'])} in like")
+            ]
+        labels = a.get("fields") or list(range(len(a["children"])))
+    else:
+        return []
+    out: list[tuple[str, str]] = []
+    for lab, ca, cb in zip(labels, a["children"], b["children"]):
+        out += _diff(ca, cb, join(lab))
+    return out
+
+
+# ---- leaves -------------------------------------------------------------------------------
+
+
+def _encode_leaves(leaves: list, paths: list[str]) -> tuple[dict[str, mx.array], list[dict]]:
+    arrays: dict[str, mx.array] = {}
+    descs: list[dict] = []
+    for i, (x, path) in enumerate(zip(leaves, paths)):
+        if isinstance(x, mx.array):
+            arrays[str(i)] = x
+            descs.append({"kind": "array", "key": str(i)})
+        elif isinstance(x, (np.ndarray, np.generic)) and np.asarray(x).dtype.kind in "biufc":
+            # exact bytes in the JSON (numpy dtypes such as float64 are not all MLX's)
+            a = np.array(x, order="C")  # keeps 0-d shapes
+            descs.append(
+                {
+                    "kind": "numpy",
+                    "dtype": a.dtype.str,
+                    "shape": list(a.shape),
+                    "data": base64.b64encode(a.tobytes()).decode("ascii"),
+                    "scalar": isinstance(x, np.generic),
+                }
+            )
+        elif isinstance(x, (bool, int, float, str)):
+            descs.append({"kind": type(x).__name__, "value": x})
+        else:
+            raise CheckpointError(
+                f"leaf {path or '<root>'!r} is a {type(x).__name__}: a checkpoint holds "
+                "mx.array, numpy arrays and Python bool/int/float/str leaves"
+            )
+    return arrays, descs
+
+
+def _leaf_kind(x: Any) -> str:
+    if isinstance(x, mx.array):
+        return "array"
+    if isinstance(x, (np.ndarray, np.generic)):
+        return "numpy"
+    return type(x).__name__
+
+
+def _decode_leaf(desc: dict, arrays: dict[str, mx.array], like: Any, path: str, where: Path):
+    """The stored leaf, checked against ``like``'s leaf (kind, and shape/dtype of arrays)."""
+    kind = desc["kind"]
+    if kind != _leaf_kind(like):
+        raise TreeMismatchError(
+            [(path, f"checkpoint leaf is {kind}, like's is {_leaf_kind(like)}")],
+            f"checkpoint {where} does not fit `like`",
+        )
+    if kind == "numpy":
+        a = np.frombuffer(base64.b64decode(desc["data"]), dtype=np.dtype(desc["dtype"]))
+        a = a.reshape(desc["shape"]).copy()
+        ref = np.asarray(like)
+    elif kind == "array":
+        try:
+            a = arrays[desc["key"]]
+        except KeyError:
+            raise CheckpointError(f"{where}: array {desc['key']} ({path}) missing") from None
+        ref = like
+    else:
+        return desc["value"]
+    if a.shape != ref.shape or a.dtype != ref.dtype:
+        raise TreeMismatchError(
+            [
+                (
+                    path,
+                    f"checkpoint has {a.dtype}{list(a.shape)}, like has {ref.dtype}{list(ref.shape)}",
+                )
+            ],
+            f"checkpoint {where} does not fit `like`",
+        )
+    return a[()] if desc.get("scalar") else a
+
+
+# ---- files --------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Replace ``path`` all at once: ``write(tmp)`` fills a new file next to it (named
+    ``.NAME.PID-RANDOM{suffix}``), which is fsynced and renamed over ``path``, then the
+    directory is fsynced.  A reader (or a crash) sees the old file or the new one, never a
+    part.  The file gets the permissions ``open(path, "w")`` would give (``0o666`` less the
+    umask), not ``mkstemp``'s ``0o600``.  Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(str(tmp))
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_path(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """``atomic_write`` of ``text`` (UTF-8)."""
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def _write_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), arrays)
+    _fsync_path(path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(directory: Path | str, state: TrainState, extra: dict, step: int) -> Path:
+    """Write ``directory/step_{step:08d}`` atomically and return its path.
+
+    ``state`` is any tree (normally a ``TrainState``); ``extra`` must be JSON-able (checked
+    before anything is written).  An existing checkpoint of the same step is replaced (the new
+    one is complete on disk before the old one is moved away).
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}")
+    step = int(step)
+    directory = Path(directory)
+    leaves, td = flatten(state)
+    arrays, descs = _encode_leaves(leaves, _paths(td))
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "structure": _describe(td),
+        "leaves": descs,
+        "extra": extra,
+    }
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint extra is not JSON-able: {e}") from e
+
+    directory.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(directory)
+    final = directory / step_dir_name(step)
+    tmp = directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        mx.eval(list(arrays.values()))
+        _write_arrays(tmp / ARRAYS, arrays)
+        _write_json(tmp / META, meta)  # last: its presence marks a complete directory
+        _fsync_path(tmp)
+        old = None
+        if final.exists():
+            old = directory / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_path(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _paths(td: TreeDef, prefix: str = "") -> list[str]:
+    """Leaf paths for messages: dict keys, NamedTuple field names, sequence indices."""
+    if td.kind == "leaf":
+        return [prefix]
+    if td.kind == "dict":
+        labels = [str(k) for k in td.meta]
+    elif td.kind == "nt":
+        labels = list(td.meta._fields)
+    else:
+        labels = [str(i) for i in range(len(td.children))]
+    out: list[str] = []
+    for lab, c in zip(labels, td.children):
+        out += _paths(c, f"{prefix}.{lab}" if prefix else lab)
+    return out
+
+
+def _clean_temporaries(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(directory: Path | str) -> list[Path]:
+    """Complete checkpoints in ``directory`` (``step_########`` with ``meta.json``), by step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / META).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: Path | str) -> Path | None:
+    """The complete checkpoint with the highest step, or ``None`` when there is none."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
+    """Restore ``(state, extra)`` from checkpoint directory ``path``.
+
+    ``like`` gives the exact structure and tree types; a structure, leaf-kind, shape or dtype
+    difference raises ``TreeMismatchError`` naming the paths.  Arrays come back with their
+    stored dtypes; Python int/float/bool/str leaves come back as such.
+    """
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no {META})")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file}: unreadable ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')!r}, "
+            f"expected {FORMAT!r} v{VERSION}"
+        )
+    like_leaves, like_td = flatten(like)
+    problems = _diff(meta["structure"], _describe(like_td))
+    if problems:
+        raise TreeMismatchError(problems, f"checkpoint {path} does not fit `like`")
+    descs = meta["leaves"]
+    if len(descs) != len(like_leaves):
+        raise CheckpointError(
+            f"{meta_file}: {len(descs)} leaf records for {len(like_leaves)} leaves"
+        )
+    arrays = mx.load(str(path / ARRAYS)) if any(d["kind"] == "array" for d in descs) else {}
+    paths = _paths(like_td)
+    leaves = [_decode_leaf(d, arrays, x, p, path) for d, x, p in zip(descs, like_leaves, paths)]
+    return unflatten(like_td, leaves), meta["extra"]
+
+
+def prune_checkpoints(
+    directory: Path | str, keep_last: int, protect: tuple[Path | str, ...] = ()
+) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints (and never those in ``protect``,
+    e.g. the best one); return the deleted paths."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    keep = {Path(p).resolve() for p in protect}
+    found = list_checkpoints(directory)
+    removed = []
+    for p in found[:-keep_last]:
+        if p.resolve() not in keep:
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
