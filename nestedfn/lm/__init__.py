@@ -1,4 +1,16 @@
-"""LoRA fine-tuning on mlx-lm models: demo model/data, data loading, LoRA, adapters, trainer.
+"""The LoRA trainer for mlx-lm models.  Stands on every floor below (tree, optim, tiered, fast,
+run); only the CLI stands on it.
 
-Kept import-light: submodules are imported where used (``nestedfn.lm.demo``, ``.data``, ...).
+- ``config``: ``TrainConfig``, the options from YAML and flags, checked when read;
+- ``data``: JSONL datasets in mlx-lm's formats, batches as a function of the step;
+- ``lora``, ``adapters``: LoRA layers through mlx-lm's tuner, adapters in mlx-lm's format;
+- ``loss``: the masked loss, its gradients and its evaluation function (pure);
+- ``build``: the optimizer and schedule a config describes;
+- ``prepare``: loading model, data, LoRA and optimizer, all checked before anything is written;
+- ``rundir``: the run directory (what a run writes, the checks before writing);
+- ``evaluate``: the validation loss during training;
+- ``trainer``: the loop (``train``, exact resume, Ctrl-C), with ``errors.RunError``;
+- ``demo``, ``plot``: the offline demo model and data, the training plot.
+
+Kept import-light: submodules are imported where used.
 """
