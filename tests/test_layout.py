@@ -148,3 +148,20 @@ def test_each_package_says_what_lives_there():
     for path in sorted(ROOT.rglob("*.py")):
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
         assert doc, f"{path}: a module opens with what it holds and why"
+
+
+def test_nothing_below_lm_imports_mlx_lm():
+    """mlx-lm is the trainer's business: the library floors work without it."""
+    problems = []
+    for path in sorted(ROOT.rglob("*.py")):
+        pkg = package_of(module_name(path))
+        if pkg is None or FLOOR.get(pkg, 0) >= FLOOR["lm"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            problems += [f"{path}:{node.lineno}" for n in names if n.split(".")[0] == "mlx_lm"]
+    assert not problems, problems
