@@ -88,6 +88,25 @@ def _gather_one(
     )[0]
 
 
+def _check_kernel_sizes(
+    b: int, parts: list[mx.array], ends: tuple[int, ...], shape: tuple[int, ...]
+) -> None:
+    """The kernel copies ``ends[i+1] - ends[i]`` elements from leaf ``i`` into a buffer of the
+    layout's shape whatever the leaf holds: a smaller leaf would be read past its end and a
+    larger one silently cut.  So, on CUDA, each leaf's size is held to its slot (the error
+    names the buffer's shape the leaves would make, as the CPU path's check does)."""
+    if all(p.size == e - a for p, a, e in zip(parts, ends, ends[1:])):
+        return
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    came = (sum(p.size for p in parts) // max(row, 1),) + tuple(shape[1:])
+    raise NotPackableError(
+        f"gather: buffer {b} came out {came}, the layout says {shape}; "
+        "the leaves are shaped unlike the layout's params"
+    )
+
+
 def gather(
     layout: PackLayout,
     leaves: list[mx.array],
@@ -110,7 +129,9 @@ def gather(
             check_buffer_leaves(layout, idx, parts, "gather", shapes=False)
         with mx.stream(streams[b]) if streams is not None else contextlib.nullcontext():
             if cuda and 1 < len(parts) <= MAX_KERNEL_INPUTS:
-                out.append(_gather_one(parts, tuple(offs) + (size,), shape))
+                ends = tuple(offs) + (size,)
+                _check_kernel_sizes(b, parts, ends, shape)
+                out.append(_gather_one(parts, ends, shape))
             else:  # one leaf (no copy), or no kernel: concatenate
                 out.append(concat_buffer(layout, b, leaves))
         if tuple(out[-1].shape) != shape:  # the caller's shape guarantee, checked per buffer

@@ -81,3 +81,16 @@ def test_gather_refuses_leaves_that_do_not_fill_the_layouts_buffer():
     layout = pack_layout(lv, td, 1 << 20)
     with pytest.raises(NotPackableError, match=r"came out \(7, 3\).*says \(6, 3\)"):
         gather(layout, [mx.zeros((3, 3)), lv[1]], dtypes_checked=True)
+
+
+def test_the_cuda_kernels_size_check_holds_each_leaf_to_its_slot():
+    # the CUDA kernel copies each slot's size whatever the leaf holds; the check before it
+    # refuses a leaf too small (read past its end) or too large (silently cut), on any device
+    from nestedfn.fast.gather import _check_kernel_sizes
+
+    ends = (0, 6, 18)  # leaves of (2, 3) and (4, 3) in a (6, 3) buffer
+    _check_kernel_sizes(0, [mx.zeros((2, 3)), mx.zeros((4, 3))], ends, (6, 3))
+    with pytest.raises(NotPackableError, match=r"came out \(7, 3\).*says \(6, 3\)"):
+        _check_kernel_sizes(0, [mx.zeros((3, 3)), mx.zeros((4, 3))], ends, (6, 3))
+    with pytest.raises(NotPackableError, match=r"came out \(6, 3\).*says \(6, 3\)"):
+        _check_kernel_sizes(0, [mx.zeros((1, 3)), mx.zeros((5, 3))], ends, (6, 3))
