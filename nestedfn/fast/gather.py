@@ -95,15 +95,18 @@ def _check_kernel_sizes(
     layout's shape whatever the leaf holds: a smaller leaf would be read past its end and a
     larger one silently cut.  So, on CUDA, each leaf's size is held to its slot (the error
     names the buffer's shape the leaves would make, as the CPU path's check does)."""
-    if all(p.size == e - a for p, a, e in zip(parts, ends, ends[1:])):
+    bad = [i for i, (p, a, e) in enumerate(zip(parts, ends, ends[1:])) if p.size != e - a]
+    if not bad:
         return
+    i = bad[0]
     row = 1
     for d in shape[1:]:
         row *= d
     came = (sum(p.size for p in parts) // max(row, 1),) + tuple(shape[1:])
     raise NotPackableError(
-        f"gather: buffer {b} came out {came}, the layout says {shape}; "
-        "the leaves are shaped unlike the layout's params"
+        f"gather: buffer {b} came out {came}, the layout says {shape}: its leaf {i} holds "
+        f"{parts[i].size} elements where its slot holds {ends[i + 1] - ends[i]}; the leaves "
+        "are shaped unlike the layout's params"
     )
 
 
