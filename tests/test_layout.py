@@ -26,6 +26,7 @@ FLOOR = {
     "fast": 2,
     "run": 2,
     "lm": 3,
+    "bridge": 3,
     "testing": 3,
     "cli": 4,
     "__main__": 5,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nestedfn.lm.config import ConfigError, TrainConfig
-from nestedfn.optim.core import Optimizer, Params, Step, chain
+from nestedfn.optim.core import Optimizer, Params, Step, chain, with_learning_rate
 from nestedfn.tree import flatten, tree_map
 
 __all__ = ["build_optimizer", "build_schedule", "resolve_tiers"]
@@ -41,7 +41,7 @@ def _scale_by_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
         lr = schedule(step)
         return tree_map(lambda u: u * lr, updates), state
 
-    return Optimizer(lambda params: (), update_fn)
+    return with_learning_rate(Optimizer(lambda params: (), update_fn), schedule)
 
 
 def resolve_tiers(config: TrainConfig, params: Params) -> Params:

@@ -28,12 +28,16 @@ from nestedfn.optim.core import (
     OptState,
     Params,
     Step,
+    branch_free,
+    branching_on,
     combined_phase_key,
     identity,
     is_no_update,
+    learning_rate_of,
     no_update,
     static_step,
     tracing_step,
+    with_learning_rate,
 )
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
@@ -239,7 +243,9 @@ def masked(opt: Optimizer, mask: Any | Callable[[Params], Any]) -> Optimizer:
         rest = [not k for k in keep]
         return _merge(td, [(keep, u), (rest, _sub(grads, td, rest, "grads"))]), MaskedState(inner)
 
-    return Optimizer(init_fn, update_fn, opt.period, opt.phase_key)
+    return with_learning_rate(
+        Optimizer(init_fn, update_fn, opt.period, opt.phase_key), learning_rate_of(opt)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +273,10 @@ def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) ->
         return AccumulateState(acc, opt.init(params))
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
-        s = static_step(step)
         acc = tree_map(lambda a, g: a + g.astype(a.dtype), state.acc, grads)
+        if not branching_on(step):
+            return _gated_accumulate(opt, every, acc, grads, state, params, step)
+        s = static_step(step)
         if (s + 1) % every != 0:
             return tree_map(no_update, params), AccumulateState(acc, state.inner)
         mean = tree_map(lambda a, g: (a / every).astype(g.dtype), acc, grads)
@@ -284,7 +292,27 @@ def accumulate(opt: Optimizer, every: int, acc_dtype: mx.Dtype | None = None) ->
     def phase_key(step: int) -> Any:
         return (opt.phase(step // every),) if (step + 1) % every == 0 else None
 
-    return Optimizer(init_fn, update_fn, every * opt.period, phase_key)
+    rate = learning_rate_of(opt)
+    if callable(rate):  # the inner schedule counts updates: step // every
+        inner_rate = rate
+        rate = lambda step: inner_rate(step // every)  # noqa: E731
+    return with_learning_rate(Optimizer(init_fn, update_fn, every * opt.period, phase_key), rate)
+
+
+def _gated_accumulate(
+    opt: Optimizer, every: int, acc: Any, grads: Any, state: Any, params: Params, step: mx.array
+) -> tuple[Any, AccumulateState]:
+    """``accumulate``'s step with no branch on the traced ``step`` (``core.branch_free``): the
+    inner optimizer runs on the chunk's mean at every step and ``mx.where`` on
+    ``(step + 1) % every == 0`` keeps its updates, state and a fresh sum, or ``-0.0`` updates,
+    the old state and the running sum: the values the branching form computes."""
+    active = ((step + 1) % every) == 0
+    mean = tree_map(lambda a, g: (a / every).astype(g.dtype), acc, grads)
+    updates, inner = opt.update(mean, state.inner, params, step // every)
+    updates = tree_map(lambda u: _or_no_update(active, u), updates)
+    inner = tree_map(lambda new, old: _keep_if(active, new, old), inner, state.inner)
+    acc = tree_map(lambda a: mx.where(active, mx.zeros_like(a), a), acc)
+    return updates, AccumulateState(acc, inner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +345,12 @@ def skip_nonfinite(opt: Optimizer) -> Optimizer:
     it was, and adds one to ``skipped``.
 
     Decided with ``mx.where`` on the values (no Python branch), so it traces under
-    ``mx.compile``.  ``opt`` sees the global step (skipped steps included), which keeps its
-    phase and ``period`` meaningful.
+    ``mx.compile``.  ``opt``'s clock counts the steps it applied, as optax's
+    ``apply_if_finite``: it sees ``step - skipped``, so after skipped steps the trajectory is
+    the one where the bad steps never happened (Adam's bias correction, schedules, tier
+    phases).  That clock is data-dependent, so an ``opt`` with ``period > 1`` (tiers,
+    accumulation) runs in its branch-free form (``core.branch_free``) and the whole
+    optimizer has period 1.
     """
 
     def init_fn(params: Params) -> OptState:
@@ -329,10 +361,15 @@ def skip_nonfinite(opt: Optimizer) -> Optimizer:
         finite = mx.array(True)
         for g in gl:
             finite = mx.logical_and(finite, mx.all(mx.isfinite(g)))
-        updates, inner = opt.update(grads, state.inner, params, step)
+        applied = step - state.skipped
+        if opt.period > 1:
+            with branch_free():
+                updates, inner = opt.update(grads, state.inner, params, applied)
+        else:
+            updates, inner = opt.update(grads, state.inner, params, applied)
         updates = tree_map(lambda u: u if is_no_update(u) else _or_no_update(finite, u), updates)
         inner = tree_map(lambda new, old: _keep_if(finite, new, old), inner, state.inner)
         skipped = state.skipped + mx.where(finite, 0, 1).astype(mx.int32)
         return updates, SkipNonfiniteState(inner, skipped)
 
-    return Optimizer(init_fn, update_fn, opt.period, opt.phase_key)
+    return with_learning_rate(Optimizer(init_fn, update_fn), learning_rate_of(opt))

@@ -49,13 +49,17 @@ __all__ = [
     "Updates",
     "apply_gradients",
     "apply_updates",
+    "branch_free",
+    "branching_on",
     "chain",
     "identity",
     "init",
     "is_no_update",
+    "learning_rate_of",
     "no_update",
     "static_step",
     "tracing_step",
+    "with_learning_rate",
 ]
 
 Params = Any
@@ -138,10 +142,77 @@ def static_step(step: Step) -> int:
     """
     if isinstance(step, int):
         return step
+    if _BRANCH_FREE.get():
+        raise RuntimeError(
+            "static_step: an optimizer branches on an array step inside branch_free() (e.g. "
+            "under as_mlx_optimizer or skip_nonfinite); only optimizers with a branch-free "
+            "form (nested, accumulate; check core.branching_on(step)) can run there"
+        )
     traced = _STATIC_STEP.get()
     if traced is not None:
         return traced
     return int(step.item())
+
+
+_BRANCH_FREE: ContextVar[bool] = ContextVar("nestedfn_branch_free", default=False)
+
+
+@contextlib.contextmanager
+def branch_free() -> Iterator[None]:
+    """Ask every optimizer updated inside to take no Python branch on a traced step: one graph
+    then serves every step (``mx.compile`` of a whole training step with the step a captured
+    array, as ``mlx.optimizers`` keeps it).  Optimizers with ``period > 1`` (``nested``,
+    ``accumulate``) compute every branch and select with ``mx.where`` on the step instead."""
+    token = _BRANCH_FREE.set(True)
+    try:
+        yield
+    finally:
+        _BRANCH_FREE.reset(token)
+
+
+def branching_on(step: Step) -> bool:
+    """Whether an optimizer may branch on ``static_step(step)`` here: always for a Python-int
+    step, and for an array step unless inside ``branch_free()``."""
+    return isinstance(step, int) or not _BRANCH_FREE.get()
+
+
+# the learning rate an optimizer applies, by its update function (weak: dies with it); what
+# ``as_mlx_optimizer`` reports as ``optimizer.learning_rate``
+_LEARNING_RATE: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
+
+
+def with_learning_rate(opt: Optimizer, learning_rate: float | Schedule | None) -> Optimizer:
+    """Record that ``opt`` scales its updates by ``learning_rate`` (a float or a schedule of
+    the step), for ``learning_rate_of``; returns ``opt``.  ``None`` records nothing."""
+    if learning_rate is not None:
+        _LEARNING_RATE[opt.update] = learning_rate
+    return opt
+
+
+def learning_rate_of(opt: Optimizer) -> float | Schedule | None:
+    """The learning rate ``opt`` applies (a float or a schedule of the global step), as
+    recorded by the optimizers that scale by one (``scale_by_learning_rate`` and the recipes,
+    ``chain`` as the product of its members', ``nested``, ``accumulate``, ...); ``None`` when
+    unknown."""
+    return _LEARNING_RATE.get(opt.update)
+
+
+def _product(rates: list[Any]) -> Any:
+    """The learning rate of a chain: the product of its members' (constants stay floats)."""
+    if not rates:
+        return None
+    if len(rates) == 1:
+        return rates[0]
+    if not any(callable(r) for r in rates):
+        return math.prod(rates)
+
+    def rate(step: Step) -> Any:
+        out: Any = 1.0
+        for r in rates:
+            out = out * (r(step) if callable(r) else r)
+        return out
+
+    return rate
 
 
 def init(opt: Optimizer, params: Params) -> TrainState:
@@ -227,7 +298,9 @@ def chain(*opts: Optimizer) -> Optimizer:
         return grads, tuple(new_states)
 
     period = math.lcm(*(o.period for o in opts)) if opts else 1
-    return Optimizer(init_fn, update_fn, period, combined_phase_key(opts), _chain_groups(opts))
+    out = Optimizer(init_fn, update_fn, period, combined_phase_key(opts), _chain_groups(opts))
+    rates = [r for r in (learning_rate_of(o) for o in opts) if r is not None]
+    return with_learning_rate(out, _product(rates))
 
 
 def _chain_groups(opts: Sequence[Optimizer]) -> Callable[[Params], PackGroups] | None:

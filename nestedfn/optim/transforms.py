@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from nestedfn.optim.core import Optimizer, OptState, Params, Schedule, Step
+from nestedfn.optim.core import (
+    Optimizer,
+    OptState,
+    Params,
+    Schedule,
+    Step,
+    with_learning_rate,
+)
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
 
 __all__ = [
@@ -126,7 +133,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> Optimizer:
         neg = -lr
         return tree_map(lambda g: g * _as(neg, g), grads), state
 
-    return Optimizer(_empty_init, update_fn)
+    return with_learning_rate(Optimizer(_empty_init, update_fn), learning_rate)
 
 
 def _bias_correction(b: float, step: Step) -> Any:

@@ -38,11 +38,14 @@ from nestedfn.optim.core import (
     PackGroups,
     Params,
     Step,
+    branching_on,
     chain,
     is_no_update,
     no_update,
     static_step,
+    learning_rate_of,
     tracing_step,
+    with_learning_rate,
 )
 from nestedfn.tiered.tiers import TierRule, by_depth, resolve
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
@@ -299,7 +302,8 @@ def _nested(
                     _rename(e.problems, "grads"), "nested: grads shaped unlike params"
                 ) from None
             raise TreeMismatchError([("", f"{gtd!r} vs {plan.treedef!r}")], "nested: grads")
-        s = static_step(step)
+        branching = branching_on(step)
+        s = static_step(step) if branching else 0
         out: list[Any] = [None] * len(g_leaves)
         inner_states, accs, counts = list(state.inner), list(state.acc), list(state.count)
         for k, (opt, f, idx, sub) in enumerate(zip(inners, freqs, plan.index, plan.subdefs)):
@@ -312,6 +316,14 @@ def _nested(
                 ]
             else:
                 summed = grads_k
+            if not branching:
+                params_k = unflatten(sub, [p_leaves[i] for i in idx])
+                u_leaves, inner_states[k], accs[k], counts[k] = _gated_tier(
+                    opt, f, reduce, summed, grads_k, state, k, sub, params_k, step
+                )
+                for i, u in zip(idx, u_leaves):
+                    out[i] = u
+                continue
             if (s + 1) % f != 0:
                 for i in idx:
                     out[i] = no_update(p_leaves[i])
@@ -366,7 +378,64 @@ def _nested(
         return PackGroups(tuple(labels), plan.subdefs, rebind)
 
     period = math.lcm(*(f * o.period for f, o in zip(freqs, inners)))
-    return Optimizer(init_fn, update_fn, period, phase_key, pack_groups)
+    rates = {id(r): r for r in (learning_rate_of(o) for o in inners)}
+    rate = next(iter(rates.values())) if len(rates) == 1 else None
+    if callable(rate):  # a tier's schedule runs at its own clock: no one global value
+        rate = None
+    return with_learning_rate(Optimizer(init_fn, update_fn, period, phase_key, pack_groups), rate)
+
+
+def _select(active: mx.array, new: Any, old: Any) -> Any:
+    """``new`` where ``active`` else ``old``, leaf by leaf (non-array leaves must agree)."""
+
+    def leaf(n: Any, o: Any) -> Any:
+        if isinstance(n, mx.array):
+            return mx.where(active, n, o)
+        if n is not o and n != o:
+            raise TypeError(
+                f"nested (branch-free): the inner state holds a Python value that changed "
+                f"({o!r} -> {n!r}); keep state leaves as mx.arrays"
+            )
+        return o
+
+    return tree_map(leaf, new, old)
+
+
+def _gated_tier(
+    opt: Optimizer,
+    f: int,
+    reduce: str,
+    summed: list[Any],
+    grads_k: list[Any],
+    state: NestedState,
+    k: int,
+    sub: TreeDef,
+    params_k: Params,
+    step: mx.array,
+) -> tuple[list[Any], Any, Any, mx.array]:
+    """Tier ``k``'s step with no branch on the traced ``step`` (``core.branch_free``): the inner
+    optimizer runs at every step on the chunk so far and ``mx.where`` on ``(step + 1) % f == 0``
+    keeps its result (updates, inner state, a fresh chunk sum, count + 1) or the
+    inactive step's (``-0.0`` updates, the old inner state, the running sum, the old count).
+    The kept values are the ones the branching form computes, so the two agree bit for bit.
+
+    Returns the tier's update leaves, inner state, chunk sum and count."""
+    chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
+    chunk = [c if c.dtype == g.dtype else c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
+    updates_k, new_inner = opt.update(unflatten(sub, chunk), state.inner[k], params_k, step // f)
+    u_leaves, utd = flatten(updates_k)
+    if utd != sub:
+        raise TreeMismatchError(
+            [("", f"inner optimizer of tier {k} returned updates shaped {utd!r}")],
+            "nested: inner updates shaped unlike the tier's params",
+        )
+    if f == 1:
+        return u_leaves, new_inner, state.acc[k], state.count[k] + 1
+    active = ((step + 1) % f) == 0
+    u_leaves = [mx.where(active, u, mx.full(u.shape, -0.0, dtype=u.dtype)) for u in u_leaves]
+    acc = unflatten(sub, [mx.where(active, mx.zeros_like(a), a) for a in summed])
+    count = state.count[k] + active.astype(mx.int32)
+    return u_leaves, _select(active, new_inner, state.inner[k]), acc, count
 
 
 def _find_nested(state: Any) -> NestedState | None:
@@ -415,7 +484,7 @@ def _scale_by_global_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
         lr = schedule(step)
         return tree_map(lambda u: u if is_no_update(u) else u * lr, updates), state
 
-    return Optimizer(init_fn, update_fn)
+    return with_learning_rate(Optimizer(init_fn, update_fn), schedule)
 
 
 def nested_adam(
