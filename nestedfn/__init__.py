@@ -19,6 +19,7 @@ API.  The modules that lived at the top level before the packages (``nestedfn.tr
 
 import sys as _sys
 
+from nestedfn.bridge import NestedfnOptimizer, as_mlx_optimizer
 from nestedfn.fast import compile as _compile_module
 from nestedfn.fast.compile import compile_step
 from nestedfn.optim import combinators, core, optimizers, schedules, transforms
@@ -28,13 +29,29 @@ from nestedfn.optim.core import (
     TrainState,
     apply_gradients,
     apply_updates,
+    branch_free,
     chain,
     identity,
     init,
+    learning_rate_of,
     static_step,
 )
+from nestedfn.optim.from_mlx import FromMlxState, from_mlx
 from nestedfn.optim.optimizers import adam, adamw, lion, momentum, muon, sgd
 from nestedfn.optim.schedules import constant, cosine_decay, join, linear_warmup, warmup_cosine
+
+# every transform at the top level too, as optax has them (``nf.scale_by_adam``)
+from nestedfn.optim.transforms import (
+    add_decayed_weights,
+    clip_by_global_norm,
+    newton_schulz,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_newton_schulz,
+    trace,
+)
 from nestedfn.run import checkpoint, distributed
 from nestedfn.run.checkpoint import (
     CheckpointError,

@@ -41,9 +41,9 @@ from nestedfn.optim.core import (
     branching_on,
     chain,
     is_no_update,
+    learning_rate_of,
     no_update,
     static_step,
-    learning_rate_of,
     tracing_step,
     with_learning_rate,
 )
