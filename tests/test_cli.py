@@ -175,3 +175,13 @@ def test_real_process_reports_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "nestedfn train: error: train needs --out" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_with_an_mlx_optimizer_name_runs_through_from_mlx(assets, tmp_path):
+    model, data = assets
+    run = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(data), "--out", str(run)]
+    args += ["--optimizer", "adafactor", "--steps", "4", "--batch-size", "2"]
+    assert main(args + ["--max-seq-len", "24", "--eval-every", "0"]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]

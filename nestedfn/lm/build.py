@@ -7,6 +7,7 @@ from typing import Any
 
 from nestedfn.lm.config import ConfigError, TrainConfig
 from nestedfn.optim.core import Optimizer, Params, Step, chain, with_learning_rate
+from nestedfn.optim.from_mlx import MLX_OPTIMIZERS
 from nestedfn.tree import flatten, tree_map
 
 __all__ = ["build_optimizer", "build_schedule", "resolve_tiers"]
@@ -64,6 +65,32 @@ def resolve_tiers(config: TrainConfig, params: Params) -> Params:
     return labels
 
 
+def _mlx_rule(name: str, kw: dict[str, Any], config: TrainConfig) -> Optimizer:
+    """``mlx.optimizers``' ``name`` at learning rate 1, through ``from_mlx`` (all of them are
+    linear in the learning rate, so the run's schedule scales their updates).  Adafactor
+    defaults to ``relative_step=False``: its own step size would ignore ``learning_rate``."""
+    import mlx.optimizers
+
+    from nestedfn.optim.from_mlx import from_mlx
+
+    if name == "adafactor":
+        if kw.get("relative_step"):
+            raise ConfigError(
+                "adafactor with relative_step: true ignores learning_rate, which the run's "
+                "schedule still multiplies in; leave relative_step false"
+            )
+        kw = {"relative_step": False, **kw}
+        if config.weight_decay:
+            kw.setdefault("weight_decay", config.weight_decay)
+    elif config.weight_decay:
+        raise ConfigError(f"{name} has no weight decay; weight_decay must be 0 with it")
+    cls = getattr(mlx.optimizers, MLX_OPTIMIZERS[name])
+    try:
+        return from_mlx(cls(learning_rate=1.0, **kw))
+    except TypeError as e:
+        raise ConfigError(f"optimizer_args for {name}: {e}") from None
+
+
 def build_optimizer(
     config: TrainConfig, schedule: Callable[[Step], Any], tiers: Params | None
 ) -> Optimizer:
@@ -86,6 +113,11 @@ def build_optimizer(
         opt = nested_adam(schedule, frequencies=freqs, tiers=tiers, reduce=config.tier_reduce, **kw)
     elif name == "multiscale_momentum":
         opt = multiscale_momentum(schedule, **kw)
+    elif name in MLX_OPTIMIZERS:
+        inner = _mlx_rule(name, kw, config)
+        if tiers is not None:
+            inner = nested(inner, tiers, freqs, config.tier_reduce)
+        opt = chain(inner, _scale_by_schedule(schedule))
     elif tiers is not None:
         inner = getattr(optimizers, name)(1.0, **kw)
         opt = chain(nested(inner, tiers, freqs, config.tier_reduce), _scale_by_schedule(schedule))

@@ -32,7 +32,11 @@ __all__ = [
     "save_config",
 ]
 
-OPTIMIZERS = ("nested_adam", "adam", "adamw", "sgd", "lion", "muon", "multiscale_momentum")
+OPTIMIZERS = (
+    ("nested_adam", "adam", "adamw", "sgd", "lion", "muon", "multiscale_momentum")
+    # mlx.optimizers' own, through nestedfn.optim.from_mlx
+    + ("adafactor", "rmsprop", "adagrad", "adadelta", "adamax")
+)
 SCHEDULES = ("constant", "cosine")
 TIER_ORDERS = ("shallow_fast", "deep_fast")
 TIER_REDUCES = ("mean", "sum")

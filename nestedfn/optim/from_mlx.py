@@ -31,7 +31,16 @@ from nestedfn.optim.combinators import partition
 from nestedfn.optim.core import Optimizer, OptState, Params, Step
 from nestedfn.tree import flatten, unflatten
 
-__all__ = ["FromMlxState", "from_mlx"]
+__all__ = ["MLX_OPTIMIZERS", "FromMlxState", "from_mlx"]
+
+# the MLX optimizers nestedfn has no recipe of its own for, by the name the CLI takes
+MLX_OPTIMIZERS = {
+    "adafactor": "Adafactor",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adadelta": "AdaDelta",
+    "adamax": "Adamax",
+}
 
 
 class FromMlxState(NamedTuple):
