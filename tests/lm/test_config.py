@@ -34,7 +34,7 @@ def test_unknown_yaml_keys_are_an_error_listing_the_valid_ones(tmp_path):
     [
         ("- 1\n- 2\n", "mapping"),
         ("steps: 0\n", "steps"),
-        ("optimizer: adagrad\n", "optimizer must be one of"),
+        ("optimizer: adagrad2\n", "optimizer must be one of"),
         ("frequencies: [1, 0]\n", "frequencies"),
         ("tiers: width\n", "tiers"),
         ("steps: [\n", "YAML"),
