@@ -37,6 +37,7 @@ from nestedfn.optim.core import (
     static_step,
 )
 from nestedfn.optim.from_mlx import FromMlxState, from_mlx
+from nestedfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from nestedfn.optim.optimizers import adam, adamw, lion, momentum, muon, sgd
 from nestedfn.optim.schedules import constant, cosine_decay, join, linear_warmup, warmup_cosine
 

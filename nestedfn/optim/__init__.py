@@ -7,7 +7,10 @@
 - ``optimizers``: the usual recipes built from them (``adam``, ``adamw``, ``lion``, ...);
 - ``schedules``: learning rates as functions of the step;
 - ``combinators``: optimizers made of optimizers (``partition``, ``masked``, ``accumulate``,
-  ``skip_nonfinite``).
+  ``skip_nonfinite``);
+- ``hyperparams``: ``inject_hyperparams`` (hyperparameters in the state, changed between
+  compiled steps);
+- ``from_mlx``: any ``mlx.optimizers.Optimizer`` as a functional ``Optimizer``.
 """
 
 from nestedfn.optim.combinators import accumulate, masked, partition, skip_nonfinite
