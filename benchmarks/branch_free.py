@@ -26,8 +26,9 @@ import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import nestedfn as nf  # noqa: E402
 from step_latency import lora_tree  # noqa: E402
+
+import nestedfn as nf  # noqa: E402
 
 PERIOD = 4
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from nestedfn.optim.core import Optimizer, Params, Step, static_step
+from nestedfn.optim.core import Optimizer, Params, Step, branching_on, static_step
 from nestedfn.optim.transforms import newton_schulz
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
 
@@ -86,7 +86,12 @@ def multiscale_momentum(
     def update_fn(
         grads: Any, state: MultiscaleMomentumState, params: Params, step: Step
     ) -> tuple[Any, MultiscaleMomentumState]:
-        slow = (static_step(step) + 1) % slow_every == 0
+        branching = branching_on(step)  # else core.branch_free: mx.where on the slow step
+        slow = (
+            (static_step(step) + 1) % slow_every == 0
+            if branching
+            else ((step + 1) % slow_every) == 0
+        )
         lr = learning_rate(step) if callable(learning_rate) else learning_rate
         g_leaves, td = flatten(grads)
         fields = [flatten(x)[0] for x in state]
@@ -105,13 +110,18 @@ def multiscale_momentum(
                 m1 = b1 * m1 + (1 - b1) * g
                 v = b2 * v + (1 - b2) * (g * g)
             acc = acc + g
-            if slow:
+            if not branching or slow:
                 if form == "paper":
-                    m2 = m2 + b3 * acc
+                    m2_new = m2 + b3 * acc
                 else:
-                    m2 = b3 * m2 + (1 - b3) * (acc / slow_every)
-                o2 = orth(m2)
-                acc = mx.zeros_like(acc)
+                    m2_new = b3 * m2 + (1 - b3) * (acc / slow_every)
+                o2_new = orth(m2_new)
+                if branching:
+                    m2, o2, acc = m2_new, o2_new, mx.zeros_like(acc)
+                else:
+                    m2 = mx.where(slow, m2_new, m2)
+                    o2 = mx.where(slow, o2_new, o2)
+                    acc = mx.where(slow, mx.zeros_like(acc), acc)
             direction = orth(m1) + alpha * o2 if alpha != 0 else orth(m1)
             out["u"].append(-lr * direction / mx.sqrt(v + eps))
             for name, x in (("m1", m1), ("v", v), ("m2", m2), ("o2", o2), ("acc", acc)):

@@ -35,6 +35,7 @@ CASES = {
     "nested_of_accumulate": lambda: nf.nested(
         nf.accumulate(nf.adam(0.1), 2), "depth", frequencies=(1, 1, 3)
     ),
+    "multiscale_momentum": lambda: nf.multiscale_momentum(0.01, slow_every=3),
 }
 
 
