@@ -23,7 +23,16 @@ from nestedfn.bridge import NestedfnOptimizer, as_mlx_optimizer
 from nestedfn.fast import compile as _compile_module
 from nestedfn.fast.compile import compile_step
 from nestedfn.optim import combinators, core, optimizers, schedules, transforms
-from nestedfn.optim.combinators import accumulate, masked, partition, skip_nonfinite
+from nestedfn.optim.combinators import (
+    AccumulateState,
+    MaskedState,
+    PartitionState,
+    SkipNonfiniteState,
+    accumulate,
+    masked,
+    partition,
+    skip_nonfinite,
+)
 from nestedfn.optim.core import (
     Optimizer,
     TrainState,
@@ -43,6 +52,13 @@ from nestedfn.optim.schedules import constant, cosine_decay, join, linear_warmup
 
 # every transform at the top level too, as optax has them (``nf.scale_by_adam``)
 from nestedfn.optim.transforms import (
+    AddDecayedWeightsState,
+    ClipByGlobalNormState,
+    EmptyState,
+    ScaleByAdamState,
+    ScaleByLionState,
+    ScaleState,
+    TraceState,
     add_decayed_weights,
     clip_by_global_norm,
     newton_schulz,
