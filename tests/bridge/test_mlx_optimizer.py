@@ -86,6 +86,7 @@ def test_compiled_with_captured_state_equals_compile_step(name):
 def test_update_model_learning_rate_and_tier_counts():
     """update(model, grads) changes the module in place; learning_rate reads the schedule at
     the step of the last update, as mlx.optimizers keeps it; tier counts via opt_state."""
+    mx.random.seed(0)
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(4)])
     schedule = nf.linear_warmup(1e-2, 4)
     wrapper = as_mlx_optimizer(nf.nested_adam(schedule))
@@ -96,8 +97,12 @@ def test_update_model_learning_rate_and_tier_counts():
         wrapper.update(model, grads)
         peer = nf.apply_gradients(nf.nested_adam(schedule), peer, grads)
         assert float(wrapper.learning_rate) == pytest.approx(float(schedule(i)))
+    # the wrapper's step is an array (float32 bias correction), the peer's a Python int
     np.testing.assert_allclose(
-        np.array(model.layers[3].weight), np.array(peer.params["layers"][3]["weight"]), rtol=1e-6
+        np.array(model.layers[3].weight),
+        np.array(peer.params["layers"][3]["weight"]),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert [(s.frequency, s.updates) for s in nf.tier_stats(wrapper.opt_state)] == [
         (1, 4),
