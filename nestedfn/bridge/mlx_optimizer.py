@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.optimizers
 
 from nestedfn.optim.core import Optimizer, apply_updates, branch_free, learning_rate_of
+from nestedfn.optim.hyperparams import InjectHyperparamsState, set_hyperparams
 from nestedfn.tree import TreeDef, flatten, unflatten
 
 __all__ = ["NestedfnOptimizer", "as_mlx_optimizer"]
@@ -87,10 +88,23 @@ class NestedfnOptimizer(mlx.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
-        raise AttributeError(
-            "as_mlx_optimizer: the learning rate is part of the nestedfn optimizer; build it "
-            "with nf.inject_hyperparams to change it between steps"
-        )
+        """Settable when the optimizer is ``nf.inject_hyperparams(...)(learning_rate=...)``
+        (the value lands in its state: no new graph); an error otherwise."""
+        injected = self._injected()
+        if injected is None or "learning_rate" not in injected.hyperparams:
+            raise AttributeError(
+                "as_mlx_optimizer: the learning rate is part of the nestedfn optimizer; build "
+                "it with nf.inject_hyperparams to change it between steps"
+            )
+        new = set_hyperparams(self.opt_state, learning_rate=value)
+        self._state["opt_state"] = flatten(new)[0]
+        self._state["learning_rate"] = mx.array(value, dtype=mx.float32)
+
+    def _injected(self) -> InjectHyperparamsState | None:
+        if self._treedef is None:
+            return None
+        state = self.opt_state
+        return state if isinstance(state, InjectHyperparamsState) else None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -160,6 +174,9 @@ class NestedfnOptimizer(mlx.optimizers.Optimizer):
             self._state["opt_state"] = template
         self._treedef = td
         self._initialized = True
+        injected = self._injected()
+        if injected is not None and "learning_rate" in injected.hyperparams:
+            self._state.setdefault("learning_rate", injected.hyperparams["learning_rate"])
 
     # -- the update -----------------------------------------------------------------------------
 
@@ -179,7 +196,11 @@ class NestedfnOptimizer(mlx.optimizers.Optimizer):
         if td != self._treedef:
             raise ValueError(f"as_mlx_optimizer: the update changed the state's structure: {td}")
         self._state["opt_state"] = leaves
-        if self._rate is not None:
+        if isinstance(new_state, InjectHyperparamsState) and "learning_rate" in (
+            new_state.hyperparams
+        ):
+            self._state["learning_rate"] = new_state.hyperparams["learning_rate"]
+        elif self._rate is not None:
             self._state["learning_rate"] = self._rate_at(step)
         self._state["step"] = step + 1
         return apply_updates(params, updates)

@@ -210,3 +210,39 @@ def test_mlx_lm_trainer_runs_nested_adam_like_nestedfn(tmp_path):
         _, _, grads = grad_fn(state.params, batch[:, :-1], batch[:, 1:], mask)
         state = step(state, grads)
     assert _bits(model.trainable_parameters()) == _bits(state.params)
+
+
+def test_learning_rate_of_an_injected_optimizer_can_be_set_without_a_new_graph():
+    """With inject_hyperparams the MLX-style ``optimizer.learning_rate = x`` lands in the
+    state: the compiled step keeps its graph and continues like adam at the new rate."""
+    wrapper = as_mlx_optimizer(nf.inject_hyperparams(nf.adam)(learning_rate=1e-2))
+    holder = nn.Module()
+    holder.layers = [dict(x) for x in _params()["layers"]]
+    state = [holder.state, wrapper.state]
+    traces = []
+
+    def body(g):
+        traces.append(1)
+        wrapper.update(holder, g)
+
+    step = mx.compile(body, inputs=state, outputs=state)
+    ref_opt = nf.adam(1e-2)
+    ref, ref_step = nf.init(ref_opt, _params()), compile_step(ref_opt)
+    grads = _grads(6, seed=4)
+    for g in grads[:3]:
+        step(g)
+        ref = ref_step(ref, g)
+    assert float(wrapper.learning_rate) == pytest.approx(1e-2)
+    traced_before = len(traces)
+    wrapper.learning_rate = 1e-3
+    assert float(wrapper.learning_rate) == pytest.approx(1e-3)
+    ref_opt = nf.adam(1e-3)
+    ref_step = compile_step(ref_opt)
+    for g in grads[3:]:
+        step(g)
+        ref = ref_step(ref, g)
+    for x, y in zip(leaves(holder.parameters()), leaves(ref.params)):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-6, atol=1e-7)
+    # traced twice before the change (the first call initialises the state inside the graph,
+    # the second sees it as inputs), never after it
+    assert len(traces) == traced_before == 2
