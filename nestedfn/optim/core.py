@@ -17,7 +17,8 @@ equal ``opt.phase(s)`` take the same branches (default ``s % period``; nested ti
 the set of active tiers, so frequencies (1, 2, 4) have 3 phases in a period of 4).
 ``compile_step`` builds one compiled graph per phase; inside it ``static_step(step)`` gives
 such an optimizer the Python-int step to branch on while ``step`` itself stays a traced array
-for schedules.
+for schedules.  Inside ``branch_free()`` there is no concrete step to branch on (one graph
+serves every step); optimizers check ``branching_on(step)`` and select with ``mx.where``.
 
 ``no_update(p)`` is the update that leaves ``p`` as it is (``-0.0`` everywhere, so adding it
 is exact for any consumer); ``apply_updates`` recognises it and returns ``p`` itself without

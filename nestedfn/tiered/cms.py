@@ -20,6 +20,12 @@ and branches on ``core.static_step(step)``.  Its ``phase_key`` is, per tier, the
 optimizer's own phase at the tier's clock when the tier is active and ``None`` otherwise, so a
 compiled step has one graph per distinct set of active tiers (3 for frequencies (1, 2, 4), not
 4), and an inactive tier's inner optimizer is not in its graph at all.
+
+Inside ``core.branch_free()`` (one graph for every step, the step a traced array: mlx-lm's
+trainer through ``as_mlx_optimizer``) a tier instead runs its inner optimizer at every step and
+``mx.where`` on ``(i + 1) % C_k == 0`` keeps its update, state, fresh chunk sum and count, or
+the inactive step's values (``_gated_tier``): the same numbers, at the cost of every tier's
+inner update on every step.
 """
 
 from __future__ import annotations
