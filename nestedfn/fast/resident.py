@@ -8,17 +8,21 @@ Adam.  Here nothing of 336 leaves ever crosses a graph boundary: the parameters 
 the flat buffers of a ``PackLayout`` (``nestedfn.fast.packing``), and one compiled graph per
 batch structure and optimizer phase does the whole step::
 
-    views          = unpack(layout, buffers)            # inside the graph: one split/buffer
-    loss, g_bufs   = value_and_grad(loss_fn(tree(views), *batch)) w.r.t. the *buffers*
+    views          = unpack(layout, buffers)                # inside the graph
+    loss, g_views  = value_and_grad(loss_fn)(tree(views), *batch)
+    g_bufs         = gather(layout, g_views)                # still inside the graph
     updates, state = opt.update(g_bufs, state, buffers, step)   # over the buffers
     buffers        = buffers + updates
 
-The gradient of ``unpack`` is the gather of the leaves' cotangents into their buffers; it is
-given as a custom VJP (``mx.custom_function``) that uses ``nestedfn.fast.gather``: one kernel
-per buffer on CUDA, where ``split``'s own VJP (``concatenate``) launches one copy per leaf.
-The graph's inputs and outputs are the buffers, the packed optimizer state, the batch and
-the loss: a few dozen arrays on the CPU (buffers of ``default_chunk()`` elements), a handful
-on a GPU.
+``g_bufs`` is the gradient with respect to the buffers (a buffer's gradient is its leaves'
+gradients laid out as the leaves are).  It is taken through the views, not through ``split``:
+``split``'s VJP builds each leaf's cotangent as a zero-padded copy of the whole buffer, and a
+custom VJP (``mx.custom_function``) puts a primitive with 336 inputs and outputs into the
+graph (on the loaded 2-core CPU the LoRA tree's forward + backward took about 5x and 1.5x as
+long those ways as through the views).  ``gather`` is one kernel per
+buffer on CUDA (``nestedfn.fast.gather``), ``concatenate`` elsewhere.  The graph's inputs and
+outputs are the buffers, the packed optimizer state, the batch and the loss: a few dozen
+arrays on the CPU (buffers of ``default_chunk()`` elements), a handful on a GPU.
 
 The numbers are those of ``apply_gradients(opt, state, grads)`` with ``grads`` from
 ``mx.value_and_grad(loss_fn)`` on the tree (up to the rounding of fused kernels), for the
@@ -74,21 +78,6 @@ class ResidentState(NamedTuple):
     step: int
 
 
-def _views_fn(layout: PackLayout) -> Callable[[list[mx.array]], list[mx.array]]:
-    """``unpack(layout, ·)`` whose gradient is one gather per buffer (``nestedfn.gather``)."""
-
-    @mx.custom_function
-    def views(buffers: list[mx.array]) -> list[mx.array]:
-        return unpack(layout, buffers)
-
-    @views.vjp
-    def views_vjp(primals: Any, cotangents: Any, outputs: Any) -> list[mx.array]:
-        # the cotangent of a leaf has the leaf's shape and dtype (that of its buffer)
-        return gather(layout, list(cotangents), dtypes_checked=True)
-
-    return views
-
-
 def _diff(expected: TreeDef, got: TreeDef, what: str) -> list[tuple[str, str]]:
     return [
         (path, why.replace("the first tree", "the params").replace("the second tree", what))
@@ -142,7 +131,6 @@ class ResidentStep:
             (shape, self._entry.layout.dtypes[idx[0]])
             for shape, idx in zip(layout.buffer_shapes, layout.buffers)
         )
-        self._views = _views_fn(layout)
         self._graphs: dict[Any, tuple[Callable[..., Any], list[TreeDef]]] = {}
         self._verified: set[Any] = set()
 
@@ -254,13 +242,12 @@ class ResidentStep:
     # -- the step --------------------------------------------------------------------------
 
     def _build(self, batch_def: TreeDef, trace_step: int) -> tuple[Callable[..., Any], list]:
-        entry, loss_fn, views = self._entry, self.loss_fn, self._views
+        entry, loss_fn, layout = self._entry, self.loss_fn, self._entry.layout
         opt, packed_def = entry.opt, entry.packed_def
         out_def: list[TreeDef] = []
 
-        def loss_of_buffers(buffers: list[mx.array], batch_leaves: list[mx.array]) -> Any:
-            params = entry.build_params(views(buffers))
-            out = loss_fn(params, *unflatten(batch_def, batch_leaves))
+        def loss_of_views(views: list[mx.array], batch_leaves: list[mx.array]) -> Any:
+            out = loss_fn(entry.build_params(views), *unflatten(batch_def, batch_leaves))
             loss = out[0] if isinstance(out, (tuple, list)) else out
             if not isinstance(loss, mx.array) or loss.ndim != 0:
                 raise ValueError(
@@ -270,10 +257,12 @@ class ResidentStep:
                 )
             return out
 
-        value_and_grad = mx.value_and_grad(loss_of_buffers)
+        value_and_grad = mx.value_and_grad(loss_of_views)
 
         def pure_step(step: mx.array, buffers: list, ps_leaves: list, batch_leaves: list) -> list:
-            value, g_bufs = value_and_grad(buffers, batch_leaves)
+            value, g_views = value_and_grad(unpack(layout, buffers), batch_leaves)
+            # a leaf's gradient has its shape and dtype (that of its buffer)
+            g_bufs = gather(layout, g_views, dtypes_checked=True)
             opt_state = unflatten(packed_def, ps_leaves)
             with tracing_step(trace_step):
                 updates, new_state = opt.update(g_bufs, opt_state, list(buffers), step)
