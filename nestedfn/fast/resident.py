@@ -41,6 +41,7 @@ splits its optimizer over two threads; this step does not).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -103,12 +104,15 @@ class ResidentStep:
         params: Params,
         chunk_size: int | None = None,
         verify: bool = True,
+        threads: int | None = None,
     ):
         if not callable(loss_fn):
             raise TypeError(f"resident_step: loss_fn must be callable, got {loss_fn!r}")
         # the packed step's layout machinery: buffers per dtype/trailing shape (and tier),
         # the optimizer rebound to them, and the plan between tree and packed states
-        self._packer = PackedCompiledStep(opt, chunk_size=chunk_size, verify=False, threads=1)
+        # (and, with threads, which CPU stream gathers and updates each buffer)
+        self._packer = PackedCompiledStep(opt, chunk_size=chunk_size, verify=False, threads=threads)
+        self.threads = self._packer.threads
         leaves, td = flatten(params)
         for path, x in zip(td.paths(), leaves):
             if not isinstance(x, mx.array):
@@ -258,27 +262,45 @@ class ResidentStep:
             return out
 
         value_and_grad = mx.value_and_grad(loss_of_views)
+        # one CPU stream per thread (see compile_step(packed=True)); one thread: the default
+        buffer_streams = self._packer._buffer_streams(entry)
+        if buffer_streams is None:
+            groups: list[tuple[Any, list[int]]] = [
+                (None, list(range(len(layout.buffers) + len(entry.packed_sig))))
+            ]
+        else:
+            streams = self._packer._thread_streams()
+            groups = [(streams[t], pos) for t, pos in self._packer._groups(entry)]
 
         def pure_step(step: mx.array, buffers: list, ps_leaves: list, batch_leaves: list) -> list:
             value, g_views = value_and_grad(unpack(layout, buffers), batch_leaves)
-            # a leaf's gradient has its shape and dtype (that of its buffer)
-            g_bufs = gather(layout, g_views, dtypes_checked=True)
             opt_state = unflatten(packed_def, ps_leaves)
-            with tracing_step(trace_step):
-                updates, new_state = opt.update(g_bufs, opt_state, list(buffers), step)
-            new_bufs = apply_updates(list(buffers), updates)
-            leaves, td = flatten(new_state)
-            if td != packed_def:
-                raise NotPackableError(
-                    "resident_step: the optimizer's state changed structure from "
-                    f"{packed_def!r} to {td!r} in one step"
-                )
+            # a leaf's gradient has its shape and dtype (that of its buffer)
+            g_bufs = gather(layout, g_views, dtypes_checked=True, streams=buffer_streams)
+            outs: list[Any] = [None] * (len(buffers) + len(entry.packed_sig))
+            for thread, positions in groups:
+                # each thread's stream traces the whole update and keeps its own outputs:
+                # what no output needs is never computed, and a shared reduction (a global
+                # norm) is computed by each, so any optimizer gets eager's numbers
+                with mx.stream(thread) if thread is not None else contextlib.nullcontext():
+                    with tracing_step(trace_step):
+                        updates, new_state = opt.update(g_bufs, opt_state, list(buffers), step)
+                    new_bufs = apply_updates(list(buffers), updates)
+                    leaves, td = flatten(new_state)
+                if td != packed_def:
+                    raise NotPackableError(
+                        "resident_step: the optimizer's state changed structure from "
+                        f"{packed_def!r} to {td!r} in one step"
+                    )
+                every = list(new_bufs) + leaves
+                for i in positions:
+                    outs[i] = every[i]
             v_leaves, v_def = flatten(value)
             bad = [p for p, x in zip(v_def.paths(), v_leaves) if not isinstance(x, mx.array)]
             if bad:
                 raise TypeError(f"resident_step: loss_fn returned a non-array at {bad[0]!r}")
             out_def[:] = [v_def]
-            return v_leaves + list(new_bufs) + leaves
+            return v_leaves + outs
 
         return mx.compile(pure_step), out_def
 
@@ -351,6 +373,7 @@ def resident_step(
     params: Params,
     chunk_size: int | None = None,
     verify: bool = True,
+    threads: int | None = None,
 ) -> ResidentStep:
     """A training step ``(state, *batch) -> (loss, state)`` over params kept as flat buffers
     (``ResidentStep``; start with ``.init()`` or ``.pack_state(train_state)``).
@@ -360,5 +383,9 @@ def resident_step(
     and ``apply_gradients(opt, ·)`` on the tree, without gathering or handing back a leaf.
     ``chunk_size``: elements per buffer (``default_chunk()`` of the device when ``None``).
     ``verify`` checks the first step of every graph against the tree computation.
+    ``threads``: CPU streams that gather and update the buffers, each its own share, inside
+    the one graph (default: 2 where the CPU is the default device and there are 2 cores,
+    else 1, as in ``compile_step(packed=True)``); the forward and backward run on the
+    default stream.
     """
-    return ResidentStep(opt, loss_fn, params, chunk_size=chunk_size, verify=verify)
+    return ResidentStep(opt, loss_fn, params, chunk_size=chunk_size, verify=verify, threads=threads)

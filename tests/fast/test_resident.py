@@ -94,13 +94,13 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_every_step_equals_value_and_grad_plus_apply_gradients(name, dtype):
+def test_every_step_equals_value_and_grad_plus_apply_gradients(name, dtype, threads=1):
     """From the state the resident step holds, one step of it equals one eager step of the
     usual way (value_and_grad on the tree, apply_gradients): loss, params and the whole
     tree-layout optimizer state, at every step of two nested periods."""
     opt = OPTIMIZERS[name]()
     params = _mlp(0, dtype)
-    step_fn = resident_step(opt, _mlp_loss, params, chunk_size=24)
+    step_fn = resident_step(opt, _mlp_loss, params, chunk_size=24, threads=threads)
     state = step_fn.init()
     rtol, atol = _close_for(dtype)
     start = step_fn.unpack_state(state)
@@ -125,6 +125,14 @@ def test_every_step_equals_value_and_grad_plus_apply_gradients(name, dtype):
         np.array(params[0]["model"]["embed"].astype(mx.float32)),
     )
     assert step_fn.graphs_built == len({opt.phase(s) for s in range(8)})
+
+
+@pytest.mark.parametrize("name", ["clip+adam", "nested_adam", "lion"])
+def test_buffers_split_over_three_cpu_streams_give_the_same_steps(name):
+    """threads=3: each stream gathers and updates its own buffers inside the one graph (a
+    global-norm clip is computed by each); every step still equals the usual way."""
+    with mx.stream(mx.cpu):  # CPU streams hold the arithmetic wherever the default device is
+        test_every_step_equals_value_and_grad_plus_apply_gradients(name, mx.float32, threads=3)
 
 
 def _quadratic(params, scale):
