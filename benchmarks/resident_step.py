@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per turn")
     ap.add_argument("--loss", choices=("quadratic", "lora"), default="quadratic")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch peers")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
     if args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -244,6 +245,9 @@ def main() -> None:
         if peers:
             import torch
 
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)
+
             torch_note = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
         contenders.update({k: (v, lambda: None) for k, v in peers.items()})
     print(
@@ -256,24 +260,25 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(args.rounds):
         for name, (fn, sync) in contenders.items():
-            times[name] += time_loop(fn, args.iters, args.warmup, sync)
+            if name not in times:
+                continue
+            try:
+                times[name] += time_loop(fn, args.iters, args.warmup, sync)
+            except Exception as e:  # report the others; say loudly what failed
+                print(f"{name}: FAILED, dropped: {type(e).__name__}: {e}", flush=True)
+                del times[name]
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ref = "torch fused" if "torch fused" in med else "usual"
+    ref = "torch fused" if "torch fused" in med else next(iter(med))
     print(f"\nMedian ms (ratio to {ref}; lower is faster):\n")
     print("| contender | ms | ratio |")
     print("|---|---|---|")
     for name, ms in med.items():
         print(f"| {name} | {ms:.2f} | {ms / med[ref]:.2f}x |")
+    pairs = [("resident", "usual"), ("resident", "packed"), ("resident", "torch fused")]
     print(
-        "\nresident / usual: "
-        f"{med['resident'] / med['usual']:.2f}x; resident / packed: "
-        f"{med['resident'] / med['packed']:.2f}x"
-        + (
-            f"; resident / torch fused: {med['resident'] / med['torch fused']:.2f}x"
-            if ref != "usual"
-            else ""
-        )
+        "\n"
+        + "; ".join(f"{a} / {b}: {med[a] / med[b]:.2f}x" for a, b in pairs if a in med and b in med)
     )
 
 

@@ -325,3 +325,47 @@ def test_an_optimizer_that_is_not_elementwise_is_refused_by_the_first_step_check
     step_fn = resident_step(per_leaf_normalise(), _mlp_loss, params, chunk_size=1 << 20)
     with pytest.raises(NotPackableError, match="not elementwise"):
         step_fn(step_fn.init(), *_batch(0))
+
+
+def test_an_mlx_module_reading_its_weights_through_update_equals_nn_value_and_grad():
+    """The mlx-lm pattern: ``model.update(params)`` inside ``loss_fn``, a frozen layer left
+    out of the trainable tree; every step equals mlx.nn.value_and_grad on a twin model plus
+    apply_gradients, and the model reads the trained weights after ``model.update``."""
+    import mlx.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(4, 4) for _ in range(3)]
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = mx.tanh(layer(x))
+            return x
+
+    mx.random.seed(3)
+    model, twin = Net(), Net()
+    twin.update(tree_map(lambda x: x, model.parameters()))
+    for m in (model, twin):
+        m.layers[1].freeze()
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((5, 4)).astype(np.float32))
+    y = mx.array(rng.standard_normal((5, 4)).astype(np.float32))
+
+    def loss_fn(params, x, y):
+        model.update(params)
+        return mx.mean((model(x) - y) ** 2)
+
+    opt = adam(1e-2)
+    step_fn = resident_step(opt, loss_fn, model.trainable_parameters())
+    state, eager = step_fn.init(), init(opt, twin.trainable_parameters())
+    peer = nn.value_and_grad(twin, lambda x, y: mx.mean((twin(x) - y) ** 2))
+    for _ in range(4):
+        loss, state = step_fn(state, x, y)
+        want_loss, grads = peer(x, y)
+        eager = apply_gradients(opt, eager, grads)
+        twin.update(eager.params)
+        _assert_close(loss, want_loss)
+        _assert_close(step_fn.params(state), eager.params)
+    model.update(step_fn.params(state))
+    _assert_close(loss_fn(step_fn.params(state), x, y), mx.mean((twin(x) - y) ** 2))
