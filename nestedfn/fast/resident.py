@@ -35,8 +35,12 @@ raises ``NotPackableError`` naming the path.
 What it costs: the model must read its weights from the tree ``loss_fn`` is given (a
 functional loss, or ``model.update(params)`` inside ``loss_fn``); the params are the state's
 buffers, so an edit of a params tree outside the step is only seen through ``pack_state``;
-and the whole step is one graph on one stream (on the CPU, ``compile_step(packed=True)``
-splits its optimizer over two threads; this step does not).
+the forward and backward run on one stream (``threads`` splits only the gather and the
+optimizer over CPU streams, each its own buffers, as ``compile_step(packed=True)`` does).
+
+The layout, the optimizer rebound to the buffers (a nested optimizer's tiers) and the plan
+between the tree and the packed optimizer state are the packed step's own
+(``PackedCompiledStep``), so both steps read and write the same packed states.
 """
 
 from __future__ import annotations
