@@ -15,8 +15,9 @@ then ``mx.synchronize``; ``torch.cuda.synchronize`` for torch on CUDA):
   ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``, on the CPU or CUDA like MLX.
 
 Where the parts are separable it also times them alone: the forward + backward
-(``grad_fn``), each optimizer step on fixed gradients, torch's ``opt.step()`` on fixed
-gradients.  The contenders take turns for ``--rounds`` rounds and the medians pool the
+(``grad_fn`` on the tree; and the resident step's own, on the buffers: views made and
+gradients gathered inside one graph, no optimizer), each optimizer step on fixed gradients,
+torch's ``opt.step()`` on fixed gradients.  The contenders take turns for ``--rounds`` rounds and the medians pool the
 rounds, so a shared machine's slow spells fall on all of them; read the ratios.
 
     python benchmarks/resident_step.py [--device cpu|gpu] [--rounds N] [--iters N]
@@ -43,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_latency import lora_tree  # noqa: E402
 
 import nestedfn as nf  # noqa: E402
+from nestedfn.fast.gather import gather  # noqa: E402
+from nestedfn.fast.packing import pack, pack_layout, unpack  # noqa: E402
 from nestedfn.optim.optimizers import adam  # noqa: E402
 
 LR = 1e-3
@@ -135,6 +138,22 @@ def mlx_contenders(params: Any, loss_fn: Callable, batch: tuple) -> dict[str, Ca
         mx.eval(grad_fn(params, *batch))
 
     out["forward + backward only (tree)"] = fwd_bwd
+
+    # the resident step's own forward + backward, without the optimizer: views of the buffers
+    # inside the graph, gradients gathered into buffers inside it (what resident adds to this
+    # is its optimizer over the buffers)
+    leaves, td = nf.flatten(params)
+    layout = pack_layout(leaves, td)
+    bufs = pack(layout, leaves)
+    mx.eval(bufs)
+    views_grad = mx.value_and_grad(lambda vs, b: loss_fn(nf.unflatten(td, vs), *b))
+
+    @mx.compile
+    def buffers_grad(bufs: list, b: tuple) -> list:
+        loss, g = views_grad(unpack(layout, bufs), b)
+        return [loss, *gather(layout, g, dtypes_checked=True)]
+
+    out["forward + backward only (buffers)"] = lambda: mx.eval(buffers_grad(bufs, batch))
 
     variants = [("resident", None)]
     if mx.default_device() == mx.cpu:  # on a GPU the step uses one stream anyway
