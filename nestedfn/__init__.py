@@ -6,7 +6,7 @@ The packages stand on each other in one direction, each importing only from thos
     optim    functional optimizers: core, transforms, optimizers, schedules, combinators
     tiered   Nested Learning: multi-frequency tiers (nested, nested_adam, tier maps,
              multiscale_momentum)
-    fast     compile_step and the packed buffers behind it
+    fast     compile_step, resident_step and the packed buffers behind them
     run      checkpoints and data-parallel processes
     lm       the LoRA trainer for mlx-lm models
     cli      ``nestedfn demo | train | inspect | plot``
@@ -22,6 +22,7 @@ import sys as _sys
 from nestedfn.bridge import NestedfnOptimizer, as_mlx_optimizer
 from nestedfn.fast import compile as _compile_module
 from nestedfn.fast.compile import compile_step
+from nestedfn.fast.resident import ResidentState, ResidentStep, resident_step
 from nestedfn.optim import combinators, core, optimizers, schedules, transforms
 from nestedfn.optim.combinators import (
     AccumulateState,

@@ -5,6 +5,8 @@
 - ``compile``: ``compile_step(opt)``, ``apply_gradients`` under ``mx.compile``, one graph per
   structure and phase;
 - ``packed_step``: ``compile_step(opt, packed=True)``, the optimizer over a few flat buffers;
+- ``resident``: ``resident_step(opt, loss_fn, params)``, a training step (forward, backward,
+  optimizer) in one graph over params that stay in the packed buffers;
 - ``packing``: the ``PackLayout`` of a tree as flat buffers, and states to match;
 - ``gather``: reading every leaf into its buffer (a CUDA kernel, or one copy per buffer).
 """
@@ -12,5 +14,15 @@
 from nestedfn.fast.compile import CompiledStep, compile_step
 from nestedfn.fast.packed_step import PackedCompiledStep, PackedState
 from nestedfn.fast.packing import NotPackableError
+from nestedfn.fast.resident import ResidentState, ResidentStep, resident_step
 
-__all__ = ["CompiledStep", "NotPackableError", "PackedCompiledStep", "PackedState", "compile_step"]
+__all__ = [
+    "CompiledStep",
+    "NotPackableError",
+    "PackedCompiledStep",
+    "PackedState",
+    "ResidentState",
+    "ResidentStep",
+    "compile_step",
+    "resident_step",
+]
