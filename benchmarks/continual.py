@@ -529,8 +529,8 @@ METRICS = ("loss_a_after_a", "loss_a_after_b", "loss_b_after_b", "forgetting", "
 
 def mean_ci(values: Sequence[float]) -> dict[str, float]:
     """Mean, sample std and the half-width of the 95% t interval of the mean (``nan`` for
-    fewer than 2 values)."""
-    x = np.asarray(values, dtype=np.float64)
+    fewer than 2 values; a ``None`` read back from the JSON counts as ``nan``)."""
+    x = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
     n = len(x)
     if n < 2:
         return {"mean": float(x.mean()) if n else math.nan, "std": math.nan, "ci95": math.nan}
@@ -605,9 +605,22 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float as ``None``, so the file is strict JSON for any reader
+    (a diverged sweep point, an interval of one seed)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write ``obj`` as strict JSON (non-finite floats as ``null``), atomically."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_strict(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

@@ -3,6 +3,7 @@ task generator and the seed app's discard rule.  The benchmark itself is not run
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ import pytest
 import nestedfn as nf
 from benchmarks.continual import (
     TEMPLATES,
+    _write_json,
     discard_schedule,
     make_task,
     mean_ci,
@@ -152,3 +154,10 @@ def test_mean_ci_against_hand_values():
     assert s["mean"] == 2.0 and s["std"] == 1.0
     assert math.isclose(s["ci95"], 4.303 / math.sqrt(3))
     assert math.isnan(mean_ci([1.0])["ci95"])
+
+
+def test_json_is_strict(tmp_path):
+    _write_json(tmp_path / "x.json", {"a": [math.nan, 1.0, math.inf], "b": {"c": -math.inf}})
+    text = (tmp_path / "x.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": [None, 1.0, None], "b": {"c": None}}
