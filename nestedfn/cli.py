@@ -35,31 +35,82 @@ def _yaml_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid YAML: {e}") from None
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from nestedfn.lm.config import TrainConfig
+def _size(text: str) -> int:
+    from nestedfn.lm.mlxlm_compat import parse_size
 
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_HELP = {
+    "tiers": "'depth' (default: blocks of layers by depth) or a YAML mapping {regex: tier}, "
+    "e.g. --tiers '{mlp: 1, .*: 0}' (MLP leaves in tier 1, the rest in tier 0)",
+    "optimizer_args": "YAML mapping of keyword arguments, e.g. '{b2: 0.99}'",
+    "lr_schedule": "YAML mapping (mlx-lm's), e.g. '{name: cosine_decay, arguments: [1e-4, 1000, "
+    "1e-6], warmup: 100}'",
+    "frequencies": "update period of each tier, default 1 2 4 (1: a plain optimizer)",
+    "lora_keys": "module paths inside a block, default: every linear layer",
+    "steps": "micro-batches to train (mlx-lm's iters)",
+    "lora_layers": "fine-tune the last N blocks, -1 all",
+    "mask_prompt": "leave prompts out of the loss (default: off, as in mlx-lm)",
+    "resume_adapter_file": "start from these adapters (a fresh optimizer; --resume RUN_DIR "
+    "continues a run exactly)",
+    "test": "evaluate test.jsonl after training",
+    "train": "train (default); --no-train --test only evaluates the adapters in --adapter-path",
+    "steps_per_report": "a log line every N steps when the output is not a terminal",
+    "clear_cache_threshold": "clear MLX's cache when it grows past this size (e.g. 2GB)",
+}
+_SKIP = ("model", "data", "adapter_path")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` option: mlx-lm's name first where it has one (``--iters``,
+    ``--num-layers``, ...), nestedfn's spelling as an alias; enumerated options list their
+    choices."""
+    from nestedfn.lm import config as cfg
+    from nestedfn.lm.config import TrainConfig
+    from nestedfn.lm.mlxlm_compat import FACE
+
+    choices = {
+        "optimizer": cfg.OPTIMIZERS,
+        "schedule": cfg.SCHEDULES,
+        "tier_order": cfg.TIER_ORDERS,
+        "tier_reduce": cfg.TIER_REDUCES,
+        "fine_tune_type": cfg.FINE_TUNE_TYPES,
+    }
     hints = typing.get_type_hints(TrainConfig)
     group = p.add_argument_group("training options (override --config)")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        help_default = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
-        if f.name in ("model", "data"):
+        if f.name in _SKIP:
             continue
+        names = [n.replace("_", "-") for n in dict.fromkeys([FACE.get(f.name, f.name), f.name])]
+        flags = ["--" + n for n in names]
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = _HELP.get(f.name, "")
+        if "default" not in text:
+            text = f"{text}{'; ' if text else ''}default {default!r}"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
+        if kind is not bool and f.name not in choices:
+            kw["metavar"] = names[0].upper().replace("-", "_")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "frequencies":
-            group.add_argument(flag, type=int, nargs="+", default=None, help="default 1 2 4")
+            group.add_argument(*flags, type=int, nargs="+", **kw)
         elif f.name == "lora_keys":
-            group.add_argument(flag, nargs="+", default=None, help="default: every linear")
-        elif f.name in ("tiers", "optimizer_args"):
-            group.add_argument(flag, type=_yaml_value, default=None, help="YAML value")
-        elif kind is int or f.name == "decay_steps":
-            group.add_argument(flag, type=int, default=None, help=help_default)
+            group.add_argument(*flags, nargs="+", **kw)
+        elif f.name in ("tiers", "optimizer_args", "lr_schedule"):
+            group.add_argument(*flags, type=_yaml_value, **{**kw, "metavar": "YAML"})
+        elif f.name == "clear_cache_threshold":
+            group.add_argument(*flags, type=_size, **{**kw, "metavar": "SIZE"})
+        elif kind is int or f.name in ("decay_steps", "test_batches"):
+            group.add_argument(*flags, type=int, **kw)
         elif kind is float:
-            group.add_argument(flag, type=float, default=None, help=help_default)
+            group.add_argument(*flags, type=float, **kw)
         else:
-            group.add_argument(flag, type=str, default=None, help=help_default)
+            group.add_argument(*flags, type=str, choices=choices.get(f.name), **kw)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +123,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _config(args: argparse.Namespace) -> Any:
     from nestedfn.lm.config import TrainConfig, is_tiered, load_config, resolve, untiered_reason
 
-    base = load_config(args.config) if args.config else TrainConfig()
+    base = load_config(args.config, optimizer=args.optimizer) if args.config else TrainConfig()
     overrides = _overrides(args)
     config = resolve(base, overrides)
     ignored = [k for k in ("tiers", "tier_order", "tier_reduce") if k in overrides]
@@ -82,28 +133,53 @@ def _config(args: argparse.Namespace) -> Any:
     return config
 
 
+DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
+
+
 def _train(args: argparse.Namespace) -> int:
     from nestedfn.lm.trainer import train
 
-    out = args.out or (args.resume if isinstance(args.resume, str) else None)
-    if out is None:
-        raise _UsageError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-    if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
-        raise _UsageError(f"--resume {args.resume} and --out {args.out} name different runs")
     resume = bool(args.resume)
+    if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
+        raise _UsageError(
+            f"--resume {args.resume} and --adapter-path/--out {args.out} name different runs"
+        )
     if resume:
         if args.config:
             raise _UsageError("--config cannot be combined with --resume (the run keeps its own)")
         from nestedfn.lm.config import TrainConfig
 
+        out = args.resume if isinstance(args.resume, str) else args.out
+        if out is None:
+            raise _UsageError("--resume needs the run: --resume RUN_DIR")
         config, overrides = TrainConfig(), _overrides(args)
     else:
         config, overrides = _config(args), None
+        out = args.out or config.adapter_path or DEFAULT_OUT
+        if not config.train:
+            return _test_only(config, out)
     summary = train(
         config, out, resume=resume, force=args.force, overrides=overrides, stop_at=args.stop_at
     )
     _report(summary)
     return 0
+
+
+def _test_only(config: Any, out: str) -> int:
+    """``train: false`` + ``test: true`` (mlx-lm's ``--test`` without ``--train``): the test
+    loss of the adapters in ``out``."""
+    from nestedfn.lm.testset import test_adapters
+
+    loss = test_adapters(config, out)
+    print(_test_line(loss))
+    return 0
+
+
+def _test_line(loss: float) -> str:
+    import math
+
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return f"Test loss {loss:.3f}, Test ppl {ppl:.3f}."
 
 
 def _report(summary: Any) -> None:
@@ -121,6 +197,8 @@ def _report(summary: Any) -> None:
         print(f"{summary.tokens_per_sec:,.0f} tokens/s over {summary.steps} steps")
     if summary.stopped_early:
         print("stopped early: the valid loss stopped improving")
+    if summary.test_loss is not None:
+        print(_test_line(summary.test_loss))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -194,9 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune LoRA adapters of an mlx-lm model")
     train.add_argument("--model", help="mlx-lm model directory")
-    train.add_argument("--data", help="directory with train.jsonl and valid.jsonl")
-    train.add_argument("--out", help="run directory")
-    train.add_argument("--config", help="YAML file of training options")
+    train.add_argument(
+        "--data", help="directory with train.jsonl and valid.jsonl (and test.jsonl for --test)"
+    )
+    train.add_argument(
+        "--adapter-path",
+        "--out",
+        dest="out",
+        metavar="RUN_DIR",
+        help=f"run directory: adapters (mlx-lm format), checkpoints, metrics; default {DEFAULT_OUT}",
+    )
+    train.add_argument(
+        "-c",
+        "--config",
+        help="YAML file of training options (mlx-lm's lora config keys, and nestedfn's)",
+    )
     train.add_argument(
         "--resume",
         nargs="?",
@@ -215,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="print the tier table a run would start from")
     insp.add_argument("--model", help="mlx-lm model directory")
     insp.add_argument("--data", help="optional data directory")
-    insp.add_argument("--config", help="YAML file of training options")
+    insp.add_argument("-c", "--config", help="YAML file of training options")
     _add_config_flags(insp)
     insp.set_defaults(fn=_inspect)
 
@@ -226,9 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that an unknown option names the nearest valid one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        from nestedfn.lm.mlxlm_compat import closest
+
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        valid = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        flags = [x for x in extra if x.startswith("-")]
+        hint = closest(flags[0].split("=")[0], valid) if flags else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     from nestedfn.lm.config import ConfigError
     from nestedfn.lm.data import DataError
     from nestedfn.lm.errors import RunError

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +76,7 @@ GOOD = '{"text": "one two three"}\n'
         ("missing_train", "train.jsonl: data file not found"),
         ("unknown_format", "train.jsonl:1: record in none of the known formats"),
         ("latin1_line", "train.jsonl:2: not UTF-8 text (byte 0xe9"),
-        ("unknown_yaml_key", "unknown option(s) 'learnig_rate'; valid options: model, data"),
+        ("unknown_yaml_key", "unknown option(s) 'learnig_rate' (did you mean 'learning_rate'?); valid options: model"),
         ("too_many_tiers", "5 tiers need at least 5 distinct layer indices"),
         ("tier_pattern_matches_nothing", "pattern 'q_porj' matches no parameter path"),
         ("occupied_out_dir", "already holds a run"),
@@ -167,14 +169,16 @@ def test_ctrl_c_exits_130_saying_how_to_resume_and_resume_finishes(
 
 def test_real_process_reports_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "nestedfn.cli", "train", "--model", str(tmp_path / "nope")],
+        [sys.executable, "-m", "nestedfn", "train", "--model", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,  # the default run directory, ./adapters (mlx-lm's), is not created
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert proc.returncode == 2
-    assert "nestedfn train: error: train needs --out" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f"nestedfn train: error: model path {tmp_path / 'nope'} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "adapters").exists()
 
 
 def test_train_with_an_mlx_optimizer_name_runs_through_from_mlx(assets, tmp_path):

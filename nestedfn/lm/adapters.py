@@ -1,5 +1,9 @@
 """Adapters in mlx-lm's format: ``adapters.safetensors`` + ``adapter_config.json``.
 
+For ``fine_tune_type: full`` the "adapters" are the fine-tuned blocks' weights under their
+model paths and ``lora_parameters`` is ``null``, as ``mlx_lm lora`` writes them; mlx-lm's
+``load_adapters`` then loads them into the model as they are (``mlx_lm fuse`` too).
+
 ``mlx_lm.load(model, adapter_path=DIR)`` (and ``mlx_lm.generate --adapter-path DIR``) read
 ``adapter_config.json`` for ``fine_tune_type``, ``num_layers`` and ``lora_parameters`` (rank,
 scale, dropout, keys), rebuild the LoRA layers with ``linear_to_lora_layers`` and load the
@@ -33,7 +37,7 @@ def adapter_config(spec: LoraSpec, n_blocks: int, extra: dict[str, Any] | None =
     """The ``adapter_config.json`` mlx-lm reads; ``extra`` adds informative fields."""
     num_layers = n_blocks if spec.num_layers == -1 else spec.num_layers
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": spec.fine_tune_type,
         "num_layers": num_layers,
         "lora_parameters": spec.lora_parameters(),
     }
@@ -63,12 +67,15 @@ def save_adapters(
 
 
 def load_adapters(directory: str | Path, like: Any) -> Any:
-    """The adapter tree saved in ``directory``, shaped exactly like ``like``.
+    """The adapter tree saved in ``directory`` (or the ``.safetensors`` file it names),
+    shaped exactly like ``like``.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the paths when
     the saved keys differ from ``like``'s or a shape does not match.
     """
-    path = Path(directory) / ADAPTER_FILE
+    path = Path(directory)
+    if path.is_dir() or not path.suffix:
+        path = path / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no adapters at {path}")
     saved = mx.load(str(path))

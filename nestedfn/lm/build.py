@@ -14,10 +14,16 @@ __all__ = ["build_optimizer", "build_schedule", "resolve_tiers"]
 
 
 def build_schedule(config: TrainConfig) -> Callable[[Step], Any]:
-    """The learning rate per optimizer update: linear warmup over ``warmup_steps`` from 0,
-    then constant or cosine decay to ``min_lr_ratio * learning_rate`` at ``decay_steps``
-    (default: the run's number of updates)."""
+    """The learning rate per optimizer update: mlx-lm's ``lr_schedule`` when given (then
+    ``learning_rate`` is not read, as in mlx-lm), else linear warmup over ``warmup_steps``
+    from 0, then constant or cosine decay to ``min_lr_ratio * learning_rate`` at
+    ``decay_steps`` (default: the run's number of updates)."""
     from nestedfn.optim import schedules
+
+    if config.lr_schedule is not None:
+        from nestedfn.lm.lr_schedule import from_lr_schedule
+
+        return from_lr_schedule(config.lr_schedule)
 
     lr = float(config.learning_rate)
     if config.schedule == "cosine":
@@ -45,14 +51,17 @@ def _scale_by_schedule(schedule: Callable[[Step], Any]) -> Optimizer:
     return with_learning_rate(Optimizer(lambda params: (), update_fn), schedule)
 
 
-def resolve_tiers(config: TrainConfig, params: Params) -> Params:
-    """The tree of tier indices for ``params``: ``by_depth`` for ``tiers: depth``, else
+def resolve_tiers(
+    config: TrainConfig, params: Params, depths: dict[str, int] | None = None
+) -> Params:
+    """The tree of tier indices for ``params``: ``by_depth`` for ``tiers: depth`` (by
+    ``depths``, each leaf's position in the model's block order, when given), else
     ``by_pattern`` of the ``{regex: tier}`` mapping.  Raises ``ValueError`` when a tier would be
     empty or a pattern matches nothing."""
     from nestedfn.tiered.tiers import by_depth, by_pattern
 
     if config.tiers == "depth":
-        return by_depth(params, len(config.frequencies), config.tier_order)
+        return by_depth(params, len(config.frequencies), config.tier_order, depths=depths)
     labels = by_pattern({str(k): int(v) for k, v in config.tiers.items()}, params=params)
     used = {int(x) for x in flatten(labels)[0]}
     n = len(config.frequencies)

@@ -22,6 +22,7 @@ import yaml
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "FINE_TUNE_TYPES",
     "ConfigError",
     "TrainConfig",
     "is_tiered",
@@ -32,6 +33,7 @@ __all__ = [
     "save_config",
 ]
 
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = (
     ("nested_adam", "adam", "adamw", "sgd", "lion", "muon", "multiscale_momentum")
     # mlx.optimizers' own, through nestedfn.optim.from_mlx
@@ -71,6 +73,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Every option of ``nestedfn train`` (the CLI flag is the name with ``-`` for ``_``).
 
+    A config file and the flags also take mlx-lm's names for these options (``iters`` for
+    ``steps``, ``num_layers`` for ``lora_layers``, ``lora_parameters``, ...: see
+    ``nestedfn.lm.mlxlm_compat``), and those are the names ``--help`` and the saved
+    ``config.yaml`` show.
+
     Model/data: ``model`` (mlx-lm model directory), ``data`` (directory with train.jsonl and
     valid.jsonl), ``max_seq_len`` (longer examples are truncated), ``batch_size``.
     LoRA: ``lora_rank``, ``lora_scale``, ``lora_dropout``, ``lora_layers`` (last N blocks,
@@ -85,6 +92,16 @@ class TrainConfig:
     Loop: ``steps`` (micro-batches in all), ``eval_every``/``eval_batches`` (-1: the whole
     valid set), ``save_every``, ``keep_last`` (checkpoints kept), ``early_stopping`` (evals
     without a better valid loss before stopping, 0 off), ``seed``, ``compile``.
+    mlx-lm's: ``fine_tune_type`` (``lora``, ``dora``, ``full``: the last ``lora_layers``
+    blocks' own weights), ``mask_prompt`` (leave prompts out of the loss; mlx-lm's default,
+    off), ``grad_checkpoint``, ``resume_adapter_file`` (start from these adapters with a fresh
+    optimizer), ``test``/``test_batches`` (evaluate test.jsonl after training), ``train``
+    (``false`` with ``test``: only evaluate the adapters in ``adapter_path``),
+    ``steps_per_report`` (a plain log line every N steps when the output is not a terminal),
+    ``lr_schedule`` (mlx-lm's ``{name, arguments, warmup, warmup_init}``; then
+    ``learning_rate`` is ``arguments[0]``), ``adapter_path`` (the run directory, ``--out``),
+    ``clear_cache_threshold`` (bytes; clear MLX's cache when it grows past it, 0 off),
+    ``trust_remote_code`` (for the tokenizer).
     """
 
     model: str | None = None
@@ -118,9 +135,21 @@ class TrainConfig:
     early_stopping: int = 0
     seed: int = 0
     compile: bool = True
+    fine_tune_type: str = "lora"
+    mask_prompt: bool = False
+    grad_checkpoint: bool = False
+    resume_adapter_file: str | None = None
+    train: bool = True
+    test: bool = False
+    test_batches: int = 500
+    steps_per_report: int = 10
+    lr_schedule: dict[str, Any] | None = None
+    adapter_path: str | None = None
+    clear_cache_threshold: int = 0
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("model", "data"):  # a Path is fine, but the saved YAML needs a str
+        for name in _PATHS:  # a Path is fine, but the saved YAML needs a str
             v = getattr(self, name)
             if isinstance(v, os.PathLike):
                 object.__setattr__(self, name, os.fspath(v))
@@ -149,8 +178,23 @@ _FLOATS = (
     "min_lr_ratio",
     "grad_clip",
 )
-_POSITIVE = ("max_seq_len", "batch_size", "lora_rank", "grad_accumulation", "steps", "keep_last")
-_NON_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "early_stopping")
+_PATHS = ("model", "data", "resume_adapter_file", "adapter_path")
+_POSITIVE = (
+    "max_seq_len",
+    "batch_size",
+    "lora_rank",
+    "grad_accumulation",
+    "steps",
+    "keep_last",
+    "steps_per_report",
+)
+_NON_NEGATIVE = (
+    "warmup_steps",
+    "eval_every",
+    "save_every",
+    "early_stopping",
+    "clear_cache_threshold",
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -170,7 +214,7 @@ def _validate(c: TrainConfig) -> None:
     """Every option's type and range, so that a bad value is a ``ConfigError`` naming it before
     a run starts (never a traceback in the first forward pass, after the run directory was
     cleared)."""
-    for name in ("model", "data"):
+    for name in _PATHS:
         v = getattr(c, name)
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{name} must be a path, got {v!r}")
@@ -234,8 +278,26 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError(f"eval_batches must be -1 (all) or >= 1, got {c.eval_batches!r}")
     if not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED:
         raise ConfigError(f"seed must be an int in [0, 2**32), got {c.seed!r}")
-    if not isinstance(c.compile, bool):
-        raise ConfigError(f"compile must be true or false, got {c.compile!r}")
+    for name in ("compile", "mask_prompt", "grad_checkpoint", "train", "test", "trust_remote_code"):
+        if not isinstance(getattr(c, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    _one_of("fine_tune_type", c.fine_tune_type, FINE_TUNE_TYPES)
+    if not _is_int(c.test_batches) or (c.test_batches != -1 and c.test_batches < 1):
+        raise ConfigError(f"test_batches must be -1 (all) or >= 1, got {c.test_batches!r}")
+    if not c.train and not c.test:
+        raise ConfigError("train: false needs test: true (nothing to do otherwise)")
+    if c.lr_schedule is not None:
+        from nestedfn.lm.lr_schedule import check_lr_schedule
+
+        try:
+            check_lr_schedule(c.lr_schedule)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if c.schedule != "constant" or c.warmup_steps:
+            raise ConfigError(
+                "lr_schedule (mlx-lm's) and schedule/warmup_steps (nestedfn's) both describe "
+                "the learning rate schedule; keep one"
+            )
 
 
 def is_tiered(config: TrainConfig) -> bool:
@@ -254,16 +316,25 @@ def untiered_reason(config: TrainConfig) -> str:
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:
+    from nestedfn.lm.mlxlm_compat import accepted_keys, closest
+
     valid = _names()
     unknown = [k for k in data if k not in valid]
     if unknown:
+        accepted = accepted_keys(valid)
+        named = ", ".join(f"{k!r}{closest(k, accepted)}" for k in unknown)
         raise ConfigError(
-            f"{source}: unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"valid options: {', '.join(valid)}"
+            f"{source}: unknown option(s) {named}; valid options: {', '.join(accepted)}"
         )
 
 
 def _build(data: dict[str, Any], source: str) -> TrainConfig:
+    from nestedfn.lm.mlxlm_compat import NormalizeError, normalize
+
+    try:
+        data = normalize(data, source)
+    except NormalizeError as e:
+        raise ConfigError(str(e)) from None
     _check_keys(data, source)
     try:
         return TrainConfig(**data)
@@ -271,8 +342,10 @@ def _build(data: dict[str, Any], source: str) -> TrainConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML mapping of ``TrainConfig`` options (missing ones take their defaults)."""
+def load_config(path: str | Path, optimizer: str | None = None) -> TrainConfig:
+    """Read a YAML mapping of ``TrainConfig`` options, in nestedfn's or mlx-lm's names
+    (missing ones take their defaults).  ``optimizer`` (a ``--optimizer`` flag) replaces the
+    file's, so that ``optimizer_config`` gives the arguments of the optimizer that runs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -286,6 +359,8 @@ def load_config(path: str | Path) -> TrainConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    if optimizer is not None:
+        data = {**data, "optimizer": optimizer}
     return _build(data, str(path))
 
 
@@ -300,6 +375,8 @@ def save_config(config: TrainConfig, directory: str | Path) -> Path:
     atomically: a resume that rewrites it leaves the old one or the new one, never a part."""
     from nestedfn.run.checkpoint import atomic_write_text
 
+    from nestedfn.lm.mlxlm_compat import to_face
+
     return atomic_write_text(
-        Path(directory) / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False)
+        Path(directory) / RUN_CONFIG, yaml.safe_dump(to_face(config.to_dict()), sort_keys=False)
     )

@@ -197,18 +197,24 @@ def load_dataset(
     split: str,
     tokenizer: Any,
     max_seq_len: int | None = None,
-    mask_prompt: bool = True,
+    mask_prompt: bool = False,
 ) -> TokenDataset:
     """Load and tokenize ``data_dir/{split}.jsonl``.
 
     ``max_seq_len`` truncates every example to that many tokens (and raises if a prompt fills
-    it, leaving nothing to learn).  ``mask_prompt=False`` keeps the prompt in the loss
-    (offset 0).  Every problem is a ``DataError`` naming file and line.
+    it, leaving nothing to learn).  ``mask_prompt=True`` leaves the prompt out of the loss
+    (``offset`` = its length; an error for text records, which have none); ``False`` (mlx-lm's
+    default) keeps it in (offset 0).  Every problem is a ``DataError`` naming file and line.
     """
     path = Path(data_dir) / f"{split}.jsonl"
     records = read_jsonl(path)
     first_line, first = records[0]
     fmt = detect_format(first)
+    if mask_prompt and fmt == "text":
+        raise DataError(
+            f"{path}:{first_line}: mask_prompt needs prompt/completion or chat records (text "
+            "records have no prompt; mlx-lm refuses them too); set mask_prompt: false"
+        )
     tokens, offsets, lines = [], [], []
     for lineno, rec in records:
         where = f"{path}:{lineno}"

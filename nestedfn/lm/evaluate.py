@@ -14,14 +14,21 @@ from nestedfn.run import distributed
 __all__ = ["evaluate"]
 
 
-def evaluate(eval_fn: Callable, params: Params, dataset: Any, config: TrainConfig) -> float:
-    """Mean token loss over the first ``eval_batches`` batches of ``dataset`` (the same
-    batches every time; all of them with -1), summed over processes."""
+def evaluate(
+    eval_fn: Callable,
+    params: Params,
+    dataset: Any,
+    config: TrainConfig,
+    batches: int | None = None,
+) -> float:
+    """Mean token loss over the first ``batches`` (default ``eval_batches``) batches of
+    ``dataset`` (the same batches every time; all of them with -1), summed over processes."""
     from nestedfn.lm.data import batch_at
 
+    batches = config.eval_batches if batches is None else batches
     n = -(-len(dataset) // config.batch_size)
-    if config.eval_batches != -1:
-        n = min(n, config.eval_batches)
+    if batches != -1:
+        n = min(n, batches)
     rank, world = distributed.rank(), distributed.world_size()
     total, ntoks = mx.array(0.0), mx.array(0.0)
     for i in range(n):

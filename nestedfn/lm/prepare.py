@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.nn as nn
 
+from nestedfn.lm.blocks import block_depths
 from nestedfn.lm.build import build_optimizer, build_schedule, resolve_tiers
 from nestedfn.lm.config import TrainConfig, is_tiered
 from nestedfn.lm.errors import RunError
@@ -24,20 +25,31 @@ from nestedfn.run import distributed
 __all__ = ["Prepared", "inspect", "load_run_model", "overview", "prepare"]
 
 
-def load_run_model(model_path: str | Path | None) -> tuple[nn.Module, Any]:
+def load_run_model(
+    model_path: str | Path | None, trust_remote_code: bool = False, adapter_path: Any = None
+) -> tuple[nn.Module, Any]:
     """``mlx_lm.load`` of a local model directory; a missing path is a ``RunError`` (never a
     Hugging Face download attempt)."""
     if not model_path:
         raise RunError("no model given: pass --model PATH (an mlx-lm model directory)")
     path = Path(model_path)
     if not path.is_dir():
-        raise RunError(f"model path {path} does not exist or is not a directory")
+        hint = ""
+        if not path.is_absolute() and str(model_path).count("/") == 1:
+            hint = (
+                " (a Hugging Face repo id needs the network; nestedfn loads local directories: "
+                "download it first, e.g. `hf download REPO --local-dir DIR`)"
+            )
+        raise RunError(f"model path {path.absolute()} does not exist or is not a directory{hint}")
     if not (path / "config.json").is_file():
         raise RunError(f"model path {path} holds no config.json: not an mlx-lm model directory")
     import mlx_lm
 
+    kw: dict[str, Any] = {"adapter_path": str(adapter_path)} if adapter_path else {}
+    if trust_remote_code:
+        kw["tokenizer_config"] = {"trust_remote_code": True}
     try:
-        return mlx_lm.load(str(path))
+        return mlx_lm.load(str(path), **kw)
     except Exception as e:  # mlx-lm raises many kinds; the user needs the path and the reason
         raise RunError(f"could not load the model in {path}: {type(e).__name__}: {e}") from e
 
@@ -54,44 +66,75 @@ class Prepared:
     schedule: Callable[[Step], Any]
     state: TrainState
     tiers: Params | None
+    test_set: Any = None
 
 
 def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
     from nestedfn.lm.data import DataError, load_dataset
     from nestedfn.lm.lora import LoraError
 
-    model, tokenizer = load_run_model(config.model)
-    train_set = valid_set = None
+    model, tokenizer = load_run_model(config.model, config.trust_remote_code)
+    train_set = valid_set = test_set = None
     if need_data or config.data:
         if not config.data:
             raise RunError("no data given: pass --data DIR (with train.jsonl and valid.jsonl)")
         data = Path(config.data)
         if not data.is_dir():
-            raise RunError(f"data directory {data} does not exist")
+            raise RunError(f"data directory {data.absolute()} does not exist")
+        splits = ("train", "valid", "test") if config.test else ("train", "valid")
         try:
-            train_set = load_dataset(data, "train", tokenizer, config.max_seq_len)
-            valid_set = load_dataset(data, "valid", tokenizer, config.max_seq_len)
+            train_set, valid_set, *rest = (
+                load_dataset(data, s, tokenizer, config.max_seq_len, config.mask_prompt)
+                for s in splits
+            )
         except DataError as e:
             raise RunError(str(e)) from None
+        test_set = rest[0] if rest else None
     world = distributed.world_size()
     if config.batch_size % world:
         raise RunError(f"batch_size {config.batch_size} is not a multiple of {world} processes")
     keys = tuple(config.lora_keys) if config.lora_keys is not None else None
     spec = LoraSpec(
-        config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_layers, keys
+        config.lora_rank,
+        config.lora_scale,
+        config.lora_dropout,
+        config.lora_layers,
+        keys,
+        config.fine_tune_type,
     )
     try:
         params = apply_lora(model, spec, seed=config.seed)
     except LoraError as e:
         raise RunError(str(e)) from None
+    if config.resume_adapter_file:
+        params = _start_from(config.resume_adapter_file, params)
+    if config.grad_checkpoint:
+        from nestedfn.lm.remat import checkpoint_blocks
+
+        checkpoint_blocks(model)
     try:
-        tiers = resolve_tiers(config, params) if is_tiered(config) else None
+        depths = block_depths(model, params)
+        tiers = resolve_tiers(config, params, depths) if is_tiered(config) else None
         schedule = build_schedule(config)
         opt = build_optimizer(config, schedule, tiers)
         state = init(opt, params)
     except (ValueError, TypeError, KeyError) as e:
         raise RunError(f"optimizer {config.optimizer!r}: {e}") from None
-    return Prepared(config, model, train_set, valid_set, spec, params, opt, schedule, state, tiers)
+    return Prepared(
+        config, model, train_set, valid_set, spec, params, opt, schedule, state, tiers, test_set
+    )
+
+
+def _start_from(path: str, params: Params) -> Params:
+    """``resume_adapter_file``: the trainable tree with the values saved in ``path`` (an
+    ``adapters.safetensors`` file or a directory holding one), every leaf checked; the
+    optimizer starts fresh, as in mlx-lm."""
+    from nestedfn.lm.adapters import load_adapters
+
+    try:
+        return load_adapters(path, like=params)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(f"resume_adapter_file: {e}") from None
 
 
 def overview(prep: Prepared) -> str:
@@ -103,11 +146,21 @@ def overview(prep: Prepared) -> str:
     n_blocks = len(prep.model.layers)
     lora_blocks = n_blocks if c.lora_layers == -1 else c.lora_layers
     size = sum(int(x.size) for x in flat.values())
+    what = (
+        "full fine-tuning of"
+        if c.fine_tune_type == "full"
+        else f"{c.fine_tune_type.upper()} rank {c.lora_rank} on"
+    )
+    if c.lr_schedule is not None:
+        lr = f"lr_schedule {c.lr_schedule['name']}{tuple(c.lr_schedule['arguments'])}"
+        lr += f", warmup {c.lr_schedule.get('warmup', 0)}"
+    else:
+        lr = f"learning rate {c.learning_rate:g} ({c.schedule}, warmup {c.warmup_steps})"
     lines = [
-        f"model {c.model}: {n_blocks} blocks; LoRA rank {c.lora_rank} on the last "
-        f"{lora_blocks}: {len(flat)} arrays, {size:,} trainable parameters",
-        f"optimizer {c.optimizer}, learning rate {c.learning_rate:g} ({c.schedule}, warmup "
-        f"{c.warmup_steps}), batch {c.batch_size} x accumulation {c.grad_accumulation}",
+        f"model {c.model}: {n_blocks} blocks; {what} the last {lora_blocks}: {len(flat)} "
+        f"arrays, {size:,} trainable parameters",
+        f"optimizer {c.optimizer}, {lr}, batch {c.batch_size} x accumulation "
+        f"{c.grad_accumulation}",
     ]
     if prep.train_set is not None:
         lines.insert(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -107,6 +108,7 @@ class Summary:
     stopped_early: bool
     state: TrainState
     model: nn.Module
+    test_loss: float | None = None
 
 
 def _tier_updates(opt_state: Any) -> list[int] | None:
@@ -117,10 +119,15 @@ def _tier_updates(opt_state: Any) -> list[int] | None:
     return [t.updates for t in tier_stats(opt_state)]
 
 
-def _bar(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+def _absolute(config: TrainConfig, out: Path) -> TrainConfig:
+    """``config`` with absolute model, data and adapter paths and ``adapter_path`` the run
+    directory, so the saved ``config.yaml`` resumes from any working directory."""
+    paths = {
+        k: os.path.abspath(v)
+        for k in ("model", "data", "resume_adapter_file")
+        if (v := getattr(config, k)) and (k != "model" or Path(v).exists())
+    }
+    return replace(config, **paths, adapter_path=str(out))
 
 
 def train(
@@ -144,9 +151,10 @@ def train(
     """
     from nestedfn.run.checkpoint import latest_checkpoint, load_checkpoint
 
-    out = Path(out)
+    out = Path(out).absolute()
     check_out_dir(out, resume, force)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides.pop("adapter_path", None)  # names the run, which is `out`
     if resume:
         saved = load_config(out / RUN_CONFIG)
         changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
@@ -157,6 +165,7 @@ def train(
                 f"in {out / RUN_CONFIG}); only {', '.join(RESUMABLE)} may change"
             )
         config = replace(saved, **changed)
+    config = _absolute(config, out)
     if config.schedule == "cosine" and config.decay_steps is None:
         # pin the horizon so that a resume with more steps keeps the same schedule
         config = replace(config, decay_steps=max(config.steps // config.grad_accumulation, 1))
@@ -265,6 +274,8 @@ def _loop(
     from nestedfn.run.checkpoint import step_dir_name
 
     c = prep.config
+    from nestedfn.lm.report import Reporter
+
     main = distributed.is_main()
     rank, world = distributed.rank(), distributed.world_size()
     grad_fn, eval_fn, step_fn = fns.grad, fns.eval, fns.step
@@ -273,7 +284,7 @@ def _loop(
     first = last = None
     valid: list[tuple[int, float]] = []
     stopped = False
-    window_tokens, window_time, total_tokens, total_time = 0.0, 0.0, 0.0, 0.0
+    total_tokens, total_time = 0.0, 0.0
 
     def write(record: dict) -> None:
         if metrics is not None:
@@ -295,10 +306,9 @@ def _loop(
             extra["bad_evals"] += 1
             if c.early_stopping and extra["bad_evals"] >= c.early_stopping:
                 stopped = True
-        if show:
-            bar.write(f"step {step}: valid loss {loss:.4f}")
+        bar.message(f"step {step}: valid loss {loss:.4f}")
 
-    bar = _bar(c.steps, int(state.step), show)
+    bar = Reporter(c.steps, int(state.step), c.steps_per_report, show, log)
     started = time.perf_counter()
     # The last completed step (state and bookkeeping), what an interrupt saves, and the step
     # whose checkpoint is on disk (the one resumed from; none yet in a new run).
@@ -332,7 +342,6 @@ def _loop(
                 )
             first = loss_f if first is None else first
             last = loss_f
-            window_tokens, window_time = window_tokens + tokens, window_time + dt
             total_tokens, total_time = total_tokens + tokens, total_time + dt
             step = int(state.step)
             tiers = _tier_updates(state.opt_state)
@@ -351,15 +360,9 @@ def _loop(
                     "peak_memory_gb": peak,
                 }
             )
-            if show:
-                tps = window_tokens / window_time if window_time else 0.0
-                post = f"loss {loss_f:.3f}  tok/s {tps:,.0f}  peak {peak:.2f} GB"
-                if tiers is not None:
-                    post += "  tier updates " + "/".join(map(str, tiers))
-                bar.set_postfix_str(post, refresh=False)
-                bar.update(1)
-                if step % 10 == 0:
-                    window_tokens = window_time = 0.0
+            bar.step(step, loss_f, lr, tokens, dt, peak, tiers)
+            if c.clear_cache_threshold and mx.get_cache_memory() > c.clear_cache_threshold:
+                mx.clear_cache()
             if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
                 run_eval(step)
             if step % max(c.save_every, 1) == 0 and c.save_every and main and step != end:
@@ -368,6 +371,10 @@ def _loop(
             done, done_extra, nothing_done = state, dict(extra), False
         if main:
             _save(prep, state, extra, out, c.keep_last)
+        test_loss = None
+        if c.test and (int(state.step) == c.steps or stopped):
+            test_loss = evaluate(eval_fn, state.params, prep.test_set, c, c.test_batches)
+            write({"type": "test", "step": int(state.step), "test_loss": test_loss})
     except KeyboardInterrupt:
         # No collective here (see the module docstring): rank 0 saves what it completed.
         step = int(done.step)
@@ -396,6 +403,7 @@ def _loop(
         stopped_early=stopped,
         state=state,
         model=bind(prep.model, state.params).train(False),
+        test_loss=test_loss,
     )
     if main:
         log(

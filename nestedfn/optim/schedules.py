@@ -17,7 +17,15 @@ import mlx.core as mx
 
 from nestedfn.optim.core import Step
 
-__all__ = ["constant", "cosine_decay", "join", "linear_warmup", "warmup_cosine"]
+__all__ = [
+    "constant",
+    "cosine_decay",
+    "exponential_decay",
+    "join",
+    "linear_warmup",
+    "step_decay",
+    "warmup_cosine",
+]
 
 Schedule = Callable[[Step], Any]
 
@@ -68,6 +76,30 @@ def cosine_decay(init_value: float, decay_steps: int, end_value: float = 0.0) ->
             return end_value + (init_value - end_value) * 0.5 * (1.0 + mx.cos(math.pi * frac))
         frac = min(int(step), d) / d
         return end_value + (init_value - end_value) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return schedule
+
+
+def exponential_decay(init_value: float, decay_rate: float) -> Schedule:
+    """``init_value * decay_rate ** step``."""
+
+    def schedule(step: Step) -> Any:
+        if _is_array(step):
+            return init_value * mx.power(mx.array(decay_rate, mx.float32), step.astype(mx.float32))
+        return init_value * decay_rate ** int(step)
+
+    return schedule
+
+
+def step_decay(init_value: float, decay_rate: float, step_size: int) -> Schedule:
+    """``init_value * decay_rate ** (step // step_size)``: a drop every ``step_size`` steps."""
+    n = _check_steps("step_decay", "step_size", step_size, 1)
+
+    def schedule(step: Step) -> Any:
+        if _is_array(step):
+            k = (step // n).astype(mx.float32)
+            return init_value * mx.power(mx.array(decay_rate, mx.float32), k)
+        return init_value * decay_rate ** (int(step) // n)
 
     return schedule
 

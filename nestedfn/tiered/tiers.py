@@ -73,6 +73,7 @@ def by_depth(
     order: str = "shallow_fast",
     outside: int | None = 0,
     names: tuple[str, ...] = LAYER_LISTS,
+    depths: Mapping[str, int] | None = None,
 ) -> Params:
     """Tiers by transformer depth: the layer indices present in ``params`` (the ``N`` of the
     first ``layers.N`` in each path) are sorted and cut into ``n_tiers`` contiguous blocks,
@@ -84,7 +85,10 @@ def by_depth(
     (default 0, the fast tier: they are trained as a plain optimizer would); ``outside=None``
     makes them an error.  Only indices that hold parameters count, so LoRA on the last 8 of 32
     layers splits those 8.  ``names``: the list names that hold blocks (see ``layer_index``).
-    Raises ``ValueError`` when a tier would be empty.
+    ``depths``: the depth of each leaf's path, when the paths do not say it (a model whose
+    blocks sit in several lists, ``model.layers + model.kv_reuse_layers``: the position in
+    the model's own block order, ``nestedfn.lm.blocks.block_depths``); a path it lacks is
+    outside every block.  Raises ``ValueError`` when a tier would be empty.
     """
     _check_n_tiers(n_tiers, "by_depth")
     if order not in ("shallow_fast", "deep_fast"):
@@ -92,7 +96,10 @@ def by_depth(
     if outside is not None and not (isinstance(outside, int) and 0 <= outside < n_tiers):
         raise ValueError(f"by_depth: outside must be a tier in 0..{n_tiers - 1} or None")
     leaves, paths, td = _leaf_paths(params)
-    depth = [layer_index(p, names) for p in paths]
+    if depths is None:
+        depth = [layer_index(p, names) for p in paths]
+    else:
+        depth = [depths.get(p) for p in paths]
     distinct = sorted({d for d in depth if d is not None})
     if len(distinct) < n_tiers:
         raise ValueError(

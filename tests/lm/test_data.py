@@ -115,7 +115,7 @@ def test_bad_chat_and_completion_records(tmp_path, tok, bad, what):
 def test_prompt_filling_max_seq_len_is_an_error(tmp_path, tok):
     write(tmp_path / "train.jsonl", [json.dumps({"prompt": "x" * 40, "completion": "y"})])
     with pytest.raises(DataError, match=r"train\.jsonl:1: the prompt"):
-        load_dataset(tmp_path, "train", tok, max_seq_len=16)
+        load_dataset(tmp_path, "train", tok, max_seq_len=16, mask_prompt=True)
 
 
 # ---- formats ----------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_text_format_appends_eos(tmp_path, tok):
 
 def test_completion_format_offset_marks_prompt(tmp_path, tok):
     write(tmp_path / "train.jsonl", [json.dumps({"prompt": "2+2?", "completion": "4"})])
-    ds = load_dataset(tmp_path, "train", tok)
+    ds = load_dataset(tmp_path, "train", tok, mask_prompt=True)
     # the demo chat template, rendered by hand
     full = "<|user|>\n2+2?\n<|assistant|>\n4</s>\n"
     head = "<|user|>\n2+2?\n<|assistant|>\n"
@@ -150,7 +150,7 @@ def test_chat_format_offset_is_prompt_before_last_reply(tmp_path, tok):
         {"role": "assistant", "content": "yo"},
     ]
     write(tmp_path / "train.jsonl", [json.dumps({"messages": msgs})])
-    ds = load_dataset(tmp_path, "train", tok)
+    ds = load_dataset(tmp_path, "train", tok, mask_prompt=True)
     assert ds.format == "chat"
     text = tok.decode(ds.tokens[0], skip_special_tokens=False)
     assert text == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\nyo</s>\n"
@@ -162,6 +162,12 @@ def test_demo_dataset_loads_and_truncates(tmp_path, tok):
     ds = load_dataset(d, "train", tok, max_seq_len=24)
     assert len(ds) == 20 and all(len(t) == 24 for t in ds.tokens)
     assert load_dataset(d, "valid", tok).format == "text"
+
+
+def test_mask_prompt_on_text_records_is_an_error_as_in_mlx_lm(tmp_path, tok):
+    write(tmp_path / "train.jsonl", ['{"text": "ab c"}'])
+    with pytest.raises(DataError, match=r"train\.jsonl:1: mask_prompt needs prompt/completion"):
+        load_dataset(tmp_path, "train", tok, mask_prompt=True)
 
 
 # ---- batches ----------------------------------------------------------------------------
