@@ -139,6 +139,11 @@ DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
 def _train(args: argparse.Namespace) -> int:
     from nestedfn.lm.trainer import train
 
+    from nestedfn.lm.mlxlm_compat import NETWORK_KEYS
+
+    for key in ("report_to", "project_name"):
+        if getattr(args, key) is not None:
+            raise _UsageError(f"--{key.replace('_', '-')} {NETWORK_KEYS[key]}")
     resume = bool(args.resume)
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
@@ -296,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR (default --out) from its latest checkpoint",
     )
     train.add_argument("--force", action="store_true", help="replace a run in --out")
+    for flag in ("--report-to", "--project-name"):
+        train.add_argument(flag, default=None, help="mlx-lm's; refused: it needs the network")
     train.add_argument(
         "--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step"
     )
