@@ -137,9 +137,8 @@ DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nestedfn.lm.trainer import train
-
     from nestedfn.lm.mlxlm_compat import NETWORK_KEYS
+    from nestedfn.lm.trainer import train
 
     for key in ("report_to", "project_name"):
         if getattr(args, key) is not None:

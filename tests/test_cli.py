@@ -76,7 +76,10 @@ GOOD = '{"text": "one two three"}\n'
         ("missing_train", "train.jsonl: data file not found"),
         ("unknown_format", "train.jsonl:1: record in none of the known formats"),
         ("latin1_line", "train.jsonl:2: not UTF-8 text (byte 0xe9"),
-        ("unknown_yaml_key", "unknown option(s) 'learnig_rate' (did you mean 'learning_rate'?); valid options: model"),
+        (
+            "unknown_yaml_key",
+            "unknown option(s) 'learnig_rate' (did you mean 'learning_rate'?); valid options: model",
+        ),
         ("too_many_tiers", "5 tiers need at least 5 distinct layer indices"),
         ("tier_pattern_matches_nothing", "pattern 'q_porj' matches no parameter path"),
         ("occupied_out_dir", "already holds a run"),

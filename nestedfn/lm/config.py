@@ -373,9 +373,8 @@ def resolve(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
 def save_config(config: TrainConfig, directory: str | Path) -> Path:
     """Write the resolved config as ``directory/config.yaml`` (read back by ``load_config``),
     atomically: a resume that rewrites it leaves the old one or the new one, never a part."""
-    from nestedfn.run.checkpoint import atomic_write_text
-
     from nestedfn.lm.mlxlm_compat import to_face
+    from nestedfn.run.checkpoint import atomic_write_text
 
     return atomic_write_text(
         Path(directory) / RUN_CONFIG, yaml.safe_dump(to_face(config.to_dict()), sort_keys=False)

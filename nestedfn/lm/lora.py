@@ -132,7 +132,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> dict[str, Any
             "blocks of model.layers"
         )
     leaves = _ADAPTER_LEAVES[kind]
-    extra = [p for p in flat if p.rsplit(".", 1)[-1] not in leaves]
+    # a leaf of an adapter: its name, or a list of them (afm7's fused qkv: lora_a.0, ...)
+    extra = [p for p in flat if not set(p.split(".")[-2:]) & set(leaves)]
     if extra:
         raise LoraError(f"non-{kind} parameters are trainable after apply_lora: {extra[:5]}")
     return model.trainable_parameters()

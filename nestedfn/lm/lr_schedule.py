@@ -82,7 +82,9 @@ def check_lr_schedule(config: Any) -> None:
             f"lr_schedule name must be one of {', '.join(MLX_SCHEDULES)}; got {config['name']!r}"
         )
     if not isinstance(config["arguments"], (list, tuple, dict)) or not config["arguments"]:
-        raise ValueError(f"lr_schedule arguments must be a non-empty list, got {config['arguments']!r}")
+        raise ValueError(
+            f"lr_schedule arguments must be a non-empty list, got {config['arguments']!r}"
+        )
     warmup = config.get("warmup", 0)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"lr_schedule warmup must be an int >= 0, got {warmup!r}")
@@ -100,7 +102,7 @@ def check_lr_schedule(config: Any) -> None:
         raise ValueError(f"lr_schedule {name}{tuple(args)}: {e}") from None
     peak = peak_learning_rate(config)
     if not peak > 0:
-        raise ValueError(f"lr_schedule: the first argument (the peak learning rate) must be > 0")
+        raise ValueError("lr_schedule: the first argument (the peak learning rate) must be > 0")
 
 
 def peak_learning_rate(config: dict[str, Any]) -> float:

@@ -159,8 +159,7 @@ def overview(prep: Prepared) -> str:
     lines = [
         f"model {c.model}: {n_blocks} blocks; {what} the last {lora_blocks}: {len(flat)} "
         f"arrays, {size:,} trainable parameters",
-        f"optimizer {c.optimizer}, {lr}, batch {c.batch_size} x accumulation "
-        f"{c.grad_accumulation}",
+        f"optimizer {c.optimizer}, {lr}, batch {c.batch_size} x accumulation {c.grad_accumulation}",
     ]
     if prep.train_set is not None:
         lines.insert(

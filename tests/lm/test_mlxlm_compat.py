@@ -46,7 +46,9 @@ def test_mlx_lm_keys_set_the_same_options_as_nestedfn_s(tmp_path):
 
 
 def test_optimizer_flag_picks_its_optimizer_config_entry(tmp_path):
-    path = write(tmp_path, "optimizer: adam\noptimizer_config: {adam: {eps: 0.1}, muon: {momentum: 0.9}}\n")
+    path = write(
+        tmp_path, "optimizer: adam\noptimizer_config: {adam: {eps: 0.1}, muon: {momentum: 0.9}}\n"
+    )
     assert load_config(path).optimizer_args == {"eps": 0.1}
     assert load_config(path, optimizer="muon").optimizer_args == {"beta": 0.9}
 
@@ -119,7 +121,13 @@ def complete_mlx_lm_config(model, data, out) -> dict:
         "train": True,
         "fine_tune_type": "lora",
         "optimizer": "adam",
-        "optimizer_config": {"adam": {"betas": [0.9, 0.99]}, "adamw": {}, "muon": {}, "sgd": {}, "adafactor": {}},
+        "optimizer_config": {
+            "adam": {"betas": [0.9, 0.99]},
+            "adamw": {},
+            "muon": {},
+            "sgd": {},
+            "adafactor": {},
+        },
         "data": str(data),
         "seed": 0,
         "num_layers": 2,
@@ -140,7 +148,12 @@ def complete_mlx_lm_config(model, data, out) -> dict:
         "grad_accumulation_steps": 2,
         "clear_cache_threshold": 0,
         "lr_schedule": {"name": "cosine_decay", "arguments": [2e-3, 2, 1e-4], "warmup": 1},
-        "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 10.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+        "lora_parameters": {
+            "rank": 4,
+            "dropout": 0.0,
+            "scale": 10.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
         "mask_prompt": False,
         "report_to": None,
         "project_name": None,

@@ -30,9 +30,7 @@ def _grads(prep):
     return loss, to_flat(grads)
 
 
-def test_grad_checkpoint_recomputes_every_block_and_gives_the_same_gradients(
-    assets, monkeypatch
-):
+def test_grad_checkpoint_recomputes_every_block_and_gives_the_same_gradients(assets, monkeypatch):
     import nestedfn.lm.remat as remat
 
     plain_loss, plain = _grads(prepare(small(assets)))
@@ -59,7 +57,9 @@ def test_resume_adapter_file_starts_from_the_adapters_with_a_fresh_optimizer(ass
     assert all(mx.array_equal(v, saved[k]).item() for k, v in to_flat(prep.params).items())
     assert int(prep.state.step) == 0
     assert to_flat(first.state.params).keys() == saved.keys()
-    run = train(small(assets, steps=2, resume_adapter_file=str(tmp_path / "a")), tmp_path / "b", **QUIET)
+    run = train(
+        small(assets, steps=2, resume_adapter_file=str(tmp_path / "a")), tmp_path / "b", **QUIET
+    )
     assert run.first_loss < first.first_loss  # it starts where the first run ended
     with pytest.raises(RunError, match="resume_adapter_file: adapters in .* do not fit"):
         prepare(small(assets, lora_rank=4, resume_adapter_file=str(file)))
@@ -110,7 +110,14 @@ def test_test_loss_equals_mlx_lm_evaluate_on_the_same_adapters(assets, tmp_path,
     assert recs[-1] == {"type": "test", "step": 3, "test_loss": summary.test_loss}
     # test only (mlx-lm's --test without --train): the adapters already in the run
     args = ["train", "--no-train", "--test", "--model", str(model_dir), "--data", str(data)]
-    args += ["--adapter-path", str(tmp_path / "run"), "--batch-size", "2", "--max-seq-length", "128"]
+    args += [
+        "--adapter-path",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "128",
+    ]
     args += ["--test-batches", "-1"]
     assert main(args) == 0
     line = capsys.readouterr().out.strip()
