@@ -53,7 +53,8 @@ _HELP = {
     "frequencies": "update period of each tier, default 1 2 4 (1: a plain optimizer)",
     "lora_keys": "module paths inside a block, default: every linear layer",
     "steps": "micro-batches to train (mlx-lm's iters)",
-    "lora_layers": "fine-tune the last N blocks, -1 all",
+    "lora_layers": "fine-tune the last N blocks, -1 all; default 16 (mlx-lm's), at most the "
+    "model's blocks",
     "mask_prompt": "leave prompts out of the loss (default: off, as in mlx-lm)",
     "resume_adapter_file": "start from these adapters (a fresh optimizer; --resume RUN_DIR "
     "continues a run exactly)",
@@ -105,7 +106,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, type=_yaml_value, **{**kw, "metavar": "YAML"})
         elif f.name == "clear_cache_threshold":
             group.add_argument(*flags, type=_size, **{**kw, "metavar": "SIZE"})
-        elif kind is int or f.name in ("decay_steps", "test_batches"):
+        elif kind is int or f.name in ("decay_steps", "test_batches", "lora_layers"):
             group.add_argument(*flags, type=int, **kw)
         elif kind is float:
             group.add_argument(*flags, type=float, **kw)

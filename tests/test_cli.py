@@ -89,6 +89,7 @@ GOOD = '{"text": "one two three"}\n'
         ("tier_order_flag_with_one_frequency", "--tier-order would be ignored: frequencies [1]"),
         ("tiers_depth_flag_multiscale", "--tiers would be ignored: multiscale_momentum has its"),
         ("optimizer_arg_fails_first_step", "the first training step fails (ValueError"),
+        ("num_layers_beyond_the_model", "num_layers must be -1 (all) or in 1..4"),
     ],
 )
 def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
@@ -131,6 +132,8 @@ def test_user_errors_exit_2_with_a_message_and_overwrite_nothing(
         args += ["--frequencies", "1", "--tier-order", "deep_fast"]
     elif case == "tiers_depth_flag_multiscale":
         args += ["--optimizer", "multiscale_momentum", "--tiers", "depth"]
+    elif case == "num_layers_beyond_the_model":
+        args += ["--num-layers", "16"]
     elif case == "optimizer_arg_fails_first_step":
         args += ["--optimizer", "adam", "--frequencies", "1", "--optimizer-args", "{b1: x}"]
     assert main(args) == 2

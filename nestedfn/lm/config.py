@@ -76,7 +76,11 @@ class TrainConfig:
     A config file and the flags also take mlx-lm's names for these options (``iters`` for
     ``steps``, ``num_layers`` for ``lora_layers``, ``lora_parameters``, ...: see
     ``nestedfn.lm.mlxlm_compat``), and those are the names ``--help`` and the saved
-    ``config.yaml`` show.
+    ``config.yaml`` show.  The options mlx-lm has take mlx-lm's defaults (learning rate 1e-5,
+    1000 iterations, ...), so a config that leaves one out means what it means there;
+    ``lora_layers`` unset is mlx-lm's 16, or every block of a model with fewer (where mlx-lm
+    stops with an error); the optimizer defaults to ``nested_adam`` (the Nested Learning on
+    top).
 
     Model/data: ``model`` (mlx-lm model directory), ``data`` (directory with train.jsonl and
     valid.jsonl), ``max_seq_len`` (longer examples are truncated), ``batch_size``.
@@ -106,15 +110,15 @@ class TrainConfig:
 
     model: str | None = None
     data: str | None = None
-    max_seq_len: int = 256
+    max_seq_len: int = 2048
     batch_size: int = 4
     lora_rank: int = 8
     lora_scale: float = 20.0
     lora_dropout: float = 0.0
-    lora_layers: int = -1
+    lora_layers: int | None = None
     lora_keys: list[str] | None = None
     optimizer: str = "nested_adam"
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-5
     weight_decay: float = 0.0
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     frequencies: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -127,9 +131,9 @@ class TrainConfig:
     decay_steps: int | None = None
     grad_clip: float = 0.0
     grad_accumulation: int = 1
-    steps: int = 200
-    eval_every: int = 50
-    eval_batches: int = 8
+    steps: int = 1000
+    eval_every: int = 200
+    eval_batches: int = 25
     save_every: int = 100
     keep_last: int = 3
     early_stopping: int = 0
@@ -236,8 +240,13 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError(f"lora_scale must be a finite number, got {c.lora_scale!r}")
     if not _is_finite(c.lora_dropout) or not 0.0 <= c.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be a number in [0, 1), got {c.lora_dropout!r}")
-    if not _is_int(c.lora_layers) or (c.lora_layers != -1 and c.lora_layers < 1):
-        raise ConfigError(f"lora_layers must be -1 (all) or a positive int, got {c.lora_layers!r}")
+    if c.lora_layers is not None and (
+        not _is_int(c.lora_layers) or (c.lora_layers != -1 and c.lora_layers < 1)
+    ):
+        raise ConfigError(
+            f"lora_layers must be -1 (all), a positive int or null (mlx-lm's 16, at most the "
+            f"model's blocks), got {c.lora_layers!r}"
+        )
     if c.lora_keys is not None and not (
         isinstance(c.lora_keys, (list, tuple)) and all(isinstance(k, str) for k in c.lora_keys)
     ):

@@ -89,7 +89,7 @@ def _check_spec(model: nn.Module, spec: LoraSpec) -> int:
         return n_blocks
     if not isinstance(n, int) or n < 1 or n > n_blocks:
         raise LoraError(
-            f"LoRA num_layers must be -1 (all) or in 1..{n_blocks} (the model has {n_blocks} "
+            f"num_layers must be -1 (all) or in 1..{n_blocks} (the model has {n_blocks} "
             f"blocks), got {n!r}"
         )
     return n

@@ -98,7 +98,7 @@ def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
         config.lora_rank,
         config.lora_scale,
         config.lora_dropout,
-        config.lora_layers,
+        default_layers(config, model),
         keys,
         config.fine_tune_type,
     )
@@ -137,6 +137,16 @@ def _start_from(path: str, params: Params) -> Params:
         raise RunError(f"resume_adapter_file: {e}") from None
 
 
+MLX_LM_NUM_LAYERS = 16  # mlx-lm's default num_layers
+
+
+def default_layers(config: TrainConfig, model: nn.Module) -> int:
+    """``lora_layers``, or when unset mlx-lm's 16, at most the model's blocks."""
+    if config.lora_layers is not None:
+        return config.lora_layers
+    return min(MLX_LM_NUM_LAYERS, len(model.layers))
+
+
 def overview(prep: Prepared) -> str:
     from nestedfn.tiered.tiers import describe
     from nestedfn.tree import to_flat
@@ -144,12 +154,12 @@ def overview(prep: Prepared) -> str:
     c = prep.config
     flat = to_flat(prep.params)
     n_blocks = len(prep.model.layers)
-    lora_blocks = n_blocks if c.lora_layers == -1 else c.lora_layers
+    lora_blocks = prep.spec.num_layers if prep.spec.num_layers != -1 else n_blocks
     size = sum(int(x.size) for x in flat.values())
     what = (
         "full fine-tuning of"
         if c.fine_tune_type == "full"
-        else f"{c.fine_tune_type.upper()} rank {c.lora_rank} on"
+        else f"{ {'lora': 'LoRA', 'dora': 'DoRA'}[c.fine_tune_type] } rank {c.lora_rank} on"
     )
     if c.lr_schedule is not None:
         lr = f"lr_schedule {c.lr_schedule['name']}{tuple(c.lr_schedule['arguments'])}"

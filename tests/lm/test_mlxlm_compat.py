@@ -191,3 +191,42 @@ def test_a_complete_mlx_lm_config_runs_unchanged(assets, tmp_path, capsys):
     adapter_config = json.loads((run / "adapter_config.json").read_text())
     assert adapter_config["lora_parameters"]["scale"] == 10.0
     mlx_lm.load(str(model), adapter_path=str(run))
+
+
+def _readme_table() -> list[list[str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = text.split("<!-- mlx-lm table -->")[1].split("<!-- end mlx-lm table -->")[0]
+    rows = [r.strip().strip("|").split(" | ") for r in body.strip().splitlines()[2:]]
+    return [[c.strip() for c in r] for r in rows]
+
+
+def test_the_readme_table_names_every_mlx_lm_flag_and_key_and_nestedfn_takes_them():
+    import re
+
+    from mlx_lm.lora import CONFIG_DEFAULTS
+    from mlx_lm.lora import build_parser as mlx_lm_parser
+
+    from nestedfn.lm.mlxlm_compat import accepted_keys
+
+    theirs = {o for a in mlx_lm_parser()._actions for o in a.option_strings} - {"-h", "--help"}
+    ours = {o for a in _train_parser()._actions for o in a.option_strings}
+    keys = set(accepted_keys([f.name for f in __import__("dataclasses").fields(TrainConfig)]))
+    nested = {"rank", "scale", "dropout", "keys", "name", "arguments", "warmup", "warmup_init"}
+    named_flags, named_keys = set(), set()
+    for mlx_lm_cell, nestedfn_cell, _ in _readme_table():
+        for tok in re.findall(r"`([^`]+)`", mlx_lm_cell):
+            if tok.startswith("-"):
+                assert tok in theirs and tok in ours, tok
+                named_flags.add(tok)
+            else:
+                assert tok in CONFIG_DEFAULTS or tok in nested or tok == "hf_dataset", tok
+                named_keys.add(tok)
+        for tok in re.findall(r"`([^`]+)`", nestedfn_cell):
+            if tok.startswith("--"):
+                assert tok.split()[0] in ours, tok
+            elif re.fullmatch(r"[a-z_]+", tok) and not mlx_lm_cell:
+                assert tok in keys, tok
+    assert theirs <= named_flags, theirs - named_flags
+    assert set(CONFIG_DEFAULTS) - {"config"} <= named_keys, set(CONFIG_DEFAULTS) - named_keys
