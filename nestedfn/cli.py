@@ -212,7 +212,7 @@ def _demo(args: argparse.Namespace) -> int:
     from nestedfn.lm.rundir import check_out_dir
     from nestedfn.lm.trainer import train
 
-    out = Path(args.out or Path("nestedfn-runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    out = Path(args.out or Path("nestedfn-runs") / time.strftime("demo-%Y%m%d-%H%M%S")).absolute()
     check_out_dir(out, resume=False, force=args.force)
     print(f"nestedfn demo: a tiny Llama with random weights, templated sentences, into {out}")
     model_dir = build_demo_model(out / "model", seed=0)

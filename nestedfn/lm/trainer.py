@@ -160,9 +160,14 @@ def train(
         changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
         bad = [k for k in changed if k not in RESUMABLE]
         if bad:
+            from nestedfn.lm.mlxlm_compat import FACE
+
+            def names(keys: Any) -> str:
+                return ", ".join(FACE.get(k, k) for k in keys)
+
             raise RunError(
-                f"cannot change {', '.join(bad)} when resuming {out} (the run's options are "
-                f"in {out / RUN_CONFIG}); only {', '.join(RESUMABLE)} may change"
+                f"cannot change {names(bad)} when resuming {out} (the run's options are "
+                f"in {out / RUN_CONFIG}); only {names(RESUMABLE)} may change"
             )
         config = replace(saved, **changed)
     config = _absolute(config, out)
