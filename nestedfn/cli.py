@@ -24,6 +24,12 @@ from typing import Any
 import yaml
 
 DEMO_STEPS = 150
+# What the demo suggests generating: a sentence start from the dataset, whose template the
+# adapters learn within DEMO_STEPS (the base model prints noise); max tokens = its bytes (the
+# demo tokenizer has one token per byte).  Slots that depend on earlier words (the number that
+# follows, an animal's sound) a random-weight model this small does not learn reliably.
+DEMO_PROMPT = "Ada sees two cats in the farm."
+DEMO_CONTINUATION = " One more comes, now there are"
 
 
 def _yaml_value(text: str) -> Any:
@@ -238,7 +244,9 @@ def _demo(args: argparse.Namespace) -> int:
     _report(summary)
     print(
         f"next: nestedfn plot {out}\n      python -m mlx_lm generate --model {model_dir} "
-        f'--adapter-path {out} --ignore-chat-template --prompt "Ada has a blue cat. The cat says"'
+        f"--adapter-path {out} --ignore-chat-template --max-tokens "
+        f'{len(DEMO_CONTINUATION.encode())} --prompt "{DEMO_PROMPT}"\n'
+        f"      (prints{DEMO_CONTINUATION!r}: the dataset's template, learned)"
     )
     return 0
 
