@@ -246,7 +246,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"next: nestedfn plot {out}\n      python -m mlx_lm generate --model {model_dir} "
         f"--adapter-path {out} --ignore-chat-template --max-tokens "
         f'{len(DEMO_CONTINUATION.encode())} --prompt "{DEMO_PROMPT}"\n'
-        f"      (prints{DEMO_CONTINUATION!r}: the dataset's template, learned)"
+        f"      (prints {DEMO_CONTINUATION!r}: the dataset's template, learned)"
     )
     return 0
 

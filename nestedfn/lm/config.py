@@ -105,7 +105,8 @@ class TrainConfig:
     ``lr_schedule`` (mlx-lm's ``{name, arguments, warmup, warmup_init}``; then
     ``learning_rate`` is ``arguments[0]``), ``adapter_path`` (the run directory, ``--out``),
     ``clear_cache_threshold`` (bytes; clear MLX's cache when it grows past it, 0 off),
-    ``trust_remote_code`` (for the tokenizer).
+    ``trust_remote_code`` (for the tokenizer), ``prompt_feature``/``completion_feature``/
+    ``text_feature``/``chat_feature`` (the record keys of the data formats).
     """
 
     model: str | None = None
@@ -151,6 +152,10 @@ class TrainConfig:
     adapter_path: str | None = None
     clear_cache_threshold: int = 0
     trust_remote_code: bool = False
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    text_feature: str = "text"
+    chat_feature: str = "messages"
 
     def __post_init__(self) -> None:
         for name in _PATHS:  # a Path is fine, but the saved YAML needs a str
@@ -182,6 +187,7 @@ _FLOATS = (
     "min_lr_ratio",
     "grad_clip",
 )
+FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
 _PATHS = ("model", "data", "resume_adapter_file", "adapter_path")
 _POSITIVE = (
     "max_seq_len",
@@ -291,6 +297,9 @@ def _validate(c: TrainConfig) -> None:
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(c, name)!r}")
     _one_of("fine_tune_type", c.fine_tune_type, FINE_TUNE_TYPES)
+    for name in FEATURES:
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            raise ConfigError(f"{name} must be a record key, got {getattr(c, name)!r}")
     if not _is_int(c.test_batches) or (c.test_batches != -1 and c.test_batches < 1):
         raise ConfigError(f"test_batches must be -1 (all) or >= 1, got {c.test_batches!r}")
     if not c.train and not c.test:

@@ -198,16 +198,23 @@ def load_dataset(
     tokenizer: Any,
     max_seq_len: int | None = None,
     mask_prompt: bool = False,
+    features: dict[str, str] | None = None,
 ) -> TokenDataset:
     """Load and tokenize ``data_dir/{split}.jsonl``.
 
     ``max_seq_len`` truncates every example to that many tokens (and raises if a prompt fills
     it, leaving nothing to learn).  ``mask_prompt=True`` leaves the prompt out of the loss
     (``offset`` = its length; an error for text records, which have none); ``False`` (mlx-lm's
-    default) keeps it in (offset 0).  Every problem is a ``DataError`` naming file and line.
+    default) keeps it in (offset 0).  ``features`` renames the record keys, as mlx-lm's
+    ``prompt_feature``/``completion_feature``/``text_feature``/``chat_feature`` do:
+    ``{"prompt": "question"}`` reads the prompt from ``question``.  Every problem is a
+    ``DataError`` naming file and line.
     """
     path = Path(data_dir) / f"{split}.jsonl"
     records = read_jsonl(path)
+    renames = {v: k for k, v in (features or {}).items() if v != k}
+    if renames:
+        records = [(n, {renames.get(k, k): v for k, v in r.items()}) for n, r in records]
     first_line, first = records[0]
     fmt = detect_format(first)
     if mask_prompt and fmt == "text":

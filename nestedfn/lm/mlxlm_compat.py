@@ -13,6 +13,8 @@ nestedfn's names or a mix into ``TrainConfig`` field names, so the same file run
   ignores the others, so a file listing all five names is fine), with MLX's keyword names
   translated to nestedfn's (``betas: [b1, b2]`` -> ``b1``, ``b2``; Muon's ``momentum`` ->
   ``beta``);
+* ``training_mode: normal`` (newer mlx-lm) is accepted, other modes (preference training)
+  are an error;
 * keys that need the network (``hf_dataset``, ``report_to`` and its ``project_name``) are an
   error saying so; ``config`` (mlx-lm's own ``-c``) is accepted when empty.
 
@@ -127,6 +129,13 @@ def normalize(data: dict[str, Any], source: str) -> dict[str, Any]:
             if value in (None, False, "", [], {}):
                 continue
             raise NormalizeError(f"{source}: {key} {NETWORK_KEYS[key]}")
+        if key == "training_mode":  # newer mlx-lm: "normal", or preference training
+            if value in (None, "normal"):
+                continue
+            raise NormalizeError(
+                f"{source}: training_mode {value!r}: nestedfn trains the language-model loss "
+                "(training_mode: normal) only"
+            )
         if key == "config":
             if value not in (None, ""):
                 raise NormalizeError(

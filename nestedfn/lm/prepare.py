@@ -84,7 +84,9 @@ def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
         splits = ("train", "valid", "test") if config.test else ("train", "valid")
         try:
             train_set, valid_set, *rest = (
-                load_dataset(data, s, tokenizer, config.max_seq_len, config.mask_prompt)
+                load_dataset(
+                    data, s, tokenizer, config.max_seq_len, config.mask_prompt, features(config)
+                )
                 for s in splits
             )
         except DataError as e:
@@ -135,6 +137,16 @@ def _start_from(path: str, params: Params) -> Params:
         return load_adapters(path, like=params)
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"resume_adapter_file: {e}") from None
+
+
+def features(config: TrainConfig) -> dict[str, str]:
+    """The data record keys (mlx-lm's ``*_feature`` options), for ``load_dataset``."""
+    return {
+        "prompt": config.prompt_feature,
+        "completion": config.completion_feature,
+        "text": config.text_feature,
+        "messages": config.chat_feature,
+    }
 
 
 MLX_LM_NUM_LAYERS = 16  # mlx-lm's default num_layers

@@ -22,7 +22,7 @@ def test_adapters(config: Any, adapter_path: str | Path) -> float:
     from nestedfn.lm.data import DataError, load_dataset
     from nestedfn.lm.evaluate import evaluate
     from nestedfn.lm.loss import masked_cross_entropy
-    from nestedfn.lm.prepare import load_run_model
+    from nestedfn.lm.prepare import features, load_run_model
 
     adapter_path = Path(adapter_path).absolute()
     if not (adapter_path / "adapter_config.json").is_file():
@@ -32,7 +32,7 @@ def test_adapters(config: Any, adapter_path: str | Path) -> float:
     model, tokenizer = load_run_model(config.model, config.trust_remote_code, adapter_path)
     try:
         test_set = load_dataset(
-            config.data, "test", tokenizer, config.max_seq_len, config.mask_prompt
+            config.data, "test", tokenizer, config.max_seq_len, config.mask_prompt, features(config)
         )
     except DataError as e:
         raise RunError(str(e)) from None

@@ -75,7 +75,9 @@ def test_flags_override_config_and_the_saved_config_round_trips(tmp_path):
 def test_every_option_but_the_paths_refuses_a_word_naming_itself(name):
     # a word where a number, list, mapping, bool or one of a few choices is meant is an error
     # naming the option when the config is made (not in the first forward pass of the run)
-    if name in ("model", "data", "resume_adapter_file", "adapter_path"):
+    from nestedfn.lm.config import FEATURES
+
+    if name in ("model", "data", "resume_adapter_file", "adapter_path", *FEATURES):
         assert getattr(TrainConfig(**{name: "big"}), name) == "big"
         return
     with pytest.raises(ConfigError, match=rf"^{name} must be"):

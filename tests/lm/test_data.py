@@ -164,6 +164,20 @@ def test_demo_dataset_loads_and_truncates(tmp_path, tok):
     assert load_dataset(d, "valid", tok).format == "text"
 
 
+def test_features_rename_the_record_keys_as_mlx_lm_s_feature_options(tmp_path, tok):
+    write(tmp_path / "train.jsonl", [json.dumps({"question": "2+2?", "answer": "4"})])
+    ds = load_dataset(
+        tmp_path,
+        "train",
+        tok,
+        mask_prompt=True,
+        features={"prompt": "question", "completion": "answer"},
+    )
+    write(tmp_path / "valid.jsonl", [json.dumps({"prompt": "2+2?", "completion": "4"})])
+    same = load_dataset(tmp_path, "valid", tok, mask_prompt=True)
+    assert ds.format == "completion" and (ds.tokens, ds.offsets) == (same.tokens, same.offsets)
+
+
 def test_mask_prompt_on_text_records_is_an_error_as_in_mlx_lm(tmp_path, tok):
     write(tmp_path / "train.jsonl", ['{"text": "ab c"}'])
     with pytest.raises(DataError, match=r"train\.jsonl:1: mask_prompt needs prompt/completion"):

@@ -66,11 +66,30 @@ def test_optimizer_flag_picks_its_optimizer_config_entry(tmp_path):
         ("fine_tune_type: qlora\n", "fine_tune_type must be one of lora, dora, full"),
         ("lr_schedule: {name: cosine_decay, arguments: [1e-3, 9]}\nwarmup_steps: 2\n", "keep one"),
         ("train: false\n", "train: false needs test: true"),
+        ("training_mode: dpo\n", "training_mode 'dpo': nestedfn trains the language-model loss"),
     ],
 )
 def test_mistakes_are_one_clear_error(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
+
+
+def test_mlx_lm_s_example_config_reads_as_it_means(tmp_path):
+    # the shape of mlx-lm's examples/lora_config.yaml (newer mlx-lm adds training_mode)
+    c = load_config(
+        write(
+            tmp_path,
+            'model: "mlx_model"\ntrain: true\nfine_tune_type: lora\ntraining_mode: normal\n'
+            'optimizer: adamw\ndata: "/path/to/data"\nseed: 0\nnum_layers: 16\nbatch_size: 4\n'
+            "iters: 1000\nval_batches: 25\nlearning_rate: 1e-5\nsteps_per_report: 10\n"
+            'steps_per_eval: 200\nresume_adapter_file: null\nadapter_path: "adapters"\n'
+            "save_every: 100\ntest: false\ntest_batches: 100\nmax_seq_length: 2048\n"
+            "grad_checkpoint: false\nlora_parameters:\n  keys: [self_attn.q_proj, self_attn.v_proj]\n"
+            "  rank: 8\n  scale: 20.0\n  dropout: 0.0\n",
+        )
+    )
+    assert (c.optimizer, c.lora_layers, c.steps, c.learning_rate) == ("adamw", 16, 1000, 1e-5)
+    assert c.lora_keys == ["self_attn.q_proj", "self_attn.v_proj"] and c.adapter_path == "adapters"
 
 
 def test_both_names_with_one_value_is_fine_and_saved_config_speaks_mlx_lm(tmp_path):
@@ -214,6 +233,8 @@ def test_the_readme_table_names_every_mlx_lm_flag_and_key_and_nestedfn_takes_the
     ours = {o for a in _train_parser()._actions for o in a.option_strings}
     keys = set(accepted_keys([f.name for f in __import__("dataclasses").fields(TrainConfig)]))
     nested = {"rank", "scale", "dropout", "keys", "name", "arguments", "warmup", "warmup_init"}
+    nested |= {"prompt_feature", "completion_feature", "text_feature", "chat_feature"}
+    nested |= {"training_mode"}  # read by mlx-lm's datasets / newer mlx-lm
     named_flags, named_keys = set(), set()
     for mlx_lm_cell, nestedfn_cell, _ in _readme_table():
         for tok in re.findall(r"`([^`]+)`", mlx_lm_cell):
