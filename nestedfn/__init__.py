@@ -49,7 +49,15 @@ from nestedfn.optim.core import (
 from nestedfn.optim.from_mlx import FromMlxState, from_mlx
 from nestedfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from nestedfn.optim.optimizers import adam, adamw, lion, momentum, muon, sgd
-from nestedfn.optim.schedules import constant, cosine_decay, join, linear_warmup, warmup_cosine
+from nestedfn.optim.schedules import (
+    constant,
+    cosine_decay,
+    exponential_decay,
+    join,
+    linear_warmup,
+    step_decay,
+    warmup_cosine,
+)
 
 # every transform at the top level too, as optax has them (``nf.scale_by_adam``)
 from nestedfn.optim.transforms import (
