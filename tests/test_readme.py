@@ -17,7 +17,8 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
 
 
-def test_the_python_blocks_run_in_order(capsys):
+def test_the_python_blocks_run_in_order(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the blocks write files (a demo model, saved states)
     namespace: dict = {}
     code = blocks("python")
     assert len(code) >= 4
