@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import mlx.core as mx
@@ -64,16 +63,16 @@ def test_full_trains_the_blocks_mlx_lm_unfreezes(assets):
 
 
 @pytest.mark.parametrize("kind", ["dora", "full"])
-def test_mlx_lm_fuse_takes_the_adapters(kind, assets, tmp_path):
+def test_mlx_lm_fuse_takes_the_adapters(kind, assets, tmp_path, monkeypatch):
     import mlx_lm
+    from mlx_lm import fuse
 
     run = tmp_path / "run"
     cfg = small(assets, steps=2, fine_tune_type=kind, lora_layers=2, frequencies=[1, 2])
     summary = train(cfg, run, **QUIET)
     fused = tmp_path / "fused"
-    cmd = [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(assets[0])]
-    cmd += ["--adapter-path", str(run), "--save-path", str(fused)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    argv = ["mlx_lm.fuse", "--model", str(assets[0]), "--adapter-path", str(run)]
+    monkeypatch.setattr(sys, "argv", argv + ["--save-path", str(fused)])
+    fuse.main()  # python -m mlx_lm fuse, in this process
     model, _ = mlx_lm.load(str(fused))
     assert mx.allclose(model(TOKENS), summary.model(TOKENS), atol=1e-4).item()
