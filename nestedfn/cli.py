@@ -246,7 +246,12 @@ def _demo(args: argparse.Namespace) -> int:
         f"next: nestedfn plot {out}\n      python -m mlx_lm generate --model {model_dir} "
         f"--adapter-path {out} --ignore-chat-template --max-tokens "
         f'{len(DEMO_CONTINUATION.encode())} --prompt "{DEMO_PROMPT}"\n'
-        f"      (prints {DEMO_CONTINUATION!r}: the dataset's template, learned)"
+        + (
+            f"      (prints {DEMO_CONTINUATION!r}: the dataset's template, learned)"
+            if steps >= DEMO_STEPS
+            else f"      (after {DEMO_STEPS} steps it prints {DEMO_CONTINUATION!r}; "
+            f"{steps} may be too few)"
+        )
     )
     return 0
 
