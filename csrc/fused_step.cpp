@@ -15,10 +15,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 
 namespace nestedfn {
 
@@ -27,12 +29,14 @@ namespace {
 using bf16 = mx::bfloat16_t;
 using f16 = mx::float16_t;
 
+#define NF_INLINE inline __attribute__((always_inline))
+
 template <class T>
-inline float rd(float x) {
+NF_INLINE float rd(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 template <>
-inline float rd<float>(float x) {
+NF_INLINE float rd<float>(float x) {
   return x;
 }
 
@@ -54,10 +58,10 @@ using Kernel = void (*)(const Leaf&, const Hyper&, size_t, size_t);
 
 // g := (acc + g) / f, rounded as nested's eager chunk (float32 sums), then in P; acc' = 0
 template <class P, bool ACC>
-inline float grad_in(const Leaf& L, const P* g, size_t i, float f) {
+NF_INLINE float grad_in(const float* __restrict acc, const P* __restrict g, size_t i, float f) {
   float gi = static_cast<float>(g[i]);
   if constexpr (ACC) {
-    float a = L.acc[i] + gi;  // acc (float32) + g.astype(float32)
+    float a = acc[i] + gi;  // acc (float32) + g.astype(float32)
     a = a / f;                // f == 1 for reduce="sum": exact
     gi = rd<P>(a);            // chunk.astype(g.dtype)
   }
@@ -65,8 +69,8 @@ inline float grad_in(const Leaf& L, const P* g, size_t i, float f) {
 }
 
 template <class P, bool WD>
-inline void write_param(const Leaf& L, const P* p, size_t i, float u, float wd, float nlr,
-                        float post) {
+NF_INLINE void write_param(P* __restrict po, const P* __restrict p, size_t i, float u, float wd,
+                           float nlr, float post) {
   float pi = static_cast<float>(p[i]);
   float uu = rd<P>(u);  // update in the gradient's dtype (== params' dtype)
   if constexpr (WD) {
@@ -74,13 +78,16 @@ inline void write_param(const Leaf& L, const P* p, size_t i, float u, float wd, 
   }
   uu = rd<P>(uu * nlr);
   uu = rd<P>(uu * post);  // post == 1 unless a global schedule: exact
-  static_cast<P*>(L.po)[i] = static_cast<P>(pi + uu);
+  po[i] = static_cast<P>(pi + uu);
 }
 
 template <class P, class M, bool ACC, bool WD>
 void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
   const M* __restrict m = static_cast<const M*>(L.s0);
   const M* __restrict v = static_cast<const M*>(L.s1);
   M* __restrict mo = static_cast<M*>(L.s0o);
@@ -90,18 +97,60 @@ void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const float eps = rd<M>(float(h.eps)), c1 = rd<M>(float(h.c1)), c2 = rd<M>(float(h.c2));
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
   for (size_t i = b; i < e; ++i) {
-    const float gs = rd<M>(grad_in<P, ACC>(L, g, i, f));
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float m1 = rd<M>(rd<M>(b1 * float(m[i])) + rd<M>(omb1 * gs));
     const float v1 = rd<M>(rd<M>(b2 * float(v[i])) + rd<M>(omb2 * rd<M>(gs * gs)));
     const float den = rd<M>(rd<M>(rd<M>(std::sqrt(v1)) * c2) + eps);
     const float u = rd<M>(rd<M>(m1 * c1) / den);
-    write_param<P, WD>(L, p, i, u, wd, nlr, post);
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
     mo[i] = static_cast<M>(m1);
     vo[i] = static_cast<M>(v1);
     if constexpr (ACC) {
-      L.acco[i] = 0.0f;
+      acco[i] = 0.0f;
     }
+  }
+}
+
+// float32 leaves and moments: the same arithmetic as adam_kernel<float, float> with the
+// (no-op) roundings left out, written so that GCC vectorises it
+template <bool ACC, bool WD>
+void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
+  const float* __restrict p = static_cast<const float*>(L.p);
+  const float* __restrict g = static_cast<const float*>(L.g);
+  const float* __restrict m = static_cast<const float*>(L.s0);
+  const float* __restrict v = static_cast<const float*>(L.s1);
+  const float* __restrict acc = L.acc;
+  float* __restrict po = static_cast<float*>(L.po);
+  float* __restrict mo = static_cast<float*>(L.s0o);
+  float* __restrict vo = static_cast<float*>(L.s1o);
+  float* __restrict acco = L.acco;
+  const float b1 = float(h.b1), omb1 = float(1.0 - h.b1);
+  const float b2 = float(h.b2), omb2 = float(1.0 - h.b2);
+  const float eps = float(h.eps), c1 = float(h.c1), c2 = float(h.c2);
+  const float wd = float(h.wd), nlr = float(h.neg_lr), post = float(h.post), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    float gs = g[i];
+    if constexpr (ACC) {
+      gs = (acc[i] + gs) / f;
+      acco[i] = 0.0f;
+    }
+    const float m1 = b1 * m[i] + omb1 * gs;
+    const float v1 = b2 * v[i] + omb2 * (gs * gs);
+    float u = (m1 * c1) / (std::sqrt(v1) * c2 + eps);
+    if constexpr (WD) {
+      u = u + wd * p[i];
+    }
+    u = (u * nlr) * post;
+    po[i] = p[i] + u;
+    mo[i] = m1;
+    vo[i] = v1;
   }
 }
 
@@ -109,21 +158,27 @@ template <class P, class M, bool ACC, bool WD>
 void lion_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
   const M* __restrict m = static_cast<const M*>(L.s0);
   M* __restrict mo = static_cast<M*>(L.s0o);
   const float b1 = rd<M>(float(h.b1)), omb1 = rd<M>(float(1.0 - h.b1));
   const float b2 = rd<M>(float(h.b2)), omb2 = rd<M>(float(1.0 - h.b2));
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
   for (size_t i = b; i < e; ++i) {
-    const float gs = rd<M>(grad_in<P, ACC>(L, g, i, f));
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float mi = float(m[i]);
     const float c = rd<M>(rd<M>(b1 * mi) + rd<M>(omb1 * gs));
     const float u = float(c > 0.0f) - float(c < 0.0f);  // MLX's sign (0 for NaN)
-    write_param<P, WD>(L, p, i, u, wd, nlr, post);
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
     mo[i] = static_cast<M>(rd<M>(rd<M>(b2 * mi) + rd<M>(omb2 * gs)));
     if constexpr (ACC) {
-      L.acco[i] = 0.0f;
+      acco[i] = 0.0f;
     }
   }
 }
@@ -132,20 +187,26 @@ template <class P, class M, bool ACC, bool WD>
 void momentum_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
   const M* __restrict t = static_cast<const M*>(L.s0);
   M* __restrict to = static_cast<M*>(L.s0o);
   const float decay = rd<M>(float(h.b1));
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
   const bool nesterov = h.nesterov;
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
   for (size_t i = b; i < e; ++i) {
-    const float gs = rd<M>(grad_in<P, ACC>(L, g, i, f));
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float t1 = rd<M>(gs + rd<M>(decay * float(t[i])));
     const float u = nesterov ? rd<M>(gs + rd<M>(decay * t1)) : t1;
-    write_param<P, WD>(L, p, i, u, wd, nlr, post);
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
     to[i] = static_cast<M>(t1);
     if constexpr (ACC) {
-      L.acco[i] = 0.0f;
+      acco[i] = 0.0f;
     }
   }
 }
@@ -156,6 +217,9 @@ void accum_kernel(const Leaf& L, const Hyper&, size_t b, size_t e) {
   const P* __restrict g = static_cast<const P*>(L.g);
   const float* __restrict a = L.acc;
   float* __restrict ao = L.acco;
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
   for (size_t i = b; i < e; ++i) {
     ao[i] = a[i] + static_cast<float>(g[i]);
   }
@@ -165,7 +229,11 @@ template <class P, class M, bool ACC, bool WD>
 Kernel pick_algo(int algo) {
   switch (algo) {
     case ADAM:
-      return adam_kernel<P, M, ACC, WD>;
+      if constexpr (std::is_same_v<P, float> && std::is_same_v<M, float>) {
+        return adam_kernel_f32<ACC, WD>;
+      } else {
+        return adam_kernel<P, M, ACC, WD>;
+      }
     case LION:
       return lion_kernel<P, M, ACC, WD>;
     case MOMENTUM:
@@ -251,6 +319,51 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
+// Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
+// cores), a thread per MiB-sized share of the work at most.
+void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
+                const std::vector<size_t>& sizes, const Hyper& h,
+                size_t per_thread = size_t(1) << 20) {
+  const size_t n = leaves.size();
+  // work items: chunks of leaves, taken by threads in order
+  struct Item {
+    size_t leaf, b, e;
+  };
+  std::vector<Item> items;
+  size_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t b = 0; b < sizes[i]; b += CHUNK) {
+      items.push_back({i, b, std::min(sizes[i], b + CHUNK)});
+    }
+    total += sizes[i];
+  }
+  std::atomic<size_t> next{0};
+  auto work = [&]() {
+    for (;;) {
+      const size_t k = next.fetch_add(1, std::memory_order_relaxed);
+      if (k >= items.size()) {
+        return;
+      }
+      const Item& it = items[k];
+      kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
+    }
+  };
+  size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
+                            : std::max(1u, std::thread::hardware_concurrency());
+  // a thread per per_thread elements at most: a thread costs tens of microseconds to start
+  nt = std::min(nt, std::max<size_t>(1, total / per_thread));
+  nt = std::min(nt, items.size());
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < nt; ++t) {
+    pool.emplace_back(work);
+  }
+  work();
+  for (auto& th : pool) {
+    th.join();
+  }
+}
+
+
 }  // namespace
 
 int n_states(int algo) {
@@ -262,6 +375,47 @@ int n_states(int algo) {
       return 1;
     default:
       return 0;
+  }
+}
+
+void validate(const std::vector<mx::array>& params, const std::vector<mx::array>& grads,
+              const std::vector<std::vector<mx::array>>& states,
+              const std::vector<mx::array>& accs, const Hyper& h) {
+  const bool accum = h.algo == ACCUM;
+  const size_t n = grads.size();
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& g = grads[i];
+    if (!is_float(g.dtype())) {
+      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " is not a float type");
+    }
+    if (!accum) {
+      const auto& p = params[i];
+      if (p.shape() != g.shape()) {
+        bad_leaf(i, "gradient shape differs from the parameter's");
+      }
+      if (p.dtype() != g.dtype()) {
+        bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " differs from the parameter's " +
+                        dtype_name(p.dtype()));
+      }
+      for (int k = 0; k < ns; ++k) {
+        const auto& st = states[k][i];
+        if (st.shape() != g.shape()) {
+          bad_leaf(i, "optimizer state shape differs from the parameter's");
+        }
+        if (st.dtype() != states[0][i].dtype() ||
+            (st.dtype() != p.dtype() && st.dtype() != mx::float32)) {
+          bad_leaf(i, "optimizer state dtype " + dtype_name(st.dtype()) +
+                          " is neither the parameter's nor float32");
+        }
+      }
+    }
+    if (has_acc) {
+      if (accs[i].shape() != g.shape() || accs[i].dtype() != mx::float32) {
+        bad_leaf(i, "accumulator is not float32 of the gradient's shape");
+      }
+    }
   }
 }
 
@@ -297,42 +451,11 @@ std::vector<mx::array> fused_update(
   if (stream.device != mx::Device::cpu) {
     throw std::invalid_argument("fused_update: only CPU streams are supported");
   }
+  validate(params, grads, states, accs, h);
   std::vector<mx::array> inputs;
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   inputs.reserve((2 + ns + 1) * n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& g = grads[i];
-    if (!is_float(g.dtype())) {
-      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " is not a float type");
-    }
-    if (!accum) {
-      const auto& p = params[i];
-      if (p.shape() != g.shape()) {
-        bad_leaf(i, "gradient shape differs from the parameter's");
-      }
-      if (p.dtype() != g.dtype()) {
-        bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " differs from the parameter's " +
-                        dtype_name(p.dtype()));
-      }
-      for (int k = 0; k < ns; ++k) {
-        const auto& st = states[k][i];
-        if (st.shape() != g.shape()) {
-          bad_leaf(i, "optimizer state shape differs from the parameter's");
-        }
-        if (st.dtype() != states[0][i].dtype() ||
-            (st.dtype() != p.dtype() && st.dtype() != mx::float32)) {
-          bad_leaf(i, "optimizer state dtype " + dtype_name(st.dtype()) +
-                          " is neither the parameter's nor float32");
-        }
-      }
-    }
-    if (has_acc) {
-      if (accs[i].shape() != g.shape() || accs[i].dtype() != mx::float32) {
-        bad_leaf(i, "accumulator is not float32 of the gradient's shape");
-      }
-    }
-  }
   if (!accum) {
     for (auto& p : params) {
       inputs.push_back(p);
@@ -362,6 +485,168 @@ std::vector<mx::array> fused_update(
   }
   auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n));
   return mx::array::make_arrays(std::move(shapes), dtypes, prim, inputs);
+}
+
+std::vector<mx::array> fused_step(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h,
+    int max_leaves,
+    const std::vector<mx::Stream>& streams) {
+  const size_t n = grads.size();
+  const bool accum = h.algo == ACCUM;
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  if (streams.empty()) {
+    throw std::invalid_argument("fused_step: no streams");
+  }
+  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
+      (has_acc && accs.size() != n)) {
+    throw std::invalid_argument("fused_step: lists of different lengths");
+  }
+  const size_t k = static_cast<size_t>(std::max(1, max_leaves));
+  // group outputs, in fused_update's layout, to be scattered back into the whole layout
+  const size_t np = accum ? 0 : n;
+  std::vector<mx::array> result;
+  result.reserve(np + ns * n + (has_acc ? n : 0));
+  std::vector<std::vector<mx::array>> group_out;
+  std::vector<std::pair<size_t, size_t>> bounds;
+  std::vector<size_t> load(streams.size(), 0);
+  // leaves with more elements than this get a group of their own
+  constexpr size_t BIG = size_t(1) << 17;
+  size_t b = 0;
+  while (b < n) {
+    size_t e = b, elems = 0;
+    while (e < n && e - b < k && (e == b || grads[e].size() < BIG) && elems < BIG * 2) {
+      elems += grads[e].size();
+      ++e;
+      if (grads[e - 1].size() >= BIG) {
+        break;
+      }
+    }
+    auto sl = [&](const std::vector<mx::array>& v) {
+      return std::vector<mx::array>(v.begin() + b, v.begin() + e);
+    };
+    std::vector<std::vector<mx::array>> st;
+    for (auto& x : states) {
+      st.push_back(sl(x));
+    }
+    const size_t s = std::min_element(load.begin(), load.end()) - load.begin();
+    load[s] += elems;
+    group_out.push_back(fused_update(accum ? std::vector<mx::array>{} : sl(params), sl(grads),
+                                     st, has_acc ? sl(accs) : std::vector<mx::array>{}, h,
+                                     streams[s]));
+    bounds.emplace_back(b, e);
+    b = e;
+  }
+  const int lists = (accum ? 0 : 1) + ns + (has_acc ? 1 : 0);
+  for (int l = 0; l < lists; ++l) {
+    for (size_t gi = 0; gi < group_out.size(); ++gi) {
+      const size_t m = bounds[gi].second - bounds[gi].first;
+      auto& out = group_out[gi];
+      for (size_t j = 0; j < m; ++j) {
+        result.push_back(std::move(out[l * m + j]));
+      }
+    }
+  }
+  return result;
+}
+
+std::vector<mx::array> fused_apply(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h) {
+  if (h.algo < ADAM || h.algo > ACCUM) {
+    throw std::invalid_argument("fused_apply: unknown algorithm");
+  }
+  const bool accum = h.algo == ACCUM;
+  const size_t n = grads.size();
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
+      (has_acc ? accs.size() != n : !accs.empty())) {
+    throw std::invalid_argument("fused_apply: lists of different lengths");
+  }
+  for (auto& st : states) {
+    if (st.size() != n) {
+      throw std::invalid_argument("fused_apply: a state list differs in length from grads");
+    }
+  }
+  validate(params, grads, states, accs, h);
+  // every input evaluated and available
+  std::vector<mx::array> pending;
+  auto need = [&](const mx::array& x) {
+    if (x.status() == mx::array::Status::unscheduled) {
+      pending.push_back(x);
+    }
+  };
+  for (auto& x : params) need(x);
+  for (auto& x : grads) need(x);
+  for (auto& st : states) for (auto& x : st) need(x);
+  for (auto& x : accs) need(x);
+  if (!pending.empty()) {
+    mx::eval(pending);
+  }
+  auto ready = [](const mx::array& x) {
+    if (!x.is_available()) {
+      const_cast<mx::array&>(x).wait();
+    }
+  };
+  for (auto& x : params) ready(x);
+  for (auto& x : grads) ready(x);
+  for (auto& st : states) for (auto& x : st) ready(x);
+  for (auto& x : accs) ready(x);
+
+  std::vector<mx::array> out;
+  out.reserve((accum ? 0 : n) + ns * n + (has_acc ? n : 0));
+  auto fresh = [&](const mx::array& like, mx::Dtype dt) {
+    out.emplace_back(mx::allocator::malloc(like.size() * mx::size_of(dt)), like.shape(), dt);
+  };
+  if (!accum) for (auto& x : params) fresh(x, x.dtype());
+  for (auto& st : states) for (auto& x : st) fresh(x, x.dtype());
+  if (has_acc) for (auto& x : accs) fresh(x, mx::float32);
+
+  std::vector<std::unique_ptr<char[]>> temps;
+  auto ptr = [&](const mx::array& x) -> const void* {
+    if (plain(x)) {
+      return x.data<void>();
+    }
+    temps.emplace_back(new char[std::max<size_t>(x.nbytes(), 1)]);
+    strided_copy(x, temps.back().get());
+    return temps.back().get();
+  };
+  const size_t np = accum ? 0 : n;
+  std::vector<Leaf> leaves(n);
+  std::vector<Kernel> kernels(n);
+  std::vector<size_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    Leaf& L = leaves[i];
+    L.g = ptr(grads[i]);
+    kernels[i] = pick(h, grads[i].dtype(), ns > 0 ? states[0][i].dtype() : grads[i].dtype());
+    sizes[i] = grads[i].size();
+    if (!accum) {
+      L.p = ptr(params[i]);
+      L.po = out[i].data<void>();
+    }
+    if (ns > 0) {
+      L.s0 = ptr(states[0][i]);
+      L.s0o = out[np + i].data<void>();
+    }
+    if (ns > 1) {
+      L.s1 = ptr(states[1][i]);
+      L.s1o = out[np + n + i].data<void>();
+    }
+    if (has_acc) {
+      L.acc = static_cast<const float*>(ptr(accs[i]));
+      L.acco = out[np + ns * n + i].data<float>();
+    }
+  }
+  run_leaves(leaves, kernels, sizes, h, size_t(1) << 17);
+  return out;
 }
 
 void FusedUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -474,41 +759,7 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     }
     (void)has_acc;
     (void)ns;
-    // work items: chunks of leaves, taken by threads in order
-    struct Item {
-      size_t leaf, b, e;
-    };
-    std::vector<Item> items;
-    size_t total = 0;
-    for (size_t i = 0; i < n; ++i) {
-      for (size_t b = 0; b < sizes[i]; b += CHUNK) {
-        items.push_back({i, b, std::min(sizes[i], b + CHUNK)});
-      }
-      total += sizes[i];
-    }
-    std::atomic<size_t> next{0};
-    auto work = [&]() {
-      for (;;) {
-        const size_t k = next.fetch_add(1, std::memory_order_relaxed);
-        if (k >= items.size()) {
-          return;
-        }
-        const Item& it = items[k];
-        kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
-      }
-    };
-    size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
-                              : std::max(1u, std::thread::hardware_concurrency());
-    nt = std::min(nt, std::max<size_t>(1, total / (CHUNK / 2)));
-    nt = std::min(nt, items.size());
-    std::vector<std::thread> pool;
-    for (size_t t = 1; t < nt; ++t) {
-      pool.emplace_back(work);
-    }
-    work();
-    for (auto& th : pool) {
-      th.join();
-    }
+    run_leaves(leaves, kernels, sizes, h);
   });
 }
 

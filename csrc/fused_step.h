@@ -71,4 +71,28 @@ std::vector<mx::array> fused_update(
     const Hyper& h,
     mx::StreamOrDevice s = {});
 
+// fused_update over groups of at most ``max_leaves`` leaves, one primitive per group (MLX's
+// multi-output primitives cost outputs x (inputs + outputs) to build and evaluate), the
+// groups spread over ``streams`` (CPU streams, each run by its own thread) by their sizes.
+// Same result layout as fused_update.
+std::vector<mx::array> fused_step(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h,
+    int max_leaves,
+    const std::vector<mx::Stream>& streams);
+
+// The same update computed now, synchronously (the inputs are evaluated first), on all
+// cores: the new leaves come back evaluated, as plain arrays without a graph.  No MLX
+// per-array graph work (siblings, eval, detach), but no buffer donation either: the caller
+// still refers to the inputs during the call.
+std::vector<mx::array> fused_apply(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h);
+
 }  // namespace nestedfn

@@ -44,6 +44,7 @@ from nestedfn.optim.core import (
     static_step,
     tracing_step,
 )
+from nestedfn.optim.fused import NestedSpec, describe, register
 from nestedfn.tiered.tiers import TierRule, by_depth, resolve
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
@@ -366,7 +367,8 @@ def _nested(
         return PackGroups(tuple(labels), plan.subdefs, rebind)
 
     period = math.lcm(*(f * o.period for f, o in zip(freqs, inners)))
-    return Optimizer(init_fn, update_fn, period, phase_key, pack_groups)
+    opt = Optimizer(init_fn, update_fn, period, phase_key, pack_groups)
+    return register(opt, NestedSpec(inners, freqs, reduce, plan_for, NestedState))
 
 
 def _find_nested(state: Any) -> NestedState | None:
@@ -455,5 +457,7 @@ def nested_adam(
         inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps, state_dtype=state_dtype)
     opt = _nested(inner, _resolver(tiers, len(freqs), order, "nested_adam"), freqs, reduce)
     if callable(learning_rate):
-        return chain(opt, _scale_by_global_schedule(learning_rate))
+        scheduled = chain(opt, _scale_by_global_schedule(learning_rate))
+        spec = describe(opt)
+        return register(scheduled, spec._replace(post=learning_rate)) if spec else scheduled
     return opt
