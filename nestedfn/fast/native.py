@@ -39,7 +39,7 @@ import mlx.core as mx
 from nestedfn.optim.core import Grads, Optimizer, TrainState, static_step
 from nestedfn.optim.fused import ADAM, ElementwiseSpec, NestedSpec, describe
 from nestedfn.optim.transforms import _bias_correction
-from nestedfn.tree import TreeDef, flatten
+from nestedfn.tree import TreeDef, TreeMismatchError, flatten
 from nestedfn.tree.codegen import leaf_getter, tree_builder
 
 __all__ = ["NativeStep", "available", "native_module"]
@@ -127,6 +127,14 @@ class _NotNative(Exception):
     """This call cannot take the native step: the caller runs the MLX graph."""
 
 
+class _BadShape(Exception):
+    """The kernel found a leaf shaped unlike its parameter: a user error, named by path."""
+
+
+def _kernel_error(e: Exception) -> Exception:
+    return _BadShape() if isinstance(e, ValueError) and "shape" in str(e) else _NotNative()
+
+
 def _scalar(x: Any) -> float:
     """A learning-rate value as a Python float: a Python number, or a float32 ``mx.array``
     (read back: a tiny graph of the step only)."""
@@ -150,18 +158,6 @@ def _kernel_args(spec: ElementwiseSpec, step: int) -> tuple:
         c2 = 1.0 / math.sqrt(_bias_correction(spec.b2, step))
     wd = float(spec.weight_decay)
     return (spec.algo, spec.b1, spec.b2, spec.eps, c1, c2, spec.nesterov, spec.has_wd, wd, neg)
-
-
-def _check_dtypes(p: list, g: list, moments: list[list]) -> None:
-    """The dtype combinations the kernel reproduces exactly; else the MLX graph serves."""
-    for i, x in enumerate(p):
-        d = x.dtype
-        if d not in _FLOATS or g[i].dtype != d:
-            raise _NotNative
-        for m in moments:
-            md = m[i].dtype
-            if md != d and md != mx.float32:
-                raise _NotNative
 
 
 class _Tier(NamedTuple):
@@ -231,6 +227,21 @@ class NativeStep:
             return self._step(mod, state, grads, int(s))
         except _NotNative:
             return None
+        except _BadShape:
+            self._raise_shapes(state, grads)
+            return None  # not reached unless only the state is off: the MLX graph names it
+
+    def _raise_shapes(self, state: TrainState, grads: Grads) -> None:
+        """Raise ``TreeMismatchError`` naming every gradient leaf shaped unlike its param."""
+        p_leaves, td = flatten(state.params)
+        g_leaves = flatten(grads)[0]
+        problems = [
+            (path, f"grads {tuple(g.shape)} vs params {tuple(p.shape)}")
+            for path, p, g in zip(td.paths(), p_leaves, g_leaves)
+            if getattr(g, "shape", None) != p.shape
+        ]
+        if problems:
+            raise TreeMismatchError(problems, "compile_step: grads shaped unlike params")
 
     def _moments(self, tier: _Tier, inner_state: Any) -> list[list]:
         spec = tier.spec
@@ -243,7 +254,7 @@ class NativeStep:
         out = []
         for tree in inner_state[0]:
             leaves = tier.get(tree)
-            if leaves is None or set(map(type, leaves)) - {mx.array}:
+            if leaves is None:
                 raise _NotNative
             out.append(leaves)
         return out
@@ -261,7 +272,6 @@ class NativeStep:
     ) -> tuple[list, Any, list | None]:
         """One kernel over a tier: new param leaves, new inner state, new acc leaves."""
         moments = self._moments(tier, inner_state)
-        _check_dtypes(p, g, moments)
         args = _kernel_args(tier.spec, step)
         n = len(g)
         f = float(tier.freq) if (acc is not None and self.spec.reduce == "mean") else 1.0
@@ -280,8 +290,8 @@ class NativeStep:
                 _GROUP,
                 _streams(),
             )
-        except ValueError as e:  # a dtype/shape the eager step would refuse or treat otherwise
-            raise _NotNative from e
+        except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
+            raise _kernel_error(e) from e
         k = len(moments)
         new_m = [tier.build(out[n * (1 + j) : n * (2 + j)]) for j in range(k)]
         new_inner = (type(inner_state[0])(*new_m),) + inner_state[1:]
@@ -294,24 +304,21 @@ class NativeStep:
         g_leaves = leaf_getter(td)(grads)
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
-        types = set(map(type, p_leaves)) | set(map(type, g_leaves))
-        if types - {mx.array} or tuple(map(_SHAPE, p_leaves)) != tuple(map(_SHAPE, g_leaves)):
-            raise _NotNative
-        self.keys.add(
-            (
-                id(plan),
-                tuple(map(_SHAPE, p_leaves)),
-                tuple(map(_DTYPE, p_leaves)),
-                self.opt.phase(s),
-            )
-        )
+        # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
+        # there: the MLX graph runs and names the path)
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
             new_p, new_state, _ = self._run(
                 mod, tiers[0], p_leaves, g_leaves, state.opt_state, s, None, None
             )
-            return TrainState(build(new_p), new_state, state.step + 1)
-        return self._nested_step(mod, state, p_leaves, g_leaves, s, plan)
+            new = TrainState(build(new_p), new_state, state.step + 1)
+        else:
+            new = self._nested_step(mod, state, p_leaves, g_leaves, s, plan)
+        # served: count it as a compiled graph would be counted (structure, shapes, dtypes,
+        # phase)
+        key = (id(plan), tuple(map(_SHAPE, p_leaves)), tuple(map(_DTYPE, p_leaves)))
+        self.keys.add((key, self.opt.phase(s)))
+        return new
 
     def _nested_step(
         self, mod: Any, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: Any
@@ -341,7 +348,7 @@ class NativeStep:
             acc = None
             if f > 1:
                 acc = tier.get(nst.acc[k])
-                if acc is None or set(map(type, acc)) - {mx.array}:
+                if acc is None:
                     raise _NotNative
             if (s + 1) % f != 0:  # inactive: add to the chunk sum; params stay as they are
                 try:
@@ -368,8 +375,8 @@ class NativeStep:
                         _GROUP,
                         _streams(),
                     )
-                except ValueError as e:
-                    raise _NotNative from e
+                except (ValueError, TypeError) as e:
+                    raise _kernel_error(e) from e
                 accs[k] = tier.build(out)
                 continue
             upd, inner[k], new_acc = self._run(mod, tier, p, g, nst.inner[k], s // f, acc, post)
