@@ -15,6 +15,9 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <type_traits>
 
 #include "mlx/allocator.h"
@@ -319,11 +322,91 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
+// A small persistent pool: run(nt, n, f) calls f(0..n-1) on the caller and nt - 1 workers,
+// items taken in order from a shared counter.  Workers spin briefly for the next job (steps
+// come back to back), then sleep on a condition variable.
+class Pool {
+ public:
+  template <class F>
+  void run(size_t nt, size_t n, F&& f) {
+    if (nt <= 1 || n <= 1) {
+      for (size_t k = 0; k < n; ++k) {
+        f(k);
+      }
+      return;
+    }
+    std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
+    ensure(nt - 1);
+    std::function<void(size_t)> fn = std::forward<F>(f);
+    next_.store(0);
+    n_ = n;
+    fn_ = &fn;
+    active_.store(static_cast<int>(nt - 1));
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      wanted_ = nt - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    drain();
+    while (active_.load(std::memory_order_acquire) > 0) {
+      std::this_thread::yield();
+    }
+    fn_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (;;) {
+      const size_t k = next_.fetch_add(1, std::memory_order_relaxed);
+      if (k >= n_) {
+        return;
+      }
+      (*fn_)(k);
+    }
+  }
+  void ensure(size_t workers) {
+    while (threads_.size() < workers) {
+      const size_t id = threads_.size();
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
+  }
+  void loop(size_t id) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id >= wanted_) {
+          continue;
+        }
+      }
+      drain();
+      active_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  std::mutex run_mutex_, m_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+  std::atomic<size_t> next_{0};
+  std::atomic<int> active_{0};
+  size_t n_ = 0, wanted_ = 0;
+  uint64_t generation_ = 0;
+  std::function<void(size_t)>* fn_ = nullptr;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: detached workers may outlive main
+  return *p;
+}
+
 // Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
 // cores), a thread per MiB-sized share of the work at most.
 void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
                 const std::vector<size_t>& sizes, const Hyper& h,
-                size_t per_thread = size_t(1) << 20) {
+                size_t per_thread = size_t(1) << 15) {
   const size_t n = leaves.size();
   // work items: chunks of leaves, taken by threads in order
   struct Item {
@@ -337,30 +420,14 @@ void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
     }
     total += sizes[i];
   }
-  std::atomic<size_t> next{0};
-  auto work = [&]() {
-    for (;;) {
-      const size_t k = next.fetch_add(1, std::memory_order_relaxed);
-      if (k >= items.size()) {
-        return;
-      }
-      const Item& it = items[k];
-      kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
-    }
-  };
   size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
                             : std::max(1u, std::thread::hardware_concurrency());
-  // a thread per per_thread elements at most: a thread costs tens of microseconds to start
   nt = std::min(nt, std::max<size_t>(1, total / per_thread));
   nt = std::min(nt, items.size());
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < nt; ++t) {
-    pool.emplace_back(work);
-  }
-  work();
-  for (auto& th : pool) {
-    th.join();
-  }
+  pool().run(nt, items.size(), [&](size_t k) {
+    const Item& it = items[k];
+    kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
+  });
 }
 
 
@@ -577,6 +644,13 @@ std::vector<mx::array> fused_apply(
     }
   }
   validate(params, grads, states, accs, h);
+  auto traced = [](const std::vector<mx::array>& v) {
+    return std::any_of(v.begin(), v.end(), [](const mx::array& x) { return x.is_tracer(); });
+  };
+  if (traced(params) || traced(grads) || traced(accs) ||
+      std::any_of(states.begin(), states.end(), traced)) {
+    throw std::invalid_argument("fused_apply: traced inputs (inside mx.compile): not eager");
+  }
   // every input evaluated and available
   std::vector<mx::array> pending;
   auto need = [&](const mx::array& x) {
@@ -645,7 +719,7 @@ std::vector<mx::array> fused_apply(
       L.acco = out[np + ns * n + i].data<float>();
     }
   }
-  run_leaves(leaves, kernels, sizes, h, size_t(1) << 17);
+  run_leaves(leaves, kernels, sizes, h);
   return out;
 }
 

@@ -49,9 +49,7 @@ def _tree(seed: int, dtype=mx.float32) -> dict:
 def _grads_like(params, seed: int, scale: float = 0.1):
     rng = np.random.default_rng(seed)
     return tree_map(
-        lambda p: mx.array(scale * rng.standard_normal(p.shape).astype(np.float32)).astype(
-            p.dtype
-        ),
+        lambda p: mx.array(scale * rng.standard_normal(p.shape).astype(np.float32)).astype(p.dtype),
         params,
     )
 
@@ -119,7 +117,9 @@ def test_float32_moments_for_low_precision_params(dtype):
     "make",
     [
         lambda: nested_adam(1e-2, frequencies=(1, 2, 4)),
-        lambda: nested_adam(warmup_cosine(1e-2, warmup_steps=3, decay_steps=20), frequencies=(1, 2, 4)),
+        lambda: nested_adam(
+            warmup_cosine(1e-2, warmup_steps=3, decay_steps=20), frequencies=(1, 2, 4)
+        ),
         lambda: nested_adam(1e-2, frequencies=(1, 3), weight_decay=0.1, reduce="sum"),
         lambda: nested(
             [lion(1e-3), momentum(1e-2)], lambda path, leaf: 0 if "head" in path else 1, (1, 2)
@@ -259,3 +259,29 @@ def test_state_is_the_tree_layout_for_checkpoints():
     state = compile_step(opt)(init(opt, params), _grads_like(params, 16))
     assert flatten(state.opt_state)[1] == flatten(init(opt, params).opt_state)[1]
     assert isinstance(nf.tier_stats(state.opt_state), list)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion_wd", "nesterov"])
+def test_lazy_mode_equals_eager_and_donates_safely(monkeypatch, name):
+    """``NESTEDFN_NATIVE_MODE=lazy``: MLX primitives of a few leaves, evaluated later, writing
+    into the buffers of a state nothing refers to any more (and only then)."""
+    monkeypatch.setattr(native, "_GROUP", 2)
+    _run(OPTIMIZERS[name](), _tree(17), 5)
+    _run(OPTIMIZERS[name](), _tree(18, mx.bfloat16), 3, keep_old=True)
+    _run(nested_adam(1e-2, frequencies=(1, 2)), _tree(19), 4)
+
+
+def test_inside_mx_compile_the_mlx_graph_serves():
+    opt = adam(1e-2)
+    params = _tree(20)
+    grads = _grads_like(params, 21)
+    step_fn = compile_step(opt)
+
+    @mx.compile
+    def outer(p, g):
+        return step_fn(init(opt, p), g).params
+
+    got = outer(params, grads)
+    expected = apply_gradients(opt, init(opt, params), grads).params
+    for x, y in zip(flatten(got)[0], flatten(expected)[0]):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-5, atol=1e-6)
