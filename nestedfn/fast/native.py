@@ -186,7 +186,8 @@ class NativeStep:
         self.opt = opt
         self.spec = spec
         self._plans: dict[Any, Any] = {}
-        self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
+        self.keys: set[Any] = set()
+        self._seen: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
         self._last: Any = None  # (params getter, plan) of the last structure
 
     def supported(self) -> bool:
@@ -214,13 +215,14 @@ class NativeStep:
     def _make_plan(self, params: Any, td: TreeDef) -> Any:
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
-            return (td, tree_builder(td), [_Tier(None, 1, spec, leaf_getter(td), tree_builder(td))])
+            tier = _Tier(None, 1, spec, leaf_getter(td), tree_builder(td))
+            return (td, tree_builder(td), [tier], leaf_getter(td))
         plan, _ = spec.plan_for(params)
         tiers = [
             _Tier(idx, f, describe(o), leaf_getter(sub), tree_builder(sub))
             for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
         ]
-        return (td, tree_builder(td), tiers)
+        return (td, tree_builder(td), tiers, leaf_getter(td))
 
     # -- the step --------------------------------------------------------------------------
 
@@ -307,8 +309,8 @@ class NativeStep:
 
     def _step(self, mod: Any, state: TrainState, grads: Grads, s: int) -> TrainState:
         plan, p_leaves = self._plan(state.params)
-        td, build, tiers = plan
-        g_leaves = leaf_getter(td)(grads)
+        td, build, tiers, get = plan
+        g_leaves = get(grads)
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
@@ -323,15 +325,18 @@ class NativeStep:
             new = self._nested_step(mod, state, p_leaves, g_leaves, s, plan)
         # served: count it as a compiled graph would be counted (structure, shapes, dtypes,
         # phase)
-        key = (id(plan), tuple(map(_SHAPE, p_leaves)), tuple(map(_DTYPE, p_leaves)))
-        self.keys.add((key, self.opt.phase(s)))
+        phase = self.opt.phase(s)
+        if (id(plan), phase) not in self._seen:  # shapes and dtypes: once per plan and phase
+            self._seen.add((id(plan), phase))
+            key = (id(plan), tuple(map(_SHAPE, p_leaves)), tuple(map(_DTYPE, p_leaves)))
+            self.keys.add((key, phase))
         return new
 
     def _nested_step(
         self, mod: Any, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: Any
     ) -> TrainState:
         spec = self.spec
-        td, build, tiers = plan
+        td, build, tiers, _ = plan
         ost = state.opt_state
         post = None
         if spec.post is not None:  # nested_adam with a schedule: (NestedState, ())
