@@ -216,7 +216,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
     opt = NF_OPTS[opt_name]()
     import nestedfn.fast.native as native
 
-    native._GROUP = 4 if kind == "lazy" else 0  # NESTEDFN_NATIVE_MODE=lazy, or eager
+    native._GROUP = 0 if kind == "eager" else 4  # NESTEDFN_NATIVE_MODE=eager, or lazy
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
@@ -232,7 +232,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
         mx.eval(box[0].params, box[0].opt_state)
 
     out = timed(step, iters, warmup, mx.synchronize)
-    native._GROUP = 0
+    native._GROUP = 4
     return out, getattr(fn, "native_steps", 0) > 0
 
 
@@ -474,7 +474,7 @@ COLUMNS = [
     ("torch_foreach", "torch foreach"),
     ("optax", "optax, jax.jit (donated)"),
     ("default", "**nestedfn compile_step** (default)"),
-    ("lazy", "nestedfn, NESTEDFN_NATIVE_MODE=lazy"),
+    ("eager", "nestedfn, NESTEDFN_NATIVE_MODE=eager"),
     ("packed", "nestedfn packed=True"),
     ("graph", "nestedfn MLX graph (NESTEDFN_NATIVE=0)"),
     ("mlx", "mlx.optimizers"),
@@ -493,7 +493,7 @@ def contenders(params, grads, opt_name, gpu, iters, warmup, torch, jo) -> dict:
     """Name -> a zero-argument run of that contender on this tree and optimizer."""
     runs = {
         key: (lambda key=key: bench_nf(params, grads, opt_name, key, iters, warmup))
-        for key in ("default", "lazy", "packed", "graph")
+        for key in ("default", "eager", "packed", "graph")
     }
     runs["mlx"] = lambda: bench_mlx(params, grads, opt_name, iters, warmup)
     if torch is not None:
@@ -564,7 +564,7 @@ def main() -> None:
                 runs = contenders(params, grads, opt_name, gpu, iters, warmup, torch, jo)
                 for key, run in runs.items():
                     out = run()
-                    if key in ("default", "lazy", "packed", "graph"):
+                    if key in ("default", "eager", "packed", "graph"):
                         out, used = out
                         native = native or (key == "default" and used)
                     if out is None:

@@ -45,16 +45,17 @@ from nestedfn.tree.codegen import leaf_getter, tree_builder
 __all__ = ["NativeStep", "available", "native_module"]
 
 # How the kernel runs (``NESTEDFN_NATIVE_MODE``):
-# - "eager" (default): computed during the call, on all cores, the new leaves handed back
-#   evaluated; no MLX graph at all (MLX charges microseconds per array of a lazy graph, and
-#   a step hands back about a thousand arrays), but fresh output buffers: the caller still
-#   holds the old state during the call, so nothing can be written in place.
-# - "lazy": MLX primitives of ``_GROUP`` leaves each (a primitive with n outputs costs about
-#   n x (inputs + outputs) to build and to evaluate), evaluated when the caller evaluates:
-#   by then ``state = step(state, grads)`` has dropped the old state and the kernel writes
-#   into its buffers (donation: no second copy of params and moments).
-_MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "eager").strip().lower()
-_GROUP = 0 if _MODE != "lazy" else int(os.environ.get("NESTEDFN_NATIVE_GROUP", "4"))
+# - "lazy" (default): MLX primitives of ``_GROUP`` leaves each (a primitive with n outputs
+#   costs about n x (inputs + outputs) to build and to evaluate), evaluated when the caller
+#   evaluates: by then ``state = step(state, grads)`` has dropped the old state and the
+#   kernel writes into its buffers (MLX donation): no second copy of params and moments, no
+#   fresh pages to fault in.
+# - "eager": computed during the call, on all cores, the new leaves handed back evaluated:
+#   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
+#   old state during the call, so the new state goes to fresh buffers (one more copy at the
+#   peak; large fresh buffers come from the kernel as new pages on every step).
+_MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "lazy").strip().lower()
+_GROUP = 0 if _MODE == "eager" else int(os.environ.get("NESTEDFN_NATIVE_GROUP", "4"))
 _SHAPE = lambda x: x.shape  # noqa: E731
 _DTYPE = lambda x: x.dtype  # noqa: E731
 

@@ -262,10 +262,12 @@ def test_state_is_the_tree_layout_for_checkpoints():
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion_wd", "nesterov"])
-def test_lazy_mode_equals_eager_and_donates_safely(monkeypatch, name):
-    """``NESTEDFN_NATIVE_MODE=lazy``: MLX primitives of a few leaves, evaluated later, writing
-    into the buffers of a state nothing refers to any more (and only then)."""
-    monkeypatch.setattr(native, "_GROUP", 2)
+@pytest.mark.parametrize("group", [0, 2])
+def test_both_modes_equal_eager(monkeypatch, name, group):
+    """``NESTEDFN_NATIVE_MODE=eager`` (group 0: computed in the call) and the lazy default
+    with 2 leaves per primitive (evaluated later, writing into the buffers of a state nothing
+    refers to any more, and only then)."""
+    monkeypatch.setattr(native, "_GROUP", group)
     _run(OPTIMIZERS[name](), _tree(17), 5)
     _run(OPTIMIZERS[name](), _tree(18, mx.bfloat16), 3, keep_old=True)
     _run(nested_adam(1e-2, frequencies=(1, 2)), _tree(19), 4)
