@@ -44,8 +44,10 @@ from nestedfn.tree.codegen import leaf_getter, tree_builder
 
 __all__ = ["NativeStep", "available", "native_module"]
 
-# How the kernel runs (``NESTEDFN_NATIVE_MODE``):
-# - "lazy" (default): MLX primitives of ``_GROUP`` leaves each (a primitive with n outputs
+# How the kernel runs (``NESTEDFN_NATIVE_MODE``): "auto" (default) is "eager" for a tree
+# whose leaves average fewer than ``_AUTO_EAGER`` elements (per-array MLX graph work would
+# dominate; the extra copy is small) and "lazy" otherwise.
+# - "lazy": MLX primitives of ``_GROUP`` leaves each (a primitive with n outputs
 #   costs about n x (inputs + outputs) to build and to evaluate), evaluated when the caller
 #   evaluates: by then ``state = step(state, grads)`` has dropped the old state and the
 #   kernel writes into its buffers (MLX donation): no second copy of params and moments, no
@@ -54,7 +56,8 @@ __all__ = ["NativeStep", "available", "native_module"]
 #   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
 #   old state during the call, so the new state goes to fresh buffers (one more copy at the
 #   peak; large fresh buffers come from the kernel as new pages on every step).
-_MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "lazy").strip().lower()
+_MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
+_AUTO_EAGER = 1 << 12
 _GROUP = 0 if _MODE == "eager" else int(os.environ.get("NESTEDFN_NATIVE_GROUP", "4"))
 _SHAPE = lambda x: x.shape  # noqa: E731
 _DTYPE = lambda x: x.dtype  # noqa: E731
@@ -168,6 +171,11 @@ def _kernel_args(spec: ElementwiseSpec, step: int) -> tuple:
     return (spec.algo, spec.b1, spec.b2, spec.eps, c1, c2, spec.nesterov, spec.has_wd, wd, neg)
 
 
+def _mean_size(params: Any) -> float:
+    leaves = [x for x in flatten(params)[0] if isinstance(x, mx.array)]
+    return sum(x.size for x in leaves) / max(1, len(leaves))
+
+
 class _Tier(NamedTuple):
     idx: tuple[int, ...] | None  # None: every leaf (a plain optimizer)
     freq: int
@@ -187,8 +195,9 @@ class NativeStep:
         self.opt = opt
         self.spec = spec
         self._plans: dict[Any, Any] = {}
-        self.keys: set[Any] = set()
-        self._seen: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
+        self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
+        self._seen: set[Any] = set()
+        self._group = _GROUP
         self._last: Any = None  # (params getter, plan) of the last structure
 
     def supported(self) -> bool:
@@ -217,13 +226,13 @@ class NativeStep:
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
             tier = _Tier(None, 1, spec, leaf_getter(td), tree_builder(td))
-            return (td, tree_builder(td), [tier], leaf_getter(td))
+            return (td, tree_builder(td), [tier], leaf_getter(td), _mean_size(params))
         plan, _ = spec.plan_for(params)
         tiers = [
             _Tier(idx, f, describe(o), leaf_getter(sub), tree_builder(sub))
             for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
         ]
-        return (td, tree_builder(td), tiers, leaf_getter(td))
+        return (td, tree_builder(td), tiers, leaf_getter(td), _mean_size(params))
 
     # -- the step --------------------------------------------------------------------------
 
@@ -297,7 +306,7 @@ class NativeStep:
                 acc is not None,
                 f,
                 _threads(),
-                _GROUP,
+                self._group,
                 _streams(),
             )
         except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
@@ -310,8 +319,10 @@ class NativeStep:
 
     def _step(self, mod: Any, state: TrainState, grads: Grads, s: int) -> TrainState:
         plan, p_leaves = self._plan(state.params)
-        td, build, tiers, get = plan
+        td, build, tiers, get, mean_size = plan
         g_leaves = get(grads)
+        small = _MODE == "eager" or (_MODE == "auto" and mean_size < _AUTO_EAGER)
+        self._group = 0 if small else _GROUP
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
@@ -337,7 +348,7 @@ class NativeStep:
         self, mod: Any, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: Any
     ) -> TrainState:
         spec = self.spec
-        td, build, tiers, _ = plan
+        td, build, tiers, _, _ = plan
         ost = state.opt_state
         post = None
         if spec.post is not None:  # nested_adam with a schedule: (NestedState, ())
@@ -385,7 +396,7 @@ class NativeStep:
                         False,
                         1.0,
                         _threads(),
-                        _GROUP,
+                        self._group,
                         _streams(),
                     )
                 except (ValueError, TypeError) as e:
