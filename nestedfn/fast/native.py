@@ -1,6 +1,6 @@
-"""The native optimizer step: one multi-tensor MLX primitive per step, on the CPU.
+"""The native optimizer step: one multi-tensor C++ kernel (an MLX primitive), on the CPU.
 
-``compile_step(opt)`` runs Adam, AdamW, Lion, momentum (``nestedfn.optimizers``) and their
+``compile_step(opt)`` runs Adam, AdamW, Lion, momentum (``nestedfn.optim.optimizers``) and their
 nested versions (``nested`` over such an optimizer, ``nested_adam``) through
 ``FusedUpdate``, a C++ MLX primitive built by ``pip install`` (``csrc/``): it reads every
 param, gradient and state leaf where it lies (no gather), computes the whole update in one
@@ -21,7 +21,8 @@ The state stays the tree layout ``opt.init(params)`` makes (checkpoints, ``tier_
 resume see nothing new).  The native step serves only when it can give the eager result:
 CPU default device, a recognised optimizer, each gradient of its parameter's dtype and
 moments of the parameter's dtype or float32; anything else (a mask, a GPU, other dtypes)
-takes the compiled MLX graph as before.  ``NESTEDFN_NATIVE=0`` turns the native step off;
+takes the compiled MLX graph as before.  ``NESTEDFN_NATIVE_MODE`` (``auto``, ``lazy``,
+``eager``, below) says when the kernel runs.  ``NESTEDFN_NATIVE=0`` turns the native step off;
 a native module built against another MLX than the one running is not loaded (a one-time
 warning says so) and the MLX graph serves.
 """
