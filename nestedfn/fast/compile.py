@@ -16,6 +16,11 @@ never more than ``lcm(frequencies)``).
 Graphs are cached per ``(state structure, grads structure, leaf shapes and dtypes, phase)``:
 a change of any of these builds a new graph (counted in ``graphs_built``) instead of
 silently reusing a graph traced for another tree.
+
+On the CPU, Adam, AdamW, Lion, momentum and nested tiers of them take the native step
+instead (``nestedfn.native``: one multi-tensor C++ primitive, bit-identical to
+``apply_gradients``, same state layout) when the native module is built; every call it
+cannot serve exactly runs the MLX graph.  ``NESTEDFN_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from nestedfn.fast.native import NativeStep
 from nestedfn.fast.packed_step import PackedCompiledStep
 from nestedfn.optim.core import (
     Grads,
@@ -34,6 +40,7 @@ from nestedfn.optim.core import (
     static_step,
     tracing_step,
 )
+from nestedfn.optim.fused import describe
 from nestedfn.tree import TreeDef, flatten, unflatten
 
 __all__ = ["CompiledStep", "PackedCompiledStep", "compile_step"]
@@ -76,11 +83,21 @@ class CompiledStep:
         self.opt = opt
         self.shapeless = shapeless
         self._graphs: dict[Any, tuple[Callable[..., Any], list[TreeDef]]] = {}
+        spec = describe(opt)
+        native = NativeStep(opt, spec) if spec is not None else None
+        self._native = native if native is not None and native.supported() else None
 
     @property
     def graphs_built(self) -> int:
-        """How many compiled graphs this step function has traced."""
-        return len(self._graphs)
+        """How many compiled graphs this step function has traced (a native step counts one
+        per params structure, shapes, dtypes and phase it served, as a graph would)."""
+        return len(self._graphs) + (len(self._native.keys) if self._native is not None else 0)
+
+    @property
+    def native_steps(self) -> int:
+        """How many distinct (structure, phase) keys the native step has served (0: the MLX
+        graph ran every step)."""
+        return len(self._native.keys) if self._native is not None else 0
 
     def _build(self, state_td: TreeDef, grads_td: TreeDef, trace_step: int) -> Any:
         opt = self.opt
@@ -101,6 +118,10 @@ class CompiledStep:
         return mx.compile(pure_step, shapeless=self.shapeless), out_td
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
+        if self._native is not None and not self.shapeless:
+            new = self._native(state, grads)
+            if new is not None:
+                return new
         step = state.step
         concrete = step if isinstance(step, int) else static_step(step)
         state_leaves, state_td = flatten({"params": state.params, "opt_state": state.opt_state})

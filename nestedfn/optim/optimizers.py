@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from nestedfn.optim import transforms as t
 from nestedfn.optim.core import Optimizer, Params, Schedule, chain
+from nestedfn.optim.fused import ADAM, LION, MOMENTUM, ElementwiseSpec, register
 
 __all__ = ["adam", "adamw", "lion", "momentum", "muon", "sgd"]
 
@@ -32,7 +33,9 @@ def momentum(
 ) -> Optimizer:
     """SGD with (heavy-ball or Nesterov) momentum: ``m = g + decay m``; ``p <- p - lr m``
     (Nesterov: ``p <- p - lr (g + decay m)``)."""
-    return chain(t.trace(decay, nesterov, state_dtype), t.scale_by_learning_rate(learning_rate))
+    opt = chain(t.trace(decay, nesterov, state_dtype), t.scale_by_learning_rate(learning_rate))
+    spec = ElementwiseSpec(MOMENTUM, learning_rate, t.TraceState, 2, b1=decay, nesterov=nesterov)
+    return register(opt, spec)
 
 
 def adam(
@@ -45,10 +48,12 @@ def adam(
 ) -> Optimizer:
     """Adam: ``p <- p - lr mu_hat / (sqrt(nu_hat) + eps)`` (see ``transforms.scale_by_adam``).
     ``state_dtype=mx.float32`` keeps the moments in float32 for low-precision params."""
-    return chain(
+    opt = chain(
         t.scale_by_adam(b1, b2, eps, bias_correction, state_dtype),
         t.scale_by_learning_rate(learning_rate),
     )
+    spec = ElementwiseSpec(ADAM, learning_rate, t.ScaleByAdamState, 2, b1, b2, eps, bias_correction)
+    return register(opt, spec)
 
 
 def adamw(
@@ -63,11 +68,26 @@ def adamw(
 ) -> Optimizer:
     """AdamW (Loshchilov & Hutter): decay decoupled from the moments,
     ``p <- p - lr (adam(g) + weight_decay p)``; ``mask`` limits the decay to some leaves."""
-    return chain(
+    opt = chain(
         t.scale_by_adam(b1, b2, eps, bias_correction, state_dtype),
         t.add_decayed_weights(weight_decay, mask),
         t.scale_by_learning_rate(learning_rate),
     )
+    if mask is not None:  # per-leaf decay: the MLX graph serves
+        return opt
+    spec = ElementwiseSpec(
+        ADAM,
+        learning_rate,
+        t.ScaleByAdamState,
+        3,
+        b1,
+        b2,
+        eps,
+        bias_correction,
+        has_wd=True,
+        weight_decay=weight_decay,
+    )
+    return register(opt, spec)
 
 
 def lion(
@@ -84,7 +104,20 @@ def lion(
     if weight_decay:
         parts.append(t.add_decayed_weights(weight_decay, mask))
     parts.append(t.scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    opt = chain(*parts)
+    if weight_decay and mask is not None:
+        return opt
+    spec = ElementwiseSpec(
+        LION,
+        learning_rate,
+        t.ScaleByLionState,
+        len(parts),
+        b1,
+        b2,
+        has_wd=bool(weight_decay),
+        weight_decay=weight_decay,
+    )
+    return register(opt, spec)
 
 
 def muon(

@@ -53,6 +53,7 @@ from nestedfn.optim.core import (
     tracing_step,
     with_learning_rate,
 )
+from nestedfn.optim.fused import NestedSpec, describe, register
 from nestedfn.tiered.tiers import TierRule, by_depth, resolve
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, tree_map, unflatten
 
@@ -388,7 +389,9 @@ def _nested(
     rate = next(iter(rates.values())) if len(rates) == 1 else None
     if callable(rate):  # a tier's schedule runs at its own clock: no one global value
         rate = None
-    return with_learning_rate(Optimizer(init_fn, update_fn, period, phase_key, pack_groups), rate)
+    opt = Optimizer(init_fn, update_fn, period, phase_key, pack_groups)
+    spec = NestedSpec(inners, freqs, reduce, plan_for, NestedState)
+    return with_learning_rate(register(opt, spec), rate)
 
 
 def _select(active: mx.array, new: Any, old: Any) -> Any:
@@ -530,5 +533,7 @@ def nested_adam(
         inner = optimizers.adam(lr, b1=b1, b2=b2, eps=eps, state_dtype=state_dtype)
     opt = _nested(inner, _resolver(tiers, len(freqs), order, "nested_adam"), freqs, reduce)
     if callable(learning_rate):
-        return chain(opt, _scale_by_global_schedule(learning_rate))
+        scheduled = chain(opt, _scale_by_global_schedule(learning_rate))
+        spec = describe(opt)
+        return register(scheduled, spec._replace(post=learning_rate)) if spec else scheduled
     return opt

@@ -1,0 +1,80 @@
+// nestedfn native: Python bindings (nanobind, in MLX's nanobind domain so that
+// mlx.core.array objects pass straight through).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "fused_step.h"
+#include "mlx/version.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define NF_STR2(x) #x
+#define NF_STR(x) NF_STR2(x)
+
+NB_MODULE(_native, m) {
+  m.doc() = "nestedfn's multi-tensor fused optimizer step (CPU), an MLX extension";
+  // the MLX this module was compiled against; nestedfn.native refuses to use the module
+  // under any other MLX (the C++ ABI is not stable across MLX releases)
+  m.attr("MLX_VERSION") = NF_STR(MLX_VERSION_MAJOR) "." NF_STR(MLX_VERSION_MINOR) "." NF_STR(
+      MLX_VERSION_PATCH);
+  m.attr("ADAM") = int(nestedfn::ADAM);
+  m.attr("LION") = int(nestedfn::LION);
+  m.attr("MOMENTUM") = int(nestedfn::MOMENTUM);
+  m.attr("ACCUM") = int(nestedfn::ACCUM);
+  m.def(
+      "fused_update",
+      [](const std::vector<mlx::core::array>& params,
+         const std::vector<mlx::core::array>& grads,
+         const std::vector<std::vector<mlx::core::array>>& states,
+         const std::vector<mlx::core::array>& accs,
+         int algo,
+         double b1,
+         double b2,
+         double eps,
+         double c1,
+         double c2,
+         bool nesterov,
+         bool has_wd,
+         double wd,
+         double neg_lr,
+         bool has_post,
+         double post,
+         bool with_acc,
+         double f,
+         int threads,
+         int max_leaves,
+         const std::vector<mlx::core::Stream>& streams) {
+        nestedfn::Hyper h;
+        h.algo = algo;
+        h.b1 = b1;
+        h.b2 = b2;
+        h.eps = eps;
+        h.c1 = c1;
+        h.c2 = c2;
+        h.nesterov = nesterov;
+        h.has_wd = has_wd;
+        h.wd = wd;
+        h.neg_lr = neg_lr;
+        h.has_post = has_post;
+        h.post = has_post ? post : 1.0;
+        h.with_acc = with_acc;
+        h.f = with_acc ? f : 1.0;
+        h.threads = threads;
+        if (max_leaves == 0) {
+          nb::gil_scoped_release release;
+          return nestedfn::fused_apply(params, grads, states, accs, h);
+        }
+        if (streams.empty()) {
+          return nestedfn::fused_update(params, grads, states, accs, h, mlx::core::Device::cpu);
+        }
+        return nestedfn::fused_step(params, grads, states, accs, h, max_leaves, streams);
+      },
+      "params"_a, "grads"_a, "states"_a, "accs"_a, "algo"_a, "b1"_a, "b2"_a, "eps"_a, "c1"_a,
+      "c2"_a, "nesterov"_a, "has_wd"_a, "wd"_a, "neg_lr"_a, "has_post"_a, "post"_a,
+      "with_acc"_a, "f"_a, "threads"_a, "max_leaves"_a = 8,
+      "streams"_a = std::vector<mlx::core::Stream>{},
+      "The new leaves of one optimizer step over many arrays (see csrc/fused_step.h).");
+}

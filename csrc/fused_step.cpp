@@ -1,0 +1,840 @@
+// nestedfn native: the CPU eval of FusedUpdate (see fused_step.h).
+//
+// Arithmetic: every operation of nestedfn's eager step is done in float and rounded to the
+// dtype the eager op returns, in the eager order (no FMA contraction: -ffp-contract=off),
+// so results are bit-identical to ``apply_gradients``.  For float32 leaves the roundings
+// are no-ops and the loops vectorise (-fno-math-errno lets sqrt vectorise).
+#include "fused_step.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <type_traits>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
+
+namespace nestedfn {
+
+namespace {
+
+using bf16 = mx::bfloat16_t;
+using f16 = mx::float16_t;
+
+#define NF_INLINE inline __attribute__((always_inline))
+
+template <class T>
+NF_INLINE float rd(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+template <>
+NF_INLINE float rd<float>(float x) {
+  return x;
+}
+
+// One leaf's pointers (contiguous, offsets applied).  in: p, g, s0, s1, acc; out: p', s0',
+// s1', acc'.
+struct Leaf {
+  const void* p = nullptr;
+  const void* g = nullptr;
+  const void* s0 = nullptr;
+  const void* s1 = nullptr;
+  const float* acc = nullptr;
+  void* po = nullptr;
+  void* s0o = nullptr;
+  void* s1o = nullptr;
+  float* acco = nullptr;
+};
+
+using Kernel = void (*)(const Leaf&, const Hyper&, size_t, size_t);
+
+// g := (acc + g) / f, rounded as nested's eager chunk (float32 sums), then in P; acc' = 0
+template <class P, bool ACC>
+NF_INLINE float grad_in(const float* __restrict acc, const P* __restrict g, size_t i, float f) {
+  float gi = static_cast<float>(g[i]);
+  if constexpr (ACC) {
+    float a = acc[i] + gi;  // acc (float32) + g.astype(float32)
+    a = a / f;                // f == 1 for reduce="sum": exact
+    gi = rd<P>(a);            // chunk.astype(g.dtype)
+  }
+  return gi;
+}
+
+template <class P, bool WD>
+NF_INLINE void write_param(P* __restrict po, const P* __restrict p, size_t i, float u, float wd,
+                           float nlr, float post) {
+  float pi = static_cast<float>(p[i]);
+  float uu = rd<P>(u);  // update in the gradient's dtype (== params' dtype)
+  if constexpr (WD) {
+    uu = rd<P>(uu + rd<P>(wd * pi));
+  }
+  uu = rd<P>(uu * nlr);
+  uu = rd<P>(uu * post);  // post == 1 unless a global schedule: exact
+  po[i] = static_cast<P>(pi + uu);
+}
+
+template <class P, class M, bool ACC, bool WD>
+void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
+  const P* __restrict p = static_cast<const P*>(L.p);
+  const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
+  const M* __restrict m = static_cast<const M*>(L.s0);
+  const M* __restrict v = static_cast<const M*>(L.s1);
+  M* __restrict mo = static_cast<M*>(L.s0o);
+  M* __restrict vo = static_cast<M*>(L.s1o);
+  const float b1 = rd<M>(float(h.b1)), omb1 = rd<M>(float(1.0 - h.b1));
+  const float b2 = rd<M>(float(h.b2)), omb2 = rd<M>(float(1.0 - h.b2));
+  const float eps = rd<M>(float(h.eps)), c1 = rd<M>(float(h.c1)), c2 = rd<M>(float(h.c2));
+  const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
+  const float post = rd<P>(float(h.post)), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
+    const float m1 = rd<M>(rd<M>(b1 * float(m[i])) + rd<M>(omb1 * gs));
+    const float v1 = rd<M>(rd<M>(b2 * float(v[i])) + rd<M>(omb2 * rd<M>(gs * gs)));
+    const float den = rd<M>(rd<M>(rd<M>(std::sqrt(v1)) * c2) + eps);
+    const float u = rd<M>(rd<M>(m1 * c1) / den);
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
+    mo[i] = static_cast<M>(m1);
+    vo[i] = static_cast<M>(v1);
+    if constexpr (ACC) {
+      acco[i] = 0.0f;
+    }
+  }
+}
+
+// float32 leaves and moments: the same arithmetic as adam_kernel<float, float> with the
+// (no-op) roundings left out, written so that GCC vectorises it
+template <bool ACC, bool WD>
+void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
+  const float* __restrict p = static_cast<const float*>(L.p);
+  const float* __restrict g = static_cast<const float*>(L.g);
+  const float* __restrict m = static_cast<const float*>(L.s0);
+  const float* __restrict v = static_cast<const float*>(L.s1);
+  const float* __restrict acc = L.acc;
+  float* __restrict po = static_cast<float*>(L.po);
+  float* __restrict mo = static_cast<float*>(L.s0o);
+  float* __restrict vo = static_cast<float*>(L.s1o);
+  float* __restrict acco = L.acco;
+  const float b1 = float(h.b1), omb1 = float(1.0 - h.b1);
+  const float b2 = float(h.b2), omb2 = float(1.0 - h.b2);
+  const float eps = float(h.eps), c1 = float(h.c1), c2 = float(h.c2);
+  const float wd = float(h.wd), nlr = float(h.neg_lr), post = float(h.post), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    float gs = g[i];
+    if constexpr (ACC) {
+      gs = (acc[i] + gs) / f;
+      acco[i] = 0.0f;
+    }
+    const float m1 = b1 * m[i] + omb1 * gs;
+    const float v1 = b2 * v[i] + omb2 * (gs * gs);
+    float u = (m1 * c1) / (std::sqrt(v1) * c2 + eps);
+    if constexpr (WD) {
+      u = u + wd * p[i];
+    }
+    u = (u * nlr) * post;
+    po[i] = p[i] + u;
+    mo[i] = m1;
+    vo[i] = v1;
+  }
+}
+
+template <class P, class M, bool ACC, bool WD>
+void lion_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
+  const P* __restrict p = static_cast<const P*>(L.p);
+  const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
+  const M* __restrict m = static_cast<const M*>(L.s0);
+  M* __restrict mo = static_cast<M*>(L.s0o);
+  const float b1 = rd<M>(float(h.b1)), omb1 = rd<M>(float(1.0 - h.b1));
+  const float b2 = rd<M>(float(h.b2)), omb2 = rd<M>(float(1.0 - h.b2));
+  const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
+  const float post = rd<P>(float(h.post)), f = float(h.f);
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
+    const float mi = float(m[i]);
+    const float c = rd<M>(rd<M>(b1 * mi) + rd<M>(omb1 * gs));
+    const float u = float(c > 0.0f) - float(c < 0.0f);  // MLX's sign (0 for NaN)
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
+    mo[i] = static_cast<M>(rd<M>(rd<M>(b2 * mi) + rd<M>(omb2 * gs)));
+    if constexpr (ACC) {
+      acco[i] = 0.0f;
+    }
+  }
+}
+
+template <class P, class M, bool ACC, bool WD>
+void momentum_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
+  const P* __restrict p = static_cast<const P*>(L.p);
+  const P* __restrict g = static_cast<const P*>(L.g);
+  P* __restrict po = static_cast<P*>(L.po);
+  const float* __restrict acc = L.acc;
+  float* __restrict acco = L.acco;
+  const M* __restrict t = static_cast<const M*>(L.s0);
+  M* __restrict to = static_cast<M*>(L.s0o);
+  const float decay = rd<M>(float(h.b1));
+  const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
+  const float post = rd<P>(float(h.post)), f = float(h.f);
+  const bool nesterov = h.nesterov;
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
+    const float t1 = rd<M>(gs + rd<M>(decay * float(t[i])));
+    const float u = nesterov ? rd<M>(gs + rd<M>(decay * t1)) : t1;
+    write_param<P, WD>(po, p, i, u, wd, nlr, post);
+    to[i] = static_cast<M>(t1);
+    if constexpr (ACC) {
+      acco[i] = 0.0f;
+    }
+  }
+}
+
+// acc' = acc + g.astype(float32): a slow tier between its updates
+template <class P>
+void accum_kernel(const Leaf& L, const Hyper&, size_t b, size_t e) {
+  const P* __restrict g = static_cast<const P*>(L.g);
+  const float* __restrict a = L.acc;
+  float* __restrict ao = L.acco;
+  // ivdep: iteration i reads and writes element i only (also when an output is a donated
+  // input buffer); without it GCC 12 gives up on these loops
+#pragma GCC ivdep
+  for (size_t i = b; i < e; ++i) {
+    ao[i] = a[i] + static_cast<float>(g[i]);
+  }
+}
+
+template <class P, class M, bool ACC, bool WD>
+Kernel pick_algo(int algo) {
+  switch (algo) {
+    case ADAM:
+      if constexpr (std::is_same_v<P, float> && std::is_same_v<M, float>) {
+        return adam_kernel_f32<ACC, WD>;
+      } else {
+        return adam_kernel<P, M, ACC, WD>;
+      }
+    case LION:
+      return lion_kernel<P, M, ACC, WD>;
+    case MOMENTUM:
+      return momentum_kernel<P, M, ACC, WD>;
+    default:
+      return accum_kernel<P>;
+  }
+}
+
+template <class P, class M>
+Kernel pick_flags(const Hyper& h) {
+  if (h.with_acc) {
+    return h.has_wd ? pick_algo<P, M, true, true>(h.algo) : pick_algo<P, M, true, false>(h.algo);
+  }
+  return h.has_wd ? pick_algo<P, M, false, true>(h.algo) : pick_algo<P, M, false, false>(h.algo);
+}
+
+Kernel pick(const Hyper& h, mx::Dtype p, mx::Dtype m) {
+  if (p == mx::float32) {
+    return pick_flags<float, float>(h);
+  }
+  if (p == mx::bfloat16) {
+    return m == mx::float32 ? pick_flags<bf16, float>(h) : pick_flags<bf16, bf16>(h);
+  }
+  return m == mx::float32 ? pick_flags<f16, float>(h) : pick_flags<f16, f16>(h);
+}
+
+bool is_float(mx::Dtype d) {
+  return d == mx::float32 || d == mx::bfloat16 || d == mx::float16;
+}
+
+std::string dtype_name(mx::Dtype d) {
+  std::ostringstream os;
+  os << d;
+  return os.str();
+}
+
+[[noreturn]] void bad_leaf(size_t i, const std::string& why) {
+  std::ostringstream os;
+  os << "leaf " << i << ": " << why;
+  throw std::invalid_argument(os.str());
+}
+
+// MLX's array holds one shared_ptr to its descriptor and nothing else; its use count is
+// what ``array::is_donatable`` reads.  A multi-output primitive's outputs each hold a copy of
+// the inputs, so an input nothing else refers to has exactly ``n_outputs`` references.
+struct ArrayLayout {
+  std::shared_ptr<void> desc;
+};
+static_assert(sizeof(mx::array) == sizeof(ArrayLayout), "unexpected mlx::core::array layout");
+
+long desc_use_count(const mx::array& a) {
+  return reinterpret_cast<const ArrayLayout*>(&a)->desc.use_count();
+}
+
+bool plain(const mx::array& a) {
+  return a.flags().row_contiguous && a.data_size() == a.size();
+}
+
+// A contiguous copy of a strided (broadcast, transposed, sliced) input, in the task.
+void strided_copy(const mx::array& src, char* dst) {
+  const size_t isz = src.itemsize();
+  const char* base = src.data<char>();
+  const auto& shape = src.shape();
+  const auto& strides = src.strides();
+  const int nd = static_cast<int>(shape.size());
+  std::vector<int64_t> idx(nd, 0);
+  const size_t n = src.size();
+  for (size_t k = 0; k < n; ++k) {
+    int64_t loc = 0;
+    for (int d = 0; d < nd; ++d) {
+      loc += idx[d] * strides[d];
+    }
+    std::memcpy(dst + k * isz, base + loc * static_cast<int64_t>(isz), isz);
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) {
+        break;
+      }
+      idx[d] = 0;
+    }
+  }
+}
+
+constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
+
+// A small persistent pool: run(nt, n, f) calls f(0..n-1) on the caller and nt - 1 workers,
+// items taken in order from a shared counter.  Workers spin briefly for the next job (steps
+// come back to back), then sleep on a condition variable.
+class Pool {
+ public:
+  template <class F>
+  void run(size_t nt, size_t n, F&& f) {
+    if (nt <= 1 || n <= 1) {
+      for (size_t k = 0; k < n; ++k) {
+        f(k);
+      }
+      return;
+    }
+    std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
+    ensure(nt - 1);
+    std::function<void(size_t)> fn = std::forward<F>(f);
+    next_.store(0);
+    n_ = n;
+    fn_ = &fn;
+    active_.store(static_cast<int>(nt - 1));
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      wanted_ = nt - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    drain();
+    while (active_.load(std::memory_order_acquire) > 0) {
+      std::this_thread::yield();
+    }
+    fn_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (;;) {
+      const size_t k = next_.fetch_add(1, std::memory_order_relaxed);
+      if (k >= n_) {
+        return;
+      }
+      (*fn_)(k);
+    }
+  }
+  void ensure(size_t workers) {
+    while (threads_.size() < workers) {
+      const size_t id = threads_.size();
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
+  }
+  void loop(size_t id) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id >= wanted_) {
+          continue;
+        }
+      }
+      drain();
+      active_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  std::mutex run_mutex_, m_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+  std::atomic<size_t> next_{0};
+  std::atomic<int> active_{0};
+  size_t n_ = 0, wanted_ = 0;
+  uint64_t generation_ = 0;
+  std::function<void(size_t)>* fn_ = nullptr;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: detached workers may outlive main
+  return *p;
+}
+
+// Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
+// cores), a thread per MiB-sized share of the work at most.
+void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
+                const std::vector<size_t>& sizes, const Hyper& h,
+                size_t per_thread = size_t(1) << 15) {
+  const size_t n = leaves.size();
+  // work items: chunks of leaves, taken by threads in order
+  struct Item {
+    size_t leaf, b, e;
+  };
+  std::vector<Item> items;
+  size_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t b = 0; b < sizes[i]; b += CHUNK) {
+      items.push_back({i, b, std::min(sizes[i], b + CHUNK)});
+    }
+    total += sizes[i];
+  }
+  size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
+                            : std::max(1u, std::thread::hardware_concurrency());
+  nt = std::min(nt, std::max<size_t>(1, total / per_thread));
+  nt = std::min(nt, items.size());
+  pool().run(nt, items.size(), [&](size_t k) {
+    const Item& it = items[k];
+    kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
+  });
+}
+
+
+}  // namespace
+
+int n_states(int algo) {
+  switch (algo) {
+    case ADAM:
+      return 2;
+    case LION:
+    case MOMENTUM:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+void validate(const std::vector<mx::array>& params, const std::vector<mx::array>& grads,
+              const std::vector<std::vector<mx::array>>& states,
+              const std::vector<mx::array>& accs, const Hyper& h) {
+  const bool accum = h.algo == ACCUM;
+  const size_t n = grads.size();
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& g = grads[i];
+    if (!is_float(g.dtype())) {
+      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " is not a float type");
+    }
+    if (!accum) {
+      const auto& p = params[i];
+      if (p.shape() != g.shape()) {
+        bad_leaf(i, "gradient shape differs from the parameter's");
+      }
+      if (p.dtype() != g.dtype()) {
+        bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " differs from the parameter's " +
+                        dtype_name(p.dtype()));
+      }
+      for (int k = 0; k < ns; ++k) {
+        const auto& st = states[k][i];
+        if (st.shape() != g.shape()) {
+          bad_leaf(i, "optimizer state shape differs from the parameter's");
+        }
+        if (st.dtype() != states[0][i].dtype() ||
+            (st.dtype() != p.dtype() && st.dtype() != mx::float32)) {
+          bad_leaf(i, "optimizer state dtype " + dtype_name(st.dtype()) +
+                          " is neither the parameter's nor float32");
+        }
+      }
+    }
+    if (has_acc) {
+      if (accs[i].shape() != g.shape() || accs[i].dtype() != mx::float32) {
+        bad_leaf(i, "accumulator is not float32 of the gradient's shape");
+      }
+    }
+  }
+}
+
+std::vector<mx::array> fused_update(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h,
+    mx::StreamOrDevice s) {
+  if (h.algo < ADAM || h.algo > ACCUM) {
+    throw std::invalid_argument("fused_update: unknown algorithm");
+  }
+  const bool accum = h.algo == ACCUM;
+  const size_t n = grads.size();
+  const int ns = n_states(h.algo);
+  if (static_cast<int>(states.size()) != ns) {
+    throw std::invalid_argument("fused_update: wrong number of state lists");
+  }
+  if (!accum && params.size() != n) {
+    throw std::invalid_argument("fused_update: params and grads differ in length");
+  }
+  for (auto& st : states) {
+    if (st.size() != n) {
+      throw std::invalid_argument("fused_update: a state list differs in length from grads");
+    }
+  }
+  const bool has_acc = accum || h.with_acc;
+  if (has_acc ? accs.size() != n : !accs.empty()) {
+    throw std::invalid_argument("fused_update: accumulators do not match grads");
+  }
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("fused_update: only CPU streams are supported");
+  }
+  validate(params, grads, states, accs, h);
+  std::vector<mx::array> inputs;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  inputs.reserve((2 + ns + 1) * n);
+  if (!accum) {
+    for (auto& p : params) {
+      inputs.push_back(p);
+      shapes.push_back(p.shape());
+      dtypes.push_back(p.dtype());
+    }
+  }
+  for (auto& g : grads) {
+    inputs.push_back(g);
+  }
+  for (auto& st : states) {
+    for (auto& x : st) {
+      inputs.push_back(x);
+      shapes.push_back(x.shape());
+      dtypes.push_back(x.dtype());
+    }
+  }
+  if (has_acc) {
+    for (auto& a : accs) {
+      inputs.push_back(a);
+      shapes.push_back(a.shape());
+      dtypes.push_back(mx::float32);
+    }
+  }
+  if (n == 0) {
+    return {};
+  }
+  auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n));
+  return mx::array::make_arrays(std::move(shapes), dtypes, prim, inputs);
+}
+
+std::vector<mx::array> fused_step(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h,
+    int max_leaves,
+    const std::vector<mx::Stream>& streams) {
+  const size_t n = grads.size();
+  const bool accum = h.algo == ACCUM;
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  if (streams.empty()) {
+    throw std::invalid_argument("fused_step: no streams");
+  }
+  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
+      (has_acc && accs.size() != n)) {
+    throw std::invalid_argument("fused_step: lists of different lengths");
+  }
+  const size_t k = static_cast<size_t>(std::max(1, max_leaves));
+  // group outputs, in fused_update's layout, to be scattered back into the whole layout
+  const size_t np = accum ? 0 : n;
+  std::vector<mx::array> result;
+  result.reserve(np + ns * n + (has_acc ? n : 0));
+  std::vector<std::vector<mx::array>> group_out;
+  std::vector<std::pair<size_t, size_t>> bounds;
+  std::vector<size_t> load(streams.size(), 0);
+  // leaves with more elements than this get a group of their own
+  constexpr size_t BIG = size_t(1) << 17;
+  size_t b = 0;
+  while (b < n) {
+    size_t e = b, elems = 0;
+    while (e < n && e - b < k && (e == b || grads[e].size() < BIG) && elems < BIG * 2) {
+      elems += grads[e].size();
+      ++e;
+      if (grads[e - 1].size() >= BIG) {
+        break;
+      }
+    }
+    auto sl = [&](const std::vector<mx::array>& v) {
+      return std::vector<mx::array>(v.begin() + b, v.begin() + e);
+    };
+    std::vector<std::vector<mx::array>> st;
+    for (auto& x : states) {
+      st.push_back(sl(x));
+    }
+    const size_t s = std::min_element(load.begin(), load.end()) - load.begin();
+    load[s] += elems;
+    group_out.push_back(fused_update(accum ? std::vector<mx::array>{} : sl(params), sl(grads),
+                                     st, has_acc ? sl(accs) : std::vector<mx::array>{}, h,
+                                     streams[s]));
+    bounds.emplace_back(b, e);
+    b = e;
+  }
+  const int lists = (accum ? 0 : 1) + ns + (has_acc ? 1 : 0);
+  for (int l = 0; l < lists; ++l) {
+    for (size_t gi = 0; gi < group_out.size(); ++gi) {
+      const size_t m = bounds[gi].second - bounds[gi].first;
+      auto& out = group_out[gi];
+      for (size_t j = 0; j < m; ++j) {
+        result.push_back(std::move(out[l * m + j]));
+      }
+    }
+  }
+  return result;
+}
+
+std::vector<mx::array> fused_apply(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<mx::array>& accs,
+    const Hyper& h) {
+  if (h.algo < ADAM || h.algo > ACCUM) {
+    throw std::invalid_argument("fused_apply: unknown algorithm");
+  }
+  const bool accum = h.algo == ACCUM;
+  const size_t n = grads.size();
+  const int ns = n_states(h.algo);
+  const bool has_acc = accum || h.with_acc;
+  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
+      (has_acc ? accs.size() != n : !accs.empty())) {
+    throw std::invalid_argument("fused_apply: lists of different lengths");
+  }
+  for (auto& st : states) {
+    if (st.size() != n) {
+      throw std::invalid_argument("fused_apply: a state list differs in length from grads");
+    }
+  }
+  validate(params, grads, states, accs, h);
+  auto traced = [](const std::vector<mx::array>& v) {
+    return std::any_of(v.begin(), v.end(), [](const mx::array& x) { return x.is_tracer(); });
+  };
+  if (traced(params) || traced(grads) || traced(accs) ||
+      std::any_of(states.begin(), states.end(), traced)) {
+    throw std::invalid_argument("fused_apply: traced inputs (inside mx.compile): not eager");
+  }
+  // every input evaluated and available
+  std::vector<mx::array> pending;
+  auto need = [&](const mx::array& x) {
+    if (x.status() == mx::array::Status::unscheduled) {
+      pending.push_back(x);
+    }
+  };
+  for (auto& x : params) need(x);
+  for (auto& x : grads) need(x);
+  for (auto& st : states) for (auto& x : st) need(x);
+  for (auto& x : accs) need(x);
+  if (!pending.empty()) {
+    mx::eval(pending);
+  }
+  auto ready = [](const mx::array& x) {
+    if (!x.is_available()) {
+      const_cast<mx::array&>(x).wait();
+    }
+  };
+  for (auto& x : params) ready(x);
+  for (auto& x : grads) ready(x);
+  for (auto& st : states) for (auto& x : st) ready(x);
+  for (auto& x : accs) ready(x);
+
+  std::vector<mx::array> out;
+  out.reserve((accum ? 0 : n) + ns * n + (has_acc ? n : 0));
+  auto fresh = [&](const mx::array& like, mx::Dtype dt) {
+    out.emplace_back(mx::allocator::malloc(like.size() * mx::size_of(dt)), like.shape(), dt);
+  };
+  if (!accum) for (auto& x : params) fresh(x, x.dtype());
+  for (auto& st : states) for (auto& x : st) fresh(x, x.dtype());
+  if (has_acc) for (auto& x : accs) fresh(x, mx::float32);
+
+  std::vector<std::unique_ptr<char[]>> temps;
+  auto ptr = [&](const mx::array& x) -> const void* {
+    if (plain(x)) {
+      return x.data<void>();
+    }
+    temps.emplace_back(new char[std::max<size_t>(x.nbytes(), 1)]);
+    strided_copy(x, temps.back().get());
+    return temps.back().get();
+  };
+  const size_t np = accum ? 0 : n;
+  std::vector<Leaf> leaves(n);
+  std::vector<Kernel> kernels(n);
+  std::vector<size_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    Leaf& L = leaves[i];
+    L.g = ptr(grads[i]);
+    kernels[i] = pick(h, grads[i].dtype(), ns > 0 ? states[0][i].dtype() : grads[i].dtype());
+    sizes[i] = grads[i].size();
+    if (!accum) {
+      L.p = ptr(params[i]);
+      L.po = out[i].data<void>();
+    }
+    if (ns > 0) {
+      L.s0 = ptr(states[0][i]);
+      L.s0o = out[np + i].data<void>();
+    }
+    if (ns > 1) {
+      L.s1 = ptr(states[1][i]);
+      L.s1o = out[np + n + i].data<void>();
+    }
+    if (has_acc) {
+      L.acc = static_cast<const float*>(ptr(accs[i]));
+      L.acco = out[np + ns * n + i].data<float>();
+    }
+  }
+  run_leaves(leaves, kernels, sizes, h);
+  return out;
+}
+
+void FusedUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("nestedfn FusedUpdate has no GPU eval (use the packed path)");
+}
+
+void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const size_t n = static_cast<size_t>(n_);
+  const bool accum = h_.algo == ACCUM;
+  const int ns = n_states(h_.algo);
+  const bool has_acc = accum || h_.with_acc;
+  // input slots
+  const size_t ip = 0, ig = accum ? 0 : n, is = ig + n, ia = is + ns * n;
+  // output o takes its buffer from input src(o) when that input is donatable
+  const size_t np = accum ? 0 : n;
+  const long n_out = static_cast<long>(outputs.size());
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    const size_t src = o < np ? ip + o : (o < np + ns * n ? is + (o - np) : ia + (o - np - ns * n));
+    auto& in = inputs[src];
+    auto& out = outputs[o];
+    if (plain(in) && in.dtype() == out.dtype() && desc_use_count(in) == n_out &&
+        in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
+        in.nbytes() == out.nbytes()) {
+      out.copy_shared_buffer(in);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+  }
+
+  // what the task needs: per leaf, its pointers; strided inputs are copied first
+  struct Strided {
+    size_t slot;
+    size_t nbytes;
+  };
+  std::vector<Strided> strided;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (!plain(inputs[k])) {
+      strided.push_back({k, inputs[k].nbytes()});
+    }
+  }
+  std::vector<Kernel> kernels(n);
+  std::vector<size_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& g = inputs[ig + i];
+    kernels[i] = pick(h_, g.dtype(), ns > 0 ? inputs[is + i].dtype() : g.dtype());
+    sizes[i] = g.size();
+  }
+  const void* nil = nullptr;
+  auto ptr = [&](size_t slot) -> const void* { return inputs[slot].data<void>(); };
+  std::vector<Leaf> leaves(n);
+  for (size_t i = 0; i < n; ++i) {
+    Leaf& L = leaves[i];
+    L.g = ptr(ig + i);
+    if (!accum) {
+      L.p = ptr(ip + i);
+      L.po = outputs[i].data<void>();
+    }
+    if (ns > 0) {
+      L.s0 = ptr(is + i);
+      L.s0o = outputs[np + i].data<void>();
+    }
+    if (ns > 1) {
+      L.s1 = ptr(is + n + i);
+      L.s1o = outputs[np + n + i].data<void>();
+    }
+    if (has_acc) {
+      L.acc = static_cast<const float*>(ptr(ia + i));
+      L.acco = outputs[np + ns * n + i].data<float>();
+    }
+  }
+  (void)nil;
+  // strided inputs: the task copies them into temporaries and repoints the leaves
+  std::vector<mx::array> strided_src;
+  for (auto& st : strided) {
+    strided_src.push_back(inputs[st.slot]);
+  }
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    encoder.set_output_array(out);
+  }
+  encoder.dispatch([h = h_, n, ns, accum, has_acc, ip, ig, is, ia, leaves = std::move(leaves),
+                    kernels = std::move(kernels), sizes = std::move(sizes),
+                    strided = std::move(strided),
+                    strided_src = std::move(strided_src)]() mutable {
+    std::vector<std::unique_ptr<char[]>> temps;
+    for (size_t k = 0; k < strided.size(); ++k) {
+      temps.emplace_back(new char[std::max<size_t>(strided[k].nbytes, 1)]);
+      strided_copy(strided_src[k], temps.back().get());
+      const size_t slot = strided[k].slot;
+      const void* q = temps.back().get();
+      // which leaf and which field the slot is
+      if (!accum && slot < ig) {
+        leaves[slot - ip].p = q;
+      } else if (slot < is) {
+        leaves[slot - ig].g = q;
+      } else if (slot < ia) {
+        const size_t j = slot - is;
+        if (j < n) {
+          leaves[j].s0 = q;
+        } else {
+          leaves[j - n].s1 = q;
+        }
+      } else {
+        leaves[slot - ia].acc = static_cast<const float*>(q);
+      }
+    }
+    (void)has_acc;
+    (void)ns;
+    run_leaves(leaves, kernels, sizes, h);
+  });
+}
+
+}  // namespace nestedfn
