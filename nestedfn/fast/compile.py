@@ -70,7 +70,7 @@ class CompiledStep:
     control flow repeats every ``period`` steps).
     """
 
-    def __init__(self, opt: Optimizer, shapeless: bool = False):
+    def __init__(self, opt: Optimizer, shapeless: bool = False, native: bool = True):
         if not isinstance(opt.period, int) or opt.period < 1:
             raise ValueError(
                 f"compile_step: Optimizer.period must be a positive int, got {opt.period!r}"
@@ -84,8 +84,8 @@ class CompiledStep:
         self.shapeless = shapeless
         self._graphs: dict[Any, tuple[Callable[..., Any], list[TreeDef]]] = {}
         spec = describe(opt)
-        native = NativeStep(opt, spec) if spec is not None else None
-        self._native = native if native is not None and native.supported() else None
+        fused = NativeStep(opt, spec) if native and spec is not None else None
+        self._native = fused if fused is not None and fused.supported() else None
 
     @property
     def graphs_built(self) -> int:
@@ -151,6 +151,7 @@ def compile_step(
     chunk_size: int | None = None,
     verify: bool = True,
     threads: int | None = None,
+    native: bool = True,
 ) -> CompiledStep | PackedCompiledStep:
     """A compiled ``(state, grads) -> state`` giving the same results as
     ``apply_gradients(opt, state, grads)`` (up to float rounding of a schedule evaluated on
@@ -168,9 +169,13 @@ def compile_step(
     many CPU streams, each gathering and updating its own buffers at once (default: 2 where
     the CPU is the default device and there are 2 cores, else 1); on a GPU, ``threads > 1``
     runs the graphs on CPU streams, so the arithmetic moves to the CPU.
+
+    ``native=False`` always runs the MLX graph (the native step computes as eager
+    ``apply_gradients`` does, bit for bit; an MLX graph reads the step as an ``mx.array``, so
+    its bias corrections and schedules round in float32: compare graphs with graphs).
     """
     if packed:
         if shapeless:
             raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")
         return PackedCompiledStep(opt, chunk_size=chunk_size, verify=verify, threads=threads)
-    return CompiledStep(opt, shapeless=shapeless)
+    return CompiledStep(opt, shapeless=shapeless, native=native)

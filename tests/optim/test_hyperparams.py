@@ -39,13 +39,13 @@ def test_changed_learning_rate_reuses_the_graph_and_equals_a_rebuilt_optimizer()
     state = nf.init(opt, _params())
     assert isinstance(state.opt_state, InjectHyperparamsState)
     grads = _grads(6)
-    ref_step = compile_step(nf.adam(1e-2, b1=0.9))
+    ref_step = compile_step(nf.adam(1e-2, b1=0.9), native=False)  # graph vs graph
     ref = nf.init(nf.adam(1e-2, b1=0.9), _params())
     for g in grads[:3]:
         state, ref = step(state, g), ref_step(ref, g)
     _close(state.params, ref.params)
     state = set_hyperparams(state, learning_rate=1e-3, b1=0.8)
-    ref_step = compile_step(nf.adam(1e-3, b1=0.8))
+    ref_step = compile_step(nf.adam(1e-3, b1=0.8), native=False)
     for g in grads[3:]:
         state, ref = step(state, g), ref_step(ref, g)
     _close(state.params, ref.params)
