@@ -35,7 +35,7 @@ PERIOD = 4
 
 def per_phase(params, grads):
     opt = nf.nested_adam(1e-3)
-    step = nf.compile_step(opt)
+    step = nf.compile_step(opt, native=False)  # MLX graphs, like the branch-free one
     state = nf.init(opt, params)
 
     def run():
