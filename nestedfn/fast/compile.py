@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from nestedfn.fast.native import NativeStep
 from nestedfn.fast.packed_step import PackedCompiledStep
+from nestedfn.optim.checks import check_grads
 from nestedfn.optim.core import (
     Grads,
     Optimizer,
@@ -137,6 +138,8 @@ class CompiledStep:
         )
         entry = self._graphs.get(key)
         if entry is None:
+            # a new signature: the grads must fit the params (the graph would broadcast them)
+            check_grads(state.params, grads, "compile_step")
             entry = self._graphs[key] = self._build(state_td, grads_td, concrete)
         fn, out_td = entry
         out = fn(mx.array(concrete, dtype=mx.int32), state_leaves, grad_leaves)

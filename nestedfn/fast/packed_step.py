@@ -43,6 +43,7 @@ from nestedfn.fast.packing import (
     unpack,
     unpack_state,
 )
+from nestedfn.optim.checks import grads_problems
 from nestedfn.optim.core import (
     Grads,
     Optimizer,
@@ -55,7 +56,7 @@ from nestedfn.optim.core import (
     tracing_step,
 )
 from nestedfn.tree.codegen import leaf_getter, tree_builder
-from nestedfn.tree.structure import TreeDef, TreeMismatchError, _structure_diff, flatten, unflatten
+from nestedfn.tree.structure import TreeDef, TreeMismatchError, flatten, unflatten
 
 __all__ = ["PackedCompiledStep", "PackedState"]
 
@@ -76,6 +77,18 @@ def _check_arrays(leaves: list[Any], treedef: TreeDef, what: str) -> None:
             raise TypeError(
                 f"compile_step(packed=True): {what} leaf {treedef.paths()[i]!r} is a "
                 f"{type(leaf).__name__}, not an mx.array"
+            )
+
+
+def _check_float_grads(entry: Any, g_leaves: list[mx.array]) -> None:
+    """Packed buffers hold floating-point gradients: name the first leaf that is not."""
+    for path, g in zip(entry.params_def.paths(), g_leaves):
+        if not mx.issubdtype(g.dtype, mx.floating):
+            raise NotPackableError(
+                f"compile_step(packed=True): grads leaf {path!r} has dtype "
+                f"{str(g.dtype).rsplit('.', 1)[-1]}; the "
+                "packed step takes floating-point gradients (cast them, or use "
+                "compile_step(opt))"
             )
 
 
@@ -294,7 +307,14 @@ class PackedCompiledStep:
         def pure_step(step: mx.array, p_bufs: list, ps_leaves: list, g_bufs: list) -> list:
             opt_state = unflatten(packed_def, ps_leaves)
             with tracing_step(trace_step):
-                updates, new_state = opt.update(g_bufs, opt_state, list(p_bufs), step)
+                try:
+                    updates, new_state = opt.update(g_bufs, opt_state, list(p_bufs), step)
+                except TreeMismatchError as e:
+                    raise NotPackableError(
+                        "compile_step(packed=True): the optimizer needs a tree shaped like the "
+                        "params (a mask, labels or a tier map inside it) and gets the packed "
+                        f"buffers, a list ({' '.join(str(e).split())}); use compile_step(opt)"
+                    ) from e
             new_p = apply_updates(list(p_bufs), updates)
             leaves, td = flatten(new_state)
             if td != packed_def:
@@ -339,19 +359,12 @@ class PackedCompiledStep:
         g_leaves = entry.get_leaves(grads)
         if not _arrays_shaped(g_leaves, entry):
             g_leaves, g_def = flatten(grads)
-            if g_def != entry.params_def:
+            problems = grads_problems(p_leaves, entry.params_def, g_leaves, g_def)
+            if not problems:  # same shapes, but a leaf that is not an array
                 problems = [
-                    (
-                        path,
-                        why.replace("the first tree", "params").replace("the second tree", "grads"),
-                    )
-                    for path, why in _structure_diff(entry.params_def, g_def)
-                ]
-            else:
-                problems = [
-                    (path, f"grads {type(g).__name__} {getattr(g, 'shape', '')} vs params {s}")
-                    for path, g, s in zip(entry.params_def.paths(), g_leaves, entry.layout.shapes)
-                    if not isinstance(g, mx.array) or g.shape != s
+                    (path, f"grads {type(g).__name__}, not an mx.array")
+                    for path, g in zip(entry.params_def.paths(), g_leaves)
+                    if not isinstance(g, mx.array)
                 ]
             raise TreeMismatchError(
                 problems, "compile_step(packed=True): grads shaped unlike params"
@@ -366,6 +379,8 @@ class PackedCompiledStep:
         gkey = (id(entry), dkey, self.opt.phase(concrete))
         fn = self._graphs.get(gkey)
         if fn is None:
+            if dkey != "params":
+                _check_float_grads(entry, g_leaves)
             fn = self._graphs[gkey] = self._build(entry, concrete)
         # grads with the params' dtypes: each buffer is one dtype (the layout groups by it)
         g_bufs = gather(entry.layout, g_leaves, dtypes_checked=dkey == "params", streams=streams)

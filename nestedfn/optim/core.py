@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nestedfn.optim.checks import check_grads
 from nestedfn.tree import tree_map
 
 __all__ = [
@@ -266,7 +267,12 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 
 def apply_gradients(opt: Optimizer, state: TrainState, grads: Grads) -> TrainState:
-    """One optimizer step: a new ``TrainState``; ``state`` and ``grads`` are left untouched."""
+    """One optimizer step: a new ``TrainState``; ``state`` and ``grads`` are left untouched.
+
+    ``grads`` must have the structure and leaf shapes of ``state.params``
+    (``TreeMismatchError`` naming the path and both shapes; checked once per signature,
+    ``nestedfn.optim.checks``); dtypes may differ."""
+    check_grads(state.params, grads)
     updates, opt_state = opt.update(grads, state.opt_state, state.params, state.step)
     return TrainState(apply_updates(state.params, updates), opt_state, state.step + 1)
 

@@ -22,6 +22,7 @@ import mlx.core as mx
 from nestedfn.optim.core import (
     Optimizer,
     OptState,
+    PackGroups,
     Params,
     Schedule,
     Step,
@@ -242,7 +243,9 @@ def add_decayed_weights(
 
     ``mask``: a tree of bools shaped like params (or a function ``params -> tree``); only
     leaves marked ``True`` decay (e.g. not biases or norms).  A mask shaped unlike params
-    raises ``TreeMismatchError`` naming the path.
+    raises ``TreeMismatchError`` naming the path.  Under ``compile_step(packed=True)`` the
+    mask splits the buffers into decayed and undecayed ones (``pack_groups``), so a masked
+    AdamW or Lion runs packed too.
     """
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
@@ -260,7 +263,45 @@ def add_decayed_weights(
             ) from None
         return out, state
 
-    return Optimizer(_empty_init, update_fn)
+    if mask is None:
+        return Optimizer(_empty_init, update_fn)
+    return Optimizer(_empty_init, update_fn, pack_groups=_mask_groups(weight_decay, mask))
+
+
+class _NoGroupState(NamedTuple):
+    """Stands for the (empty) per-group state of a masked weight decay: matches no state."""
+
+    nothing: Any
+
+
+def _mask_groups(weight_decay: float, mask: Any) -> Callable[[Params], PackGroups]:
+    """``pack_groups`` of a masked ``add_decayed_weights``: leaves grouped by their mask value,
+    so that each packed buffer either decays or does not; rebound, the mask is one bool per
+    buffer."""
+    no_state = flatten(_NoGroupState(0))[1]
+
+    def pack_groups(params: Params) -> PackGroups:
+        m = mask(params) if callable(mask) else mask
+        m_leaves, m_td = flatten(m)
+        p_td = flatten(params)[1]
+        if m_td != p_td:
+            try:
+                tree_map(lambda *_: None, params, m)
+            except TreeMismatchError as e:
+                raise TreeMismatchError(
+                    e.problems, "add_decayed_weights: params and mask differ in structure"
+                ) from None
+        values = sorted({bool(v) for v in m_leaves})
+        labels = tuple(values.index(bool(v)) for v in m_leaves)
+
+        def rebind(buffer_labels: list[int]) -> tuple[Optimizer, tuple[Any, ...]]:
+            buffer_mask = [values[g] for g in buffer_labels]
+            opt = add_decayed_weights(weight_decay, buffer_mask)
+            return opt._replace(pack_groups=None), (no_state,) * len(values)
+
+        return PackGroups(labels, (no_state,) * len(values), rebind)
+
+    return pack_groups
 
 
 def clip_by_global_norm(max_norm: float) -> Optimizer:

@@ -85,7 +85,7 @@ def from_flat(
     indices raises ``PathError`` unless ``sparse=True``, which fills it with ``{}`` (what
     ``nn.Module.update`` expects for partly-adapted ``layers``).
     """
-    items = list(flat.items()) if isinstance(flat, Mapping) else list(flat)
+    items = list(flat.items()) if isinstance(flat, Mapping) else _pairs(flat)
     if like is not None:
         td = like if isinstance(like, TreeDef) else flatten(like)[1]
         if td._paths is None:
@@ -130,6 +130,20 @@ def from_flat(
             raise PathError(f"from_flat: path {path!r} is {what}", path=path)
         node[last] = _Leaf(value)
     return _listify(root, "", sparse)
+
+
+def _pairs(flat: Any) -> list[tuple[str, Leaf]]:
+    """The ``(path, leaf)`` pairs of a non-mapping ``flat``; anything else is a ``TypeError``
+    saying what ``from_flat`` takes."""
+    want = "from_flat takes a dict {dotted path: leaf} (what to_flat gives) or (path, leaf) pairs"
+    try:
+        items = list(flat)
+    except TypeError:
+        raise TypeError(f"{want}, got a {type(flat).__name__}") from None
+    for i, item in enumerate(items):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{want}, got a {type(flat).__name__} whose item {i} is {item!r:.80}")
+    return items
 
 
 class _Leaf:

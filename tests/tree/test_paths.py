@@ -230,3 +230,18 @@ def test_set_paths_without_updates_returns_the_tree():
     assert nf.set_paths(leaf, {}) is leaf
     with pytest.raises(PathError, match="unknown path 'x'"):
         nf.set_paths(leaf, {"x": mx.zeros(1)})
+
+
+@pytest.mark.parametrize("flat", [[mx.zeros(1)], [("w",)], 3, [(0, mx.zeros(1))]])
+def test_from_flat_of_something_else_says_what_it_takes(flat):
+    like = {"w": mx.zeros(1)}
+    with pytest.raises(TypeError, match="from_flat takes a dict"):
+        nf.from_flat(flat, like=like)
+    with pytest.raises(TypeError, match="from_flat takes a dict"):
+        nf.from_flat(flat)
+
+
+def test_from_flat_takes_path_leaf_pairs():
+    like = {"a": mx.zeros(1), "b": [mx.zeros(2)]}
+    out = nf.from_flat([("b.0", mx.ones(2)), ("a", mx.ones(1))], like=like)
+    assert out["a"].tolist() == [1.0] and out["b"][0].tolist() == [1.0, 1.0]
