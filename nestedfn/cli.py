@@ -3,9 +3,15 @@
 Every ``TrainConfig`` option is also a flag of ``train``/``inspect`` (``--learning-rate``,
 ``--frequencies 1 2 4``, ``--tiers '{mlp: 1, .*: 0}'``...); flags override ``--config
 run.yaml``.  User errors (paths, data, options, an occupied run directory) print one line on
-stderr and exit with status 2, with no traceback and nothing overwritten.  Ctrl-C during
-``train``/``demo`` saves a checkpoint of the last completed step, prints how to resume
-(``nestedfn train --resume RUN_DIR``) and exits with status 130.
+stderr and exit with status 2, with no traceback and nothing overwritten (a bad flag value
+too: one line, not the usage).  Ctrl-C during ``train``/``demo`` saves a checkpoint of the last
+completed step, prints how to resume (``nestedfn train --resume RUN_DIR``) and exits with
+status 130; SIGTERM (``kill``, schedulers, container stops) does the same and exits with 143.
+An operating-system error (disk full, read-only file system, no permission, a path under a
+regular file) is one line naming the path and the cause, status 74 (``EX_IOERR``); the
+checkpoints written before it are intact and no temporary file is left.
+
+Exit statuses: 0 done, 2 user error, 74 OS error, 130 SIGINT, 143 SIGTERM.
 
 There is no ``bench`` command: the throughput comparison with ``mlx_lm lora`` is
 ``python benchmarks/train_throughput.py``.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 import typing
@@ -30,6 +37,34 @@ DEMO_STEPS = 150
 # follows, an animal's sound) a random-weight model this small does not learn reliably.
 DEMO_PROMPT = "Ada sees two cats in the farm."
 DEMO_CONTINUATION = " One more comes, now there are"
+EXIT_USER, EXIT_OS, EXIT_SIGINT, EXIT_SIGTERM = 2, 74, 130, 143
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (not the usage): ``nestedfn train: error:
+    argument --learning-rate: invalid float value: 'abc' (see --help)``, status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the trainer saves alike."""
+
+
+_SIGNAL = {"received": signal.SIGINT}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _SIGNAL["received"] = signal.SIGTERM
+    raise _Terminated()
+
+
+def _os_error_line(e: OSError) -> str:
+    """``PATH: cause`` of an ``OSError`` (``NotADirectoryError``, ``ENOSPC``, ``EROFS``...)."""
+    why = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {why}" if e.filename is not None else why
 
 
 def _yaml_value(text: str) -> Any:
@@ -277,7 +312,7 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nestedfn", description="Nested Learning optimizers for MLX: LoRA fine-tuning."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,27 +386,43 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = _parse(parser, argv)
-    from nestedfn.lm.config import ConfigError
-    from nestedfn.lm.data import DataError
-    from nestedfn.lm.errors import RunError
-    from nestedfn.lm.trainer import Interrupted
-    from nestedfn.run import distributed
-
+    if argv is None or argv[:1] in (["train"], ["demo"]):
+        _SIGNAL["received"] = signal.SIGINT
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:  # Ctrl-C or SIGTERM while the modules load (seconds): no traceback either
+        parser = build_parser()
+        args = _parse(parser, argv)
+        from nestedfn.lm.config import ConfigError
+        from nestedfn.lm.data import DataError
+        from nestedfn.lm.errors import RunError
+        from nestedfn.lm.trainer import Interrupted
+        from nestedfn.run import distributed
+    except KeyboardInterrupt:
+        term = _SIGNAL["received"] == signal.SIGTERM
+        print(f"nestedfn: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+        return EXIT_SIGTERM if term else EXIT_SIGINT
+    if args.command not in ("train", "demo"):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return int(args.fn(args))
     except (RunError, ConfigError, DataError, _UsageError, distributed.ConnectError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"nestedfn {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except Interrupted as e:  # Ctrl-C in the training loop: the last step done is saved
-        if distributed.is_main():
-            print(f"nestedfn {args.command}: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"nestedfn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_USER
+    except OSError as e:  # disk full, read-only, permissions: the path and the cause
+        message = " ".join(_os_error_line(e).split())
+        print(f"nestedfn {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_OS
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: in the loop, the last step done is saved
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the message
+        term = _SIGNAL["received"] == signal.SIGTERM
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        message = str(e) if isinstance(e, Interrupted) else what
+        if term:
+            message = message.replace("interrupted", what, 1)
+        if distributed.is_main() or not isinstance(e, Interrupted):
+            print(f"nestedfn {args.command}: {message}", file=sys.stderr)
+        return EXIT_SIGTERM if term else EXIT_SIGINT
 
 
 if __name__ == "__main__":

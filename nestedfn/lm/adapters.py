@@ -12,11 +12,15 @@ safetensors file, whose keys are the trainable leaves' dotted paths
 
 Both files are written atomically (``nestedfn.checkpoint.atomic_write``: a temporary file in the
 same directory, fsynced, then ``os.replace``), so a reader never sees a half-written adapter;
-they get the usual permissions (``0o666`` less the umask).
+they get the usual permissions (``0o666`` less the umask).  ``adapter_config.json`` also records
+the SHA-256 of the adapters file (``adapters_sha256``) and of its own other fields
+(``digest``): ``check_adapters`` tells damaged adapters from good ones (mlx-lm ignores the two
+fields).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,17 @@ from typing import Any
 import mlx.core as mx
 
 from nestedfn.lm.lora import LoraSpec
-from nestedfn.run.checkpoint import atomic_write, atomic_write_text
+from nestedfn.run.checkpoint import atomic_write, atomic_write_text, file_sha256, save_safetensors
 from nestedfn.tree import from_flat, to_flat
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "adapter_config", "load_adapters", "save_adapters"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILE",
+    "adapter_config",
+    "check_adapters",
+    "load_adapters",
+    "save_adapters",
+]
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,10 +71,44 @@ def save_adapters(
     if not flat:
         raise ValueError("save_adapters: the trainable tree holds no arrays")
     mx.eval(list(flat.values()))
-    atomic_write(directory / ADAPTER_FILE, lambda p: mx.save_safetensors(p, flat), ".safetensors")
-    text = json.dumps(adapter_config(spec, n_blocks, extra), indent=2, sort_keys=False)
+    atomic_write(directory / ADAPTER_FILE, lambda p: save_safetensors(p, flat), ".safetensors")
+    config = adapter_config(spec, n_blocks, extra)
+    config["adapters_sha256"] = file_sha256(directory / ADAPTER_FILE)
+    config["digest"] = _digest(config)
+    text = json.dumps(config, indent=2, sort_keys=False)
     atomic_write_text(directory / ADAPTER_CONFIG, text + "\n")
     return directory
+
+
+def _digest(config: dict) -> str:
+    body = {k: v for k, v in config.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_adapters(directory: str | Path) -> str | None:
+    """``None`` when ``directory`` holds intact adapters as ``save_adapters`` wrote them (or
+    none at all), else what is wrong, naming the file: missing, not JSON, checksum mismatch.
+    (Adapters written by a version without the checksums are taken as they are.)"""
+    directory = Path(directory)
+    weights, config_file = directory / ADAPTER_FILE, directory / ADAPTER_CONFIG
+    if not weights.exists() and not config_file.exists():
+        return None
+    for f in (weights, config_file):
+        if not f.is_file():
+            return f"{f} is missing"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"{config_file} is damaged (not JSON: {e})"
+    if not isinstance(config, dict):
+        return f"{config_file} is damaged (not a JSON object)"
+    if "digest" not in config:
+        return None
+    if config["digest"] != _digest(config):
+        return f"{config_file} is damaged (its checksum does not match)"
+    if file_sha256(weights) != config.get("adapters_sha256"):
+        return f"{weights} is damaged (its SHA-256 does not match {config_file})"
+    return None
 
 
 def load_adapters(directory: str | Path, like: Any) -> Any:

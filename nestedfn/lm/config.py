@@ -282,6 +282,12 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError(
             f"tiers must be 'depth' or a mapping {{regex: tier index}}, got {c.tiers!r}"
         )
+    if isinstance(c.tiers, dict):
+        for pattern in c.tiers:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"tiers: {pattern!r} is not a regular expression ({e})") from None
     if isinstance(c.tiers, dict) and not is_tiered(c):
         raise ConfigError(
             f"tiers {c.tiers!r} would be ignored: {untiered_reason(c)}; drop tiers or give the tiers' "

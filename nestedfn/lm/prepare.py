@@ -108,6 +108,12 @@ def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
         params = apply_lora(model, spec, seed=config.seed)
     except LoraError as e:
         raise RunError(str(e)) from None
+    except Exception as e:  # a model class mlx-lm's LoRA cannot take (freeze() fails, ...)
+        message = " ".join(str(e).split())
+        raise RunError(
+            f"the model in {config.model} ({type(model).__name__}) cannot take LoRA adapters: "
+            f"{type(e).__name__}: {message}"
+        ) from None
     if config.resume_adapter_file:
         params = _start_from(config.resume_adapter_file, params)
     if config.grad_checkpoint:

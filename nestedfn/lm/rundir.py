@@ -2,20 +2,23 @@
 
 A run directory holds ``config.yaml`` (the resolved options), ``metrics.jsonl``, the adapters
 (``adapters.safetensors``, ``adapter_config.json``), ``best/`` and ``checkpoints/``
-(``RUN_FILES``: what ``--force`` removes, and nothing else).  ``check_out_dir`` refuses a
-directory holding another run unless told; ``kept_metrics`` is the metrics file trimmed to the
-checkpoint a resume starts from.
+(``RUN_FILES``), and ``.nestedfn-run.json``, the manifest that marks them as the run's
+(``nestedfn.lm.manifest``: ``--force`` removes what the run wrote and refuses when anything
+else is on the run's paths).  ``check_out_dir`` refuses a directory holding another run unless
+told; ``kept_metrics`` is the metrics file trimmed to the checkpoint a resume starts from.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from nestedfn.lm.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from nestedfn.lm.config import RUN_CONFIG
 from nestedfn.lm.errors import RunError
+from nestedfn.lm.manifest import MANIFEST
+from nestedfn.lm.manifest import clear_run as clear_run
 
 __all__ = [
     "BEST_DIR",
@@ -54,7 +57,7 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise RunError(f"output path {out} exists and is not a directory")
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    found = [name for name in (*RUN_FILES, MANIFEST) if (out / name).exists()]
     if found and not force:
         raise RunError(
             f"output directory {out} already holds a run ({', '.join(found)}); pass --resume to "
@@ -62,32 +65,40 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
         )
 
 
-def clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def kept_metrics(path: Path, step: int) -> str | None:
+def kept_metrics(path: Path, step: int, warn: Callable[[str], None] | None = None) -> str | None:
     """The text of ``path`` without the records past ``step`` (written after the checkpoint a
-    resume starts from) and without a torn last line (a crash mid-write); ``None`` when there is
-    no such file.  Read before anything is written: a garbled line is a ``RunError``."""
+    resume starts from) and without a torn last line (a crash mid-write: the start of a JSON
+    record, no NUL bytes); ``None`` when there is no such file.  Read before anything is
+    written: a garbled line (a zero-filled file included) is a ``RunError`` naming it.  Train
+    records missing before ``step`` (a truncated or deleted file) are reported to ``warn``,
+    one line."""
     if not path.exists():
+        if step > 0 and warn is not None:
+            warn(f"{path} is missing: the records of steps 1-{step} are lost")
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text ({e}); fix or remove the file") from None
     keep = []
+    train_steps = set()
     for n, line in enumerate(lines, start=1):
         try:
             rec = json.loads(line)
         except ValueError:
             rec = None
-            if n == len(lines):
+            if n == len(lines) and line.startswith("{") and "\0" not in line:
                 break  # the record being written when the run was killed
         if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
             raise RunError(f"{path}:{n}: not a metrics record; fix or remove the line")
         if rec["step"] <= step:
             keep.append(line)
+            if rec.get("type") == "train":
+                train_steps.add(rec["step"])
+    lost = [s for s in range(1, step + 1) if s not in train_steps]
+    if lost and warn is not None:
+        warn(
+            f"{path} lacks the records of {len(lost)} step(s) before the checkpoint (steps "
+            f"{lost[0]}-{lost[-1]}): it was truncated or edited; continuing without them"
+        )
     return "".join(ln + "\n" for ln in keep)

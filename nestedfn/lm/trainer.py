@@ -20,7 +20,9 @@ needs to continue the identical trajectory, bit for bit.
 Ctrl-C (``KeyboardInterrupt``) during the loop loses nothing that was done: the loop keeps the
 state and bookkeeping of the last *completed* step (its metrics written, its eval done), rank 0
 writes a checkpoint of it (unless one is there already) and ``train`` raises ``Interrupted``
-(a ``KeyboardInterrupt``) saying how to resume; the CLI exits with status 130.  A step that
+(a ``KeyboardInterrupt``) saying how to resume; the CLI exits with status 130 (SIGTERM is
+turned into the same interrupt by the CLI, status 143).  The checkpoint named is the one a
+resume takes: when the interrupt comes in a save after the checkpoint was complete, that one.  A step that
 was cut off half way is simply done again on resume.  With several processes the handler
 does no collective (a peer may already have left, and a barrier would wait forever): every
 rank stops, rank 0 writes the checkpoint of the last step *it* completed (every completed step
@@ -32,13 +34,20 @@ checkpoint is written atomically, so the run then resumes from the one before.
 With several processes (``mlx.launch``) each rank reads its slice of the global batch, the
 gradients are averaged (token-weighted) before the optimizer, and only rank 0 writes files or
 draws the progress bar.
+
+Faults (``benchmarks/faults.py`` runs the matrix): rank 0 holds the run directory's lock for
+the whole run (``lm.lock``); a resume takes the newest checkpoint whose checksums hold and the
+options it recorded (``lm.resume``); every checkpoint records the options, the bookkeeping and
+the checksum of ``metrics.jsonl`` so far; ``--force`` goes by the manifest (``lm.manifest``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,12 +57,20 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from nestedfn.lm.adapters import ADAPTER_FILE, save_adapters
+from nestedfn.lm.adapters import ADAPTER_FILE, check_adapters, save_adapters
 from nestedfn.lm.config import RUN_CONFIG, TrainConfig, load_config, save_config
 from nestedfn.lm.errors import RunError
 from nestedfn.lm.evaluate import evaluate
+from nestedfn.lm.lock import RunDirLock
 from nestedfn.lm.lora import bind
 from nestedfn.lm.loss import make_eval_fn, make_grad_fn
+from nestedfn.lm.manifest import (
+    MANIFEST,
+    clean_temporaries,
+    config_changed,
+    read_manifest,
+    write_manifest,
+)
 from nestedfn.lm.prepare import Prepared, overview, prepare
 from nestedfn.lm.rundir import (
     BEST_DIR,
@@ -66,7 +83,7 @@ from nestedfn.lm.rundir import (
 )
 from nestedfn.optim.core import Params, TrainState, apply_gradients
 from nestedfn.run import distributed
-from nestedfn.run.checkpoint import atomic_write_text
+from nestedfn.run.checkpoint import atomic_write_text, file_sha256
 
 __all__ = ["Interrupted", "Summary", "train"]
 
@@ -140,21 +157,65 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     stop_at: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Summary:
     """Train LoRA adapters as ``config`` says, writing the run into ``out``.
 
     ``resume=True`` reads ``out/config.yaml`` (``overrides`` may change only ``RESUMABLE``
-    options: the others would change the trajectory) and continues from the latest
-    checkpoint.  ``stop_at`` ends this process's run early at that step (as an interrupt
-    would), after writing a checkpoint there.  User errors raise ``RunError``/``ConfigError``
-    before anything in ``out`` is touched.
+    options: the others would change the trajectory; the file is held against the options
+    the checkpoint recorded) and continues from the newest intact checkpoint.  ``stop_at``
+    ends this process's run early at that step (as an interrupt would), after writing a
+    checkpoint there.  Rank 0 holds an exclusive lock on ``out`` for the whole run
+    (``nestedfn.lm.lock``).  User errors raise ``RunError``/``ConfigError`` before anything in
+    ``out`` is touched; ``warn`` gets one-line warnings (default: stderr).
     """
-    from nestedfn.run.checkpoint import latest_checkpoint, load_checkpoint
-
     out = Path(out).absolute()
+    warn = warn or _warn
+    if stop_at is not None and (isinstance(stop_at, bool) or stop_at < 1):
+        raise RunError(f"--stop-at must be a step >= 1, got {stop_at}")
+    if resume and force:
+        raise RunError("--resume and --force contradict each other: pick one")
+    lock = RunDirLock(out).acquire() if distributed.is_main() else None
+    started = False
+    try:
+        prep, fns, state, extra, setup = _start(
+            config, out, resume, force, overrides, log, warn, stop_at
+        )
+        started = True
+        if distributed.is_main():
+            setup()
+        return _loop(
+            prep, fns, state, extra, out, progress and distributed.is_main(), log, resume, stop_at
+        )
+    finally:
+        if lock is not None:
+            lock.release(keep_dir=started)
+
+
+def _warn(message: str) -> None:
+    print(f"nestedfn: warning: {message}", file=sys.stderr)
+
+
+def _start(
+    config: TrainConfig,
+    out: Path,
+    resume: bool,
+    force: bool,
+    overrides: dict[str, Any] | None,
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+    stop_at: int | None,
+) -> tuple[Prepared, _StepFns, TrainState, dict, Callable[[], None]]:
+    """Everything checked and read before anything is written; returns the run's start and
+    the function that writes the run directory's first files (rank 0 calls it)."""
+    from nestedfn.lm.resume import pick_checkpoint, set_damaged_aside, started_config
+    from nestedfn.run.checkpoint import CheckpointError, load_checkpoint
+    from nestedfn.tree import TreeMismatchError
+
     check_out_dir(out, resume, force)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     overrides.pop("adapter_path", None)  # names the run, which is `out`
+    ckpt, damaged = None, []
     if resume:
         saved = load_config(out / RUN_CONFIG)
         changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
@@ -169,22 +230,59 @@ def train(
                 f"cannot change {names(bad)} when resuming {out} (the run's options are "
                 f"in {out / RUN_CONFIG}); only {names(RESUMABLE)} may change"
             )
-        config = replace(saved, **changed)
+        ckpt, meta, damaged = pick_checkpoint(out / CHECKPOINT_DIR, warn)
+        edited = config_changed(out)
+        config = started_config(out / RUN_CONFIG, saved, meta, RESUMABLE, edited)
+        config = replace(config, **changed)
+        for where in (out, out / BEST_DIR):
+            problem = check_adapters(where)
+            if problem is not None:
+                warn(
+                    f"{problem}; it is rewritten at the next save (best/: at the next better eval)"
+                )
+        if read_manifest(out) is None:
+            warn(f"{out / MANIFEST} is missing or damaged; it is written again")
     config = _absolute(config, out)
     if config.schedule == "cosine" and config.decay_steps is None:
         # pin the horizon so that a resume with more steps keeps the same schedule
         config = replace(config, decay_steps=max(config.steps // config.grad_accumulation, 1))
+    try:
+        json.dumps(config.to_dict(), allow_nan=False)  # every checkpoint records it
+    except (TypeError, ValueError) as e:
+        raise RunError(f"the options cannot be recorded in a checkpoint ({e})") from None
     prep = prepare(config)
     if distributed.is_main():
         log(overview(prep))
     state, extra = prep.state, {"best_loss": None, "best_step": None, "bad_evals": 0}
+    if ckpt is not None:
+        try:
+            state, saved_extra = load_checkpoint(ckpt, like=state)
+        except CheckpointError as e:
+            raise RunError(f"cannot resume: {e}") from None
+        except TreeMismatchError as e:
+            msg = " ".join(str(e).split())
+            raise RunError(f"cannot resume: {msg}; the model or LoRA options differ") from None
+        extra.update({k: v for k, v in saved_extra.items() if k != "config"})
+        if stop_at is not None and stop_at <= int(state.step):
+            raise RunError(
+                f"--stop-at {stop_at} is not past the checkpoint's step {int(state.step)}"
+            )
+    metrics = None
     if resume:
-        ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
-        if ckpt is None:
-            raise RunError(f"cannot resume: no checkpoint in {out / CHECKPOINT_DIR}")
-        state, saved_extra = load_checkpoint(ckpt, like=state)
-        extra.update(saved_extra)
-    metrics = kept_metrics(out / METRICS_FILE, int(state.step)) if resume else None
+        recorded = extra.get("metrics_sha256")
+        metrics = kept_metrics(
+            out / METRICS_FILE, int(state.step), warn if recorded is None else None
+        )
+        if metrics is None and recorded is not None:
+            warn(
+                f"{out / METRICS_FILE} is missing: the records up to step {int(state.step)} are lost"
+            )
+        elif recorded is not None and hashlib.sha256(metrics.encode()).hexdigest() != recorded:
+            raise RunError(
+                f"{out / METRICS_FILE} differs from what the run wrote up to step "
+                f"{int(state.step)} (damaged or edited); restore it, or move it away to continue "
+                "without its records"
+            )
     fns = _step_fns(prep)
     _dry_run(prep, state, fns)
     # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
@@ -201,16 +299,27 @@ def train(
             f"{e}; every process must start from the same model, options and seed (and, with "
             "--resume, the same checkpoint)"
         ) from None
-    main = distributed.is_main()
-    if main:
-        if not resume:
+
+    def setup() -> None:
+        # all atomic: an interrupted resume leaves the old files (and a manifest that accepts
+        # the old config.yaml or says it was being rewritten)
+        if resume:
+            clean_temporaries(out)
+            set_damaged_aside(damaged)
+            write_manifest(out, [file_sha256(out / RUN_CONFIG)], rewriting=True)
+        else:
             if force:
                 clear_run(out)
+            else:
+                clean_temporaries(out)
             out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out)  # both atomic: an interrupted resume leaves the old files
+            write_manifest(out, [], rewriting=True)
+        save_config(config, out)
+        write_manifest(out, [file_sha256(out / RUN_CONFIG)])
         if metrics is not None:
             atomic_write_text(out / METRICS_FILE, metrics)
-    return _loop(prep, fns, state, extra, out, progress and main, log, resume, stop_at)
+
+    return prep, fns, state, extra, setup
 
 
 @dataclass
@@ -248,10 +357,52 @@ def _dry_run(prep: Prepared, state: TrainState, fns: _StepFns) -> None:
         loss, _, grads = fns.grad(state.params, *batch)
         new = fns.step(state, grads)
         mx.eval(loss, new.params, new.opt_state)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        hint = ""
+        if c.compile and "function transformations" in str(e):
+            hint = "; the model's forward cannot run compiled: pass --no-compile"
+        message = " ".join(str(e).split())
         raise RunError(
-            f"the first training step fails ({type(e).__name__}: {e}); nothing was written"
+            f"the first training step fails ({type(e).__name__}: {message}){hint}; nothing was "
+            "written"
         ) from None
+    if not math.isfinite(float(loss.item())):
+        raise RunError(
+            f"the first training step gives a loss of {float(loss.item())}: the model's weights "
+            "or the data hold NaN/Inf; nothing was written"
+        )
+    from nestedfn.tree import to_flat
+
+    for path, x in to_flat(new.params).items():
+        if not bool(mx.all(mx.isfinite(x)).item()):
+            raise RunError(
+                f"the first training step makes {path} non-finite (learning_rate "
+                f"{c.learning_rate:g} too large?); nothing was written"
+            )
+
+
+def _finite(record: dict) -> dict:
+    """``record`` with non-finite floats as ``null`` (``metrics.jsonl`` stays JSON)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def _newest_step(directory: Path) -> int | None:
+    from nestedfn.run.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(directory)
+    return None if ckpt is None else int(ckpt.name.split("_")[1])
+
+
+def _last_ckpt(out: Path) -> str:
+    """What is true of the run's checkpoints, for a message that stops the run."""
+    from nestedfn.run.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
+    if ckpt is None:
+        return f"no checkpoint was written in {out} (none was due yet)"
+    return f"the last checkpoint is {ckpt}"
 
 
 def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
@@ -259,7 +410,8 @@ def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) 
 
     n_blocks = len(prep.model.layers)
     info = {"optimizer": prep.config.optimizer, "step": int(state.step)}
-    save_checkpoint(out / CHECKPOINT_DIR, state, dict(extra), int(state.step))
+    record = {**extra, "config": prep.config.to_dict()}  # what a resume is held against
+    save_checkpoint(out / CHECKPOINT_DIR, state, record, int(state.step))
     prune_checkpoints(out / CHECKPOINT_DIR, keep)
     save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
 
@@ -284,7 +436,9 @@ def _loop(
     main = distributed.is_main()
     rank, world = distributed.rank(), distributed.world_size()
     grad_fn, eval_fn, step_fn = fns.grad, fns.eval, fns.step
-    metrics = open(out / METRICS_FILE, "a") if main else None  # noqa: SIM115
+    metrics = open(out / METRICS_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
+    # the SHA-256 of the metrics file so far, recorded with every checkpoint (``extra``)
+    written = hashlib.sha256((out / METRICS_FILE).read_bytes() if main else b"")
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     first = last = None
     valid: list[tuple[int, float]] = []
@@ -293,12 +447,18 @@ def _loop(
 
     def write(record: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
+            line = json.dumps(_finite(record), allow_nan=False) + "\n"
+            metrics.write(line)
+            written.update(line.encode())
+            extra["metrics_sha256"] = written.hexdigest()
             metrics.flush()
 
     def run_eval(step: int) -> None:
         nonlocal stopped
         loss = evaluate(eval_fn, state.params, prep.valid_set, c)
+        if not math.isfinite(loss):
+            write({"type": "eval", "step": step, "valid_loss": None, "nonfinite": str(loss)})
+            raise RunError(f"the validation loss became {loss} at step {step}; {_last_ckpt(out)}")
         valid.append((step, loss))
         write({"type": "eval", "step": step, "valid_loss": loss})
         best = extra["best_loss"]
@@ -315,10 +475,10 @@ def _loop(
 
     bar = Reporter(c.steps, int(state.step), c.steps_per_report, show, log)
     started = time.perf_counter()
-    # The last completed step (state and bookkeeping), what an interrupt saves, and the step
-    # whose checkpoint is on disk (the one resumed from; none yet in a new run).
+    # The last completed step (state and bookkeeping): what an interrupt saves, unless a
+    # checkpoint of it (or of a later step whose save was cut off after the checkpoint) is on
+    # disk already.
     done, done_extra, nothing_done = state, dict(extra), not resumed
-    saved: int | None = int(state.step) if resumed else None
     try:
         if not resumed and int(state.step) == 0 and c.eval_every:
             run_eval(0)
@@ -342,8 +502,7 @@ def _loop(
             if not math.isfinite(loss_f):
                 raise RunError(
                     f"the training loss became {loss_f} at step {i + 1}; lower the learning "
-                    f"rate or set grad_clip (the last checkpoint in {out / CHECKPOINT_DIR} is "
-                    "intact)"
+                    f"rate or set grad_clip; {_last_ckpt(out)}"
                 )
             first = loss_f if first is None else first
             last = loss_f
@@ -372,7 +531,6 @@ def _loop(
                 run_eval(step)
             if step % max(c.save_every, 1) == 0 and c.save_every and main and step != end:
                 _save(prep, state, extra, out, c.keep_last)
-                saved = step
             done, done_extra, nothing_done = state, dict(extra), False
         if main:
             _save(prep, state, extra, out, c.keep_last)
@@ -383,7 +541,11 @@ def _loop(
     except KeyboardInterrupt:
         # No collective here (see the module docstring): rank 0 saves what it completed.
         step = int(done.step)
-        if step == saved:
+        on_disk = _newest_step(out / CHECKPOINT_DIR)
+        if on_disk is not None and on_disk >= step:
+            # the step was saved (the interrupt came in the save, after the checkpoint): that
+            # is the checkpoint a resume takes
+            step = on_disk
             ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
         elif nothing_done:
             ckpt = None  # a new run started again does exactly what this one would have

@@ -4,11 +4,16 @@ Layout of one checkpoint, ``DIR/step_00000042/``:
 
 * ``arrays.safetensors`` -- every ``mx.array`` leaf of the flattened state
   (``nestedfn.tree.flatten`` order), key = leaf index, dtype and shape kept (bfloat16 included);
-* ``meta.json`` -- format version, step, a JSON description of the tree structure (dict keys,
+* ``meta.json`` -- format version, step, the size and SHA-256 of ``arrays.safetensors``, a JSON description of the tree structure (dict keys,
   NamedTuple type and fields, ``None``, empty containers), one descriptor per leaf (an array
   key, the value of a Python ``int``/``float``/``bool``/``str`` leaf such as a counter, or the
   exact bytes of a small numpy array such as an RNG state) and
-  the caller's ``extra``.
+  the caller's ``extra``, and last the SHA-256 of all of that (``digest``), so that a
+  damaged ``meta.json`` is told from a good one even when it still parses.
+
+Loading verifies both checksums first (``verify_checkpoint``): a truncated, zero-filled,
+deleted or bit-flipped file is a ``CheckpointError`` naming it, never other values resumed
+silently.  (Version 1 checkpoints, without checksums, are still read, unverified.)
 
 Restoring needs ``like`` (a state of the same structure, e.g. a fresh ``init``): its structure
 must equal the stored description, else ``TreeMismatchError`` naming the paths; leaves are then
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
@@ -45,15 +52,19 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "atomic_write_text",
+    "file_sha256",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
     "save_checkpoint",
+    "save_safetensors",
+    "verify_checkpoint",
 ]
 
 FORMAT = "nestedfn-checkpoint"
-VERSION = 1
+VERSION = 2
+_READS = (1, 2)  # versions load_checkpoint reads (1: no checksums)
 ARRAYS = "arrays.safetensors"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -238,9 +249,41 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
+def save_safetensors(path: Path | str, arrays: dict[str, mx.array], metadata: Any = None) -> None:
+    """``mx.save_safetensors``, with MLX's write failure (a ``RuntimeError`` such as ``[write]
+    Unable to write N bytes``, naming no file) raised as the ``OSError`` it is, naming
+    ``path`` (``ENOSPC`` when the file system is full)."""
+    try:
+        if metadata is None:
+            mx.save_safetensors(str(path), arrays)
+        else:
+            mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({e})", str(path)) from None
+
+
 def _write_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
-    mx.save_safetensors(str(path), arrays)
+    save_safetensors(path, arrays)
     _fsync_path(path)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The SHA-256 of the file at ``path`` (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -288,6 +331,10 @@ def save_checkpoint(directory: Path | str, state: TrainState, extra: dict, step:
     try:
         mx.eval(list(arrays.values()))
         _write_arrays(tmp / ARRAYS, arrays)
+        meta["files"] = {
+            ARRAYS: {"bytes": (tmp / ARRAYS).stat().st_size, "sha256": file_sha256(tmp / ARRAYS)}
+        }
+        meta["digest"] = _meta_digest(meta)
         _write_json(tmp / META, meta)  # last: its presence marks a complete directory
         _fsync_path(tmp)
         old = None
@@ -345,26 +392,59 @@ def latest_checkpoint(directory: Path | str) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
-    """Restore ``(state, extra)`` from checkpoint directory ``path``.
-
-    ``like`` gives the exact structure and tree types; a structure, leaf-kind, shape or dtype
-    difference raises ``TreeMismatchError`` naming the paths.  Arrays come back with their
-    stored dtypes; Python int/float/bool/str leaves come back as such.
-    """
+def verify_checkpoint(path: Path | str) -> dict:
+    """The metadata of checkpoint directory ``path`` once its files are proved intact: the
+    ``meta.json`` digest and the size and SHA-256 of ``arrays.safetensors``.  A missing,
+    truncated, zero-filled or altered file is a ``CheckpointError`` naming it."""
     path = Path(path)
     meta_file = path / META
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint (no such directory)")
     if not meta_file.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (no {META})")
+        raise CheckpointError(f"{meta_file} is missing: not a complete checkpoint")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file}: unreadable ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is damaged (not JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is damaged (not a JSON object)")
+    if meta.get("format") != FORMAT or meta.get("version") not in _READS:
         raise CheckpointError(
             f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')!r}, "
             f"expected {FORMAT!r} v{VERSION}"
         )
+    if meta["version"] >= 2:
+        if meta.get("digest") != _meta_digest(meta):
+            raise CheckpointError(f"{meta_file} is damaged (its checksum does not match)")
+        for name, want in meta["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing")
+            size = f.stat().st_size
+            if size != want["bytes"]:
+                raise CheckpointError(
+                    f"{f} is damaged ({size} bytes, {want['bytes']} were written)"
+                )
+            if file_sha256(f) != want["sha256"]:
+                raise CheckpointError(f"{f} is damaged (its SHA-256 does not match)")
+    elif (
+        any(d.get("kind") == "array" for d in meta.get("leaves", []))
+        and not (path / ARRAYS).is_file()
+    ):
+        raise CheckpointError(f"{path / ARRAYS} is missing")
+    return meta
+
+
+def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
+    """Restore ``(state, extra)`` from checkpoint directory ``path``.
+
+    The files are verified first (``verify_checkpoint``: ``CheckpointError`` naming a damaged
+    file).  ``like`` gives the exact structure and tree types; a structure, leaf-kind, shape or
+    dtype difference raises ``TreeMismatchError`` naming the paths.  Arrays come back with their
+    stored dtypes; Python int/float/bool/str leaves come back as such.
+    """
+    path = Path(path)
+    meta = verify_checkpoint(path)
     like_leaves, like_td = flatten(like)
     problems = _diff(meta["structure"], _describe(like_td))
     if problems:
@@ -372,9 +452,12 @@ def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
     descs = meta["leaves"]
     if len(descs) != len(like_leaves):
         raise CheckpointError(
-            f"{meta_file}: {len(descs)} leaf records for {len(like_leaves)} leaves"
+            f"{path / META}: {len(descs)} leaf records for {len(like_leaves)} leaves"
         )
-    arrays = mx.load(str(path / ARRAYS)) if any(d["kind"] == "array" for d in descs) else {}
+    try:
+        arrays = mx.load(str(path / ARRAYS)) if any(d["kind"] == "array" for d in descs) else {}
+    except (RuntimeError, ValueError) as e:  # only a version-1 checkpoint gets here damaged
+        raise CheckpointError(f"{path / ARRAYS} is damaged ({e})") from None
     paths = _paths(like_td)
     leaves = [_decode_leaf(d, arrays, x, p, path) for d, x, p in zip(descs, like_leaves, paths)]
     return unflatten(like_td, leaves), meta["extra"]

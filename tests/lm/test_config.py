@@ -114,3 +114,11 @@ def test_int_for_a_float_option_becomes_a_float_and_round_trips(tmp_path):
     assert isinstance(c.learning_rate, float) and isinstance(c.lora_scale, float)
     save_config(c, tmp_path)
     assert load_config(tmp_path / "config.yaml") == c
+
+
+@pytest.mark.parametrize("pattern", ["(", "[a-", "*x"])
+def test_a_tiers_key_that_is_no_regex_is_a_config_error(pattern):
+    from nestedfn.lm.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        TrainConfig(tiers={pattern: 0})

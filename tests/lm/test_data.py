@@ -284,3 +284,29 @@ def test_batch_arguments_checked():
         batch_at(ds, -1, batch_size=2, seed=0, max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):
         batch_at(ds, 0, batch_size=2, seed=0, max_seq_len=1)
+
+
+class _CountingTokenizer:
+    """Bytes as tokens; records the longest text it was asked to encode."""
+
+    eos_token_id = 0
+    chat_template = None
+
+    def __init__(self):
+        self.longest = 0
+
+    def encode(self, text):
+        self.longest = max(self.longest, len(text))
+        return [1 + (ord(c) % 250) for c in text]
+
+
+def test_a_huge_line_is_tokenized_only_as_far_as_max_seq_len_needs(tmp_path):
+    """A single 2 MB line with max_seq_len 96: the tokenizer sees a few kilobytes, and the
+    tokens are exactly those of the whole line, truncated."""
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(2_000_000))
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    tok = _CountingTokenizer()
+    ds = load_dataset(tmp_path, "train", tok, max_seq_len=96)
+    assert tok.longest < 10_000
+    assert ds.tokens[0] == _CountingTokenizer().encode(text)[:96]

@@ -267,3 +267,32 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left
     assert atomic_write_text(path, "new\n") == path and path.read_text() == "new\n"
+
+
+@pytest.mark.parametrize("name", ["arrays.safetensors", "meta.json"])
+@pytest.mark.parametrize("mode", ["truncate", "zero-fill", "delete", "flip"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, name, mode):
+    """Every way a file can be damaged is told from a good one by the recorded checksums:
+    never other values loaded silently (a flipped bit in the arrays used to load)."""
+    from nestedfn.run.checkpoint import verify_checkpoint
+
+    path = save_checkpoint(tmp_path, sample_state(), {"k": 1.5}, 3)
+    verify_checkpoint(path)  # intact
+    f = path / name
+    data = f.read_bytes()
+    if mode == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+    elif mode == "zero-fill":
+        f.write_bytes(bytes(len(data)))
+    elif mode == "delete":
+        f.unlink()
+    else:
+        for i in (len(data) - 1, len(data) // 2):  # two positions, either must be caught
+            b = bytearray(data)
+            b[i] ^= 0x04
+            f.write_bytes(bytes(b))
+            with pytest.raises(CheckpointError, match=name):
+                load_checkpoint(path, sample_state())
+        return
+    with pytest.raises(CheckpointError, match=name):
+        load_checkpoint(path, sample_state())

@@ -593,6 +593,7 @@ def test_two_processes_resuming_different_optimizer_states_stop_before_writing(
     first_moment = str(n_params)  # leaves are stored in order: params, then opt_state
     arrays[first_moment] = arrays[first_moment] + 1.0
     mx.save_safetensors(str(ckpt), arrays)
+    _reseal(ckpt.parent)  # a valid checkpoint of another state, not a damaged one
     before = {r: {p: (tmp_path / f"rank{r}" / p).read_bytes() for p in _files(tmp_path / f"rank{r}")}
               for r in (0, 1)}  # fmt: skip
     proc = launch(["-c", PER_RANK_OUT, "train", "--resume", "--out", str(tmp_path)])
@@ -604,3 +605,16 @@ def test_two_processes_resuming_different_optimizer_states_stop_before_writing(
     for r in (0, 1):
         after = {p: (tmp_path / f"rank{r}" / p).read_bytes() for p in _files(tmp_path / f"rank{r}")}
         assert after == before[r]
+
+
+def _reseal(ckpt_dir):
+    """Record the checksums of a checkpoint whose arrays were rewritten on purpose."""
+    import json
+
+    from nestedfn.run.checkpoint import ARRAYS, META, _meta_digest, file_sha256
+
+    meta = json.loads((ckpt_dir / META).read_text())
+    f = ckpt_dir / ARRAYS
+    meta["files"][ARRAYS] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    meta["digest"] = _meta_digest(meta)
+    (ckpt_dir / META).write_text(json.dumps(meta))

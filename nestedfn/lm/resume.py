@@ -1,0 +1,114 @@
+"""What ``--resume`` starts from, checked: an intact checkpoint and the options the run began with.
+
+``pick_checkpoint`` verifies the checkpoints newest first (``verify_checkpoint``: the
+checksums in ``meta.json``) and takes the newest intact one; each damaged one on the way is
+one warning line naming the file, and with none intact the ``RunError`` names every damaged
+file.  (A ``step_########`` directory is only ever made by renaming a complete one, so a
+directory without ``meta.json`` is damage too.)
+
+Every checkpoint records the options the run was started with (``extra["config"]``).
+``started_config`` holds ``config.yaml`` against them: an option missing from the file (a
+truncated or edited file) or changed, other than the ``RESUMABLE`` ones, is a ``RunError``
+naming it; otherwise the run continues with the recorded options and the file's
+``RESUMABLE`` ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from nestedfn.lm.config import ConfigError, TrainConfig, parse_yaml
+from nestedfn.lm.errors import RunError
+from nestedfn.run.checkpoint import CheckpointError, verify_checkpoint
+
+__all__ = ["pick_checkpoint", "set_damaged_aside", "started_config"]
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def pick_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path, dict, list[Path]]:
+    """``(checkpoint, its meta, the damaged newer ones)``: the newest intact checkpoint."""
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(_step_dirs(directory)):
+        try:
+            meta = verify_checkpoint(path)
+        except CheckpointError as e:
+            damaged.append((path, str(e)))
+            continue
+        for bad, why in damaged:
+            warn(f"checkpoint {bad} is damaged ({why}); resuming from {path} instead")
+        return path, meta, [p for p, _ in damaged]
+    if damaged:
+        raise RunError(
+            f"cannot resume: no intact checkpoint in {directory}: "
+            + "; ".join(why for _, why in damaged)
+        )
+    raise RunError(f"cannot resume: no checkpoint in {directory}")
+
+
+def set_damaged_aside(damaged: list[Path]) -> None:
+    """Rename damaged checkpoints ``damaged-step_...`` (kept for a look, never read again)."""
+    for p in damaged:
+        target = p.with_name(f"damaged-{p.name}")
+        n = 1
+        while target.exists():
+            target, n = p.with_name(f"damaged-{p.name}.{n}"), n + 1
+        p.rename(target)
+
+
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v))
+
+
+def started_config(
+    config_file: Path, saved: TrainConfig, meta: dict, resumable: tuple, edited: bool | None
+) -> TrainConfig:
+    """The options to resume with: ``meta``'s recorded ones, checked against ``config_file``
+    (read as ``saved``), with the file's ``resumable`` options.  ``edited``: the file differs
+    from what the run wrote (``manifest.config_changed``); then its ``resumable`` options
+    must equal the recorded ones too (they change by flags, never behind the run's back).
+    Checkpoints of a version that recorded none give ``saved``."""
+    started = meta.get("extra", {}).get("config")
+    if not isinstance(started, dict):
+        return saved
+    try:
+        raw = parse_yaml(config_file.read_text(encoding="utf-8"))
+    except Exception as e:  # load_config read it a moment ago; anything now is damage
+        raise RunError(f"{config_file}: unreadable ({e})") from None
+    raw = raw if isinstance(raw, dict) else {}
+    names = [f.name for f in fields(TrainConfig)]
+    missing = [n for n in names if n not in raw and n in started]
+    if missing:
+        raise RunError(
+            f"{config_file} lacks option(s) {', '.join(missing)} that the run was started with "
+            "(a truncated or edited file); restore it (the checkpoints record the options)"
+        )
+    current = _norm(saved.to_dict())
+    held = [n for n in names if n in started and (edited or n not in resumable)]
+    changed = [n for n in held if current[n] != started[n]]
+    if changed:
+        n = changed[0]
+        raise RunError(
+            f"{config_file}: {n} is {current[n]!r} but the run was started with "
+            f"{started[n]!r}"
+            + (f" (also changed: {', '.join(changed[1:])})" if changed[1:] else "")
+            + f"; only {', '.join(resumable)} may change on resume, by their flags"
+        )
+    values = {n: started[n] for n in names if n in started}
+    values.update({n: getattr(saved, n) for n in resumable})
+    try:
+        return TrainConfig(**values)
+    except (ConfigError, TypeError) as e:
+        raise RunError(f"the options recorded in the checkpoint are unreadable ({e})") from None
