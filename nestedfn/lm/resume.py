@@ -87,9 +87,16 @@ def started_config(
         raw = parse_yaml(config_file.read_text(encoding="utf-8"))
     except Exception as e:  # load_config read it a moment ago; anything now is damage
         raise RunError(f"{config_file}: unreadable ({e})") from None
+    from nestedfn.lm.mlxlm_compat import FACE, NormalizeError, normalize, to_face
+
     raw = raw if isinstance(raw, dict) else {}
     names = [f.name for f in fields(TrainConfig)]
-    missing = [n for n in names if n not in raw and n in started]
+    try:  # the file's keys as TrainConfig fields (it may use mlx-lm's names)
+        present = set(normalize(raw, str(config_file)))
+        expected = set(normalize(to_face(started), "the checkpoint"))
+    except NormalizeError as e:
+        raise RunError(str(e)) from None
+    missing = [FACE.get(n, n) for n in names if n in expected and n not in present]
     if missing:
         raise RunError(
             f"{config_file} lacks option(s) {', '.join(missing)} that the run was started with "
@@ -101,7 +108,7 @@ def started_config(
     if changed:
         n = changed[0]
         raise RunError(
-            f"{config_file}: {n} is {current[n]!r} but the run was started with "
+            f"{config_file}: {FACE.get(n, n)} is {current[n]!r} but the run was started with "
             f"{started[n]!r}"
             + (f" (also changed: {', '.join(changed[1:])})" if changed[1:] else "")
             + f"; only {', '.join(resumable)} may change on resume, by their flags"

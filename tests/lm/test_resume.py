@@ -84,12 +84,14 @@ def test_a_truncated_config_yaml_is_refused_naming_the_missing_option(assets, st
         _train(small(assets, **CFG), stopped, resume=True)
 
 
-@pytest.mark.parametrize("option,value", [("learning_rate", 0.5), ("steps", 9)])
+@pytest.mark.parametrize("option,value", [("learning_rate", 0.5), ("iters", 9)])
 def test_an_edited_config_yaml_is_refused_naming_the_option(assets, stopped, option, value):
+    """(``iters`` is mlx-lm's name of ``steps``, the one config.yaml uses.)"""
     import yaml
 
     path = stopped / "config.yaml"
     data = yaml.safe_load(path.read_text())
+    assert option in data
     data[option] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(RunError, match=f"{option} is {value!r} but the run was started with"):
