@@ -102,9 +102,10 @@ def _interrupt_on_call(monkeypatch, obj, name, k):
 
 
 def _meta(path):
-    """A checkpoint's metadata but the checksums of things holding timings (the metrics)."""
+    """A checkpoint's metadata but the checksums of things holding timings (the metrics) and
+    the run directory's own path (in the recorded options)."""
     meta = json.loads(path.read_text())
-    del meta["digest"], meta["extra"]["metrics_sha256"]
+    del meta["digest"], meta["extra"]["metrics_sha256"], meta["extra"]["config"]["adapter_path"]
     return meta
 
 
