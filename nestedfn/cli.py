@@ -61,6 +61,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _launched() -> bool:
+    """Whether a launcher (``mlx.launch``, ``mpirun``) started this process: it stops the other
+    ranks with SIGTERM once one exits, so there SIGTERM keeps its default (a rank blocked in a
+    collective could not run a handler)."""
+    import os
+
+    return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
 def _os_error_line(e: OSError) -> str:
     """``PATH: cause`` of an ``OSError`` (``NotADirectoryError``, ``ENOSPC``, ``EROFS``...)."""
     why = e.strerror or str(e) or type(e).__name__
@@ -386,7 +395,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None or argv[:1] in (["train"], ["demo"]):
+    if (argv is None or argv[:1] in (["train"], ["demo"])) and not _launched():
         _SIGNAL["received"] = signal.SIGINT
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # Ctrl-C or SIGTERM while the modules load (seconds): no traceback either
