@@ -56,9 +56,13 @@ _STEP_FILES = {"arrays.safetensors", "meta.json"}
 def write_manifest(out: Path, config_sha256: list[str], rewriting: bool = False) -> None:
     """Mark ``out``'s run files as written by nestedfn, with the SHA-256 of the accepted
     ``config.yaml`` (atomically)."""
-    from nestedfn import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    record = {"format": "nestedfn-run", "version": 1, "nestedfn": __version__}
+    try:
+        writer = version("nestedfn")
+    except PackageNotFoundError:
+        writer = "unknown"
+    record = {"format": "nestedfn-run", "version": 1, "nestedfn": writer}
     record |= {"config_sha256": config_sha256, "rewriting": rewriting}
     record["digest"] = _digest(record)
     atomic_write_text(out / MANIFEST, json.dumps(record) + "\n")
