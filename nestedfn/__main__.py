@@ -1,6 +1,6 @@
 """``python -m nestedfn``: the same command line as ``nestedfn``."""
 
-from nestedfn.cli import main
+from nestedfn.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

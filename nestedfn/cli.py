@@ -434,5 +434,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGTERM if term else EXIT_SIGINT
 
 
+def entry() -> None:
+    """The ``nestedfn`` command: ``main`` and its exit status.  Once ``main`` has returned
+    (every file written), SIGTERM and SIGINT get their default actions back, so a signal
+    during interpreter shutdown ends the process quietly instead of raising into an
+    ``atexit`` callback and printing a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a signal in the instant after main's own handling ended
+        code = EXIT_SIGTERM if _SIGNAL["received"] == signal.SIGTERM else EXIT_SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
