@@ -43,11 +43,14 @@ the checksum of ``metrics.jsonl`` so far; ``--force`` goes by the manifest (``lm
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -416,6 +419,23 @@ def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) 
     save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Any:
+    """SIGINT and SIGTERM ignored while the interrupt's checkpoint is written: Ctrl-C often
+    arrives twice (a terminal's process group and a launcher forwarding it, or a second press),
+    and a second interrupt inside the save would leave the run with no checkpoint of the steps
+    it completed.  The handlers in force before are restored after (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
 def _loop(
     prep: Prepared,
     fns: _StepFns,
@@ -553,7 +573,8 @@ def _loop(
             ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
             if main:
                 bar.close()
-                _save(prep, done, done_extra, out, c.keep_last)
+                with _signals_held():
+                    _save(prep, done, done_extra, out, c.keep_last)
         raise Interrupted(out, step, ckpt) from None
     finally:
         bar.close()
