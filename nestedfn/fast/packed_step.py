@@ -65,6 +65,24 @@ _LOW = (mx.float16, mx.bfloat16)
 _DTYPE = operator.attrgetter("dtype")
 
 
+def first_mismatch(expected: Any, got: Any, low: bool) -> str | None:
+    """The path of the first leaf of ``got`` that differs from ``expected`` (same structure)
+    by more than a fused kernel's rounding, or ``None``.  A fused kernel rounds once where
+    eager ops round each intermediate: a few ulps of float32 are allowed, or of a low
+    precision where the leaf is low precision or ``low`` says the computation rounds in one
+    elsewhere; a non-elementwise optimizer differs grossly."""
+    e_leaves, td = flatten(expected)
+    g_leaves = flatten(got)[0]
+    for path, e, g in zip(td.paths(), e_leaves, g_leaves):
+        rtol, atol = (3e-2, 1e-3) if low or e.dtype in _LOW else (1e-4, 1e-6)
+        close = e.shape == g.shape and mx.allclose(
+            e.astype(mx.float32), g.astype(mx.float32), rtol=rtol, atol=atol, equal_nan=True
+        )
+        if not close:
+            return path
+    return None
+
+
 class PackedState(NamedTuple):
     """The ``opt_state`` a packed step returns: the optimizer's state over flat buffers."""
 
@@ -413,21 +431,15 @@ class PackedCompiledStep:
         eager per-leaf ``apply_gradients``."""
         expected = apply_gradients(self.opt, self.unpack_state(state), grads)
         got = self.unpack_state(got)
-        e_leaves, td = flatten({"params": expected.params, "opt_state": expected.opt_state})
-        g_leaves = flatten({"params": got.params, "opt_state": got.opt_state})[0]
         low_grads = any(g.dtype in _LOW for g in flatten(grads)[0])
-        for path, e, g in zip(td.paths(), e_leaves, g_leaves):
-            # a fused kernel rounds once where eager ops round each intermediate: allow a few
-            # ulps (of float32, or of the low precision of the leaf or of the gradients, whose
-            # intermediates round there); non-elementwise optimizers differ grossly
-            low = low_grads or e.dtype in _LOW
-            rtol, atol = (3e-2, 1e-3) if low else (1e-4, 1e-6)
-            close = e.shape == g.shape and mx.allclose(
-                e.astype(mx.float32), g.astype(mx.float32), rtol=rtol, atol=atol, equal_nan=True
+        path = first_mismatch(
+            {"params": expected.params, "opt_state": expected.opt_state},
+            {"params": got.params, "opt_state": got.opt_state},
+            low_grads,  # the gradients' intermediates round in their precision
+        )
+        if path is not None:
+            raise NotPackableError(
+                "compile_step(packed=True): the packed step differs from apply_gradients at "
+                f"{path!r}; the optimizer is not elementwise over params (per-leaf shapes, "
+                "labels, masks or tiers), use compile_step(opt) instead"
             )
-            if not close:
-                raise NotPackableError(
-                    "compile_step(packed=True): the packed step differs from apply_gradients at "
-                    f"{path!r}; the optimizer is not elementwise over params (per-leaf shapes, "
-                    "labels, masks or tiers), use compile_step(opt) instead"
-                )

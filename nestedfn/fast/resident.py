@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn.fast.gather import gather
-from nestedfn.fast.packed_step import PackedCompiledStep, PackedState, _Layout
+from nestedfn.fast.packed_step import PackedCompiledStep, PackedState, _Layout, first_mismatch
 from nestedfn.fast.packing import NotPackableError, PackLayout, pack, unpack
 from nestedfn.optim.core import (
     Optimizer,
@@ -349,26 +349,18 @@ class ResidentStep:
         e_value, grad_leaves = mx.value_and_grad(loss_of_leaves)(flatten(before.params)[0])
         expected = apply_gradients(self.opt, before, unflatten(td, grad_leaves))
         after = self.unpack_state(got)
-        e_leaves, e_def = flatten(
-            {"loss": e_value, "params": expected.params, "opt_state": expected.opt_state}
+        path = first_mismatch(
+            {"loss": e_value, "params": expected.params, "opt_state": expected.opt_state},
+            {"loss": value, "params": after.params, "opt_state": after.opt_state},
+            any(dt in _LOW for dt in self.layout.dtypes),  # gradients and loss round there
         )
-        g_leaves = flatten({"loss": value, "params": after.params, "opt_state": after.opt_state})[0]
-        low = any(dt in _LOW for dt in self.layout.dtypes)
-        for path, e, g in zip(e_def.paths(), e_leaves, g_leaves):
-            # a fused kernel rounds once where eager ops round each intermediate: a few ulps
-            # of float32, or of a low precision anywhere in the params (their gradients and
-            # the loss round there); a non-elementwise optimizer differs grossly
-            rtol, atol = (3e-2, 1e-3) if low or e.dtype in _LOW else (1e-4, 1e-6)
-            close = e.shape == g.shape and mx.allclose(
-                e.astype(mx.float32), g.astype(mx.float32), rtol=rtol, atol=atol, equal_nan=True
+        if path is not None:
+            raise NotPackableError(
+                "resident_step: the resident step differs from value_and_grad + "
+                f"apply_gradients on the tree at {path!r}; the optimizer is not "
+                "elementwise over params (per-leaf shapes, labels, masks or tiers), use "
+                "compile_step(opt) instead"
             )
-            if not close:
-                raise NotPackableError(
-                    "resident_step: the resident step differs from value_and_grad + "
-                    f"apply_gradients on the tree at {path!r}; the optimizer is not "
-                    "elementwise over params (per-leaf shapes, labels, masks or tiers), use "
-                    "compile_step(opt) instead"
-                )
 
 
 def resident_step(
