@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import pytest
 
 from nestedfn.lm.lora import LoraError, LoraSpec, apply_lora
 from nestedfn.tree import to_flat
+from tests import tiny_models
 
-
-def tiny_llama(seed: int = 0):
-    from mlx_lm.models.llama import Model, ModelArgs
-
-    mx.random.seed(seed)
-    args = ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-        tie_word_embeddings=True,
-    )
-    model = Model(args)
-    mx.eval(model.parameters())
-    return model
+# these tests (and tests/lm/test_adapters.py) have always used the tied-embedding variant
+tiny_llama = partial(tiny_models.tiny_llama, tie_word_embeddings=True)
 
 
 def test_apply_lora_trains_only_lora_leaves_of_the_last_blocks():

@@ -19,29 +19,13 @@ from nestedfn.tiered.tiers import (
     resolve,
 )
 from nestedfn.tree import PathError, TreeMismatchError, flatten, to_flat
+from tests.tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def lora_params():
     """Trainable params of a tiny real mlx-lm Llama with LoRA on all 4 layers (no download)."""
-    from mlx_lm.models.llama import Model, ModelArgs
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    mx.random.seed(0)
-    args = ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-    )
-    model = Model(args)
-    model.freeze()
-    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    return model.trainable_parameters()
+    return tiny_llama(lora_layers=4).trainable_parameters()
 
 
 def tier_sizes(labels, params, n):

@@ -16,6 +16,7 @@ import nestedfn as nf
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree import TreeMismatchError
 from nestedfn.tree import module as tree_mod
+from tests.tiny_models import tiny_llama
 
 CORRUPTIONS = [
     "shape",
@@ -30,25 +31,7 @@ CORRUPTIONS = [
 
 
 def tiny_lora_llama():
-    from mlx_lm.models.llama import Model, ModelArgs
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    mx.random.seed(0)
-    args = ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-    )
-    model = Model(args)
-    model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    mx.eval(model.parameters())
-    return model
+    return tiny_llama(lora_layers=2)
 
 
 @pytest.fixture
