@@ -2,7 +2,6 @@
 // mlx.core.array objects pass straight through).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
-#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include "fused_step.h"
@@ -45,8 +44,7 @@ NB_MODULE(_native, m) {
          bool with_acc,
          double f,
          int threads,
-         int max_leaves,
-         const std::vector<mlx::core::Stream>& streams) {
+         bool lazy) {
         nestedfn::Hyper h;
         h.algo = algo;
         h.b1 = b1;
@@ -63,18 +61,14 @@ NB_MODULE(_native, m) {
         h.with_acc = with_acc;
         h.f = with_acc ? f : 1.0;
         h.threads = threads;
-        if (max_leaves == 0) {
+        if (!lazy) {
           nb::gil_scoped_release release;
           return nestedfn::fused_apply(params, grads, states, accs, h);
         }
-        if (streams.empty()) {
-          return nestedfn::fused_update(params, grads, states, accs, h, mlx::core::Device::cpu);
-        }
-        return nestedfn::fused_step(params, grads, states, accs, h, max_leaves, streams);
+        return nestedfn::fused_update(params, grads, states, accs, h, mlx::core::Device::cpu);
       },
       "params"_a, "grads"_a, "states"_a, "accs"_a, "algo"_a, "b1"_a, "b2"_a, "eps"_a, "c1"_a,
       "c2"_a, "nesterov"_a, "has_wd"_a, "wd"_a, "neg_lr"_a, "has_post"_a, "post"_a,
-      "with_acc"_a, "f"_a, "threads"_a, "max_leaves"_a = 8,
-      "streams"_a = std::vector<mlx::core::Stream>{},
+      "with_acc"_a, "f"_a, "threads"_a, "lazy"_a = true,
       "The new leaves of one optimizer step over many arrays (see csrc/fused_step.h).");
 }

@@ -27,6 +27,31 @@
 
 namespace nestedfn {
 
+// One multi-threaded piece of work: f(0..n-1), the items taken in order from a shared counter
+// by every thread that drains it.
+struct Job {
+  size_t n = 0;
+  std::function<void(size_t)> fn;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> done{0};
+
+  void drain() {
+    size_t mine = 0;
+    for (;;) {
+      const size_t k = next.fetch_add(1, std::memory_order_relaxed);
+      if (k >= n) {
+        break;
+      }
+      fn(k);
+      ++mine;
+    }
+    if (mine > 0) {
+      done.fetch_add(mine, std::memory_order_acq_rel);
+    }
+  }
+};
+
+
 namespace {
 
 using bf16 = mx::bfloat16_t;
@@ -322,49 +347,47 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
-// A small persistent pool: run(nt, n, f) calls f(0..n-1) on the caller and nt - 1 workers,
-// items taken in order from a shared counter.  Workers spin briefly for the next job (steps
-// come back to back), then sleep on a condition variable.
+// new leaves per TakeOutputs group: about TAKE_GROUPS groups, each of TAKE_MIN..TAKE_MAX
+constexpr size_t TAKE_GROUPS = 64, TAKE_MIN = 4, TAKE_MAX = 64;
+
+// A small persistent pool of workers that sleep on a condition variable between jobs.
 class Pool {
  public:
-  template <class F>
-  void run(size_t nt, size_t n, F&& f) {
-    if (nt <= 1 || n <= 1) {
-      for (size_t k = 0; k < n; ++k) {
-        f(k);
+  // Run ``job`` on the caller and nt - 1 workers; returns once every item is done (also
+  // those another thread took).
+  void run(size_t nt, const std::shared_ptr<Job>& job) {
+    const size_t n = job->n;
+    if (n == 0) {
+      return;
+    }
+    if (nt <= 1) {
+      job->drain();
+      while (job->done.load(std::memory_order_acquire) < n) {
+        std::this_thread::yield();
       }
       return;
     }
     std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
-    ensure(nt - 1);
-    std::function<void(size_t)> fn = std::forward<F>(f);
-    next_.store(0);
-    n_ = n;
-    fn_ = &fn;
-    active_.store(static_cast<int>(nt - 1));
+    const size_t workers = std::min(nt, n) - 1;
+    ensure(workers);
     {
       std::lock_guard<std::mutex> lk(m_);
-      wanted_ = nt - 1;
+      current_ = job;
+      wanted_ = workers;
       ++generation_;
     }
-    cv_.notify_all();
-    drain();
-    while (active_.load(std::memory_order_acquire) > 0) {
+    if (workers > 0) {
+      cv_.notify_all();
+    }
+    job->drain();
+    while (job->done.load(std::memory_order_acquire) < n) {
       std::this_thread::yield();
     }
-    fn_ = nullptr;
+    std::lock_guard<std::mutex> lk(m_);
+    current_.reset();
   }
 
  private:
-  void drain() {
-    for (;;) {
-      const size_t k = next_.fetch_add(1, std::memory_order_relaxed);
-      if (k >= n_) {
-        return;
-      }
-      (*fn_)(k);
-    }
-  }
   void ensure(size_t workers) {
     while (threads_.size() < workers) {
       const size_t id = threads_.size();
@@ -375,6 +398,7 @@ class Pool {
   void loop(size_t id) {
     uint64_t seen = 0;
     for (;;) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lk(m_);
         cv_.wait(lk, [&] { return generation_ != seen; });
@@ -382,19 +406,19 @@ class Pool {
         if (id >= wanted_) {
           continue;
         }
+        job = current_;
       }
-      drain();
-      active_.fetch_sub(1, std::memory_order_release);
+      if (job) {
+        job->drain();
+      }
     }
   }
   std::mutex run_mutex_, m_;
   std::condition_variable cv_;
   std::vector<std::thread> threads_;
-  std::atomic<size_t> next_{0};
-  std::atomic<int> active_{0};
-  size_t n_ = 0, wanted_ = 0;
+  std::shared_ptr<Job> current_;
+  size_t wanted_ = 0;
   uint64_t generation_ = 0;
-  std::function<void(size_t)>* fn_ = nullptr;
 };
 
 Pool& pool() {
@@ -405,7 +429,7 @@ Pool& pool() {
 // Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
 // cores), a thread per MiB-sized share of the work at most.
 void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
-                const std::vector<size_t>& sizes, const Hyper& h,
+                const std::vector<size_t>& sizes, const Hyper& h, Stash* stash = nullptr,
                 size_t per_thread = size_t(1) << 15) {
   const size_t n = leaves.size();
   // work items: chunks of leaves, taken by threads in order
@@ -424,10 +448,20 @@ void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
                             : std::max(1u, std::thread::hardware_concurrency());
   nt = std::min(nt, std::max<size_t>(1, total / per_thread));
   nt = std::min(nt, items.size());
-  pool().run(nt, items.size(), [&](size_t k) {
+  auto job = std::make_shared<Job>();
+  job->n = items.size();
+  job->fn = [&](size_t k) {
     const Item& it = items[k];
     kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
-  });
+  };
+  if (stash != nullptr && nt > 1) {
+    stash->job = job;
+    int neither = 0;
+    if (stash->meet.compare_exchange_strong(neither, 1, std::memory_order_acq_rel)) {
+      nt = 1;  // main is still evaluating TakeOutputs groups: it joins after its last one
+    }
+  }
+  pool().run(nt, job);
 }
 
 
@@ -519,103 +553,73 @@ std::vector<mx::array> fused_update(
     throw std::invalid_argument("fused_update: only CPU streams are supported");
   }
   validate(params, grads, states, accs, h);
-  std::vector<mx::array> inputs;
+  if (n == 0) {
+    return {};
+  }
+  // operands in slot order; the new leaves' shapes and dtypes in result order
+  std::vector<const mx::array*> ops;
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
-  inputs.reserve((2 + ns + 1) * n);
+  ops.reserve((2 + ns + 1) * n);
   if (!accum) {
     for (auto& p : params) {
-      inputs.push_back(p);
+      ops.push_back(&p);
       shapes.push_back(p.shape());
       dtypes.push_back(p.dtype());
     }
   }
   for (auto& g : grads) {
-    inputs.push_back(g);
+    ops.push_back(&g);
   }
   for (auto& st : states) {
     for (auto& x : st) {
-      inputs.push_back(x);
+      ops.push_back(&x);
       shapes.push_back(x.shape());
       dtypes.push_back(x.dtype());
     }
   }
   if (has_acc) {
     for (auto& a : accs) {
-      inputs.push_back(a);
+      ops.push_back(&a);
       shapes.push_back(a.shape());
       dtypes.push_back(mx::float32);
     }
   }
-  if (n == 0) {
-    return {};
+  // computed operands are held by the primitive, the others are graph inputs
+  std::vector<mx::array> inputs;
+  std::vector<std::optional<mx::array>> held(ops.size());
+  std::vector<int> input_of(ops.size(), -1);
+  for (size_t k = 0; k < ops.size(); ++k) {
+    auto& x = const_cast<mx::array&>(*ops[k]);
+    if (x.status() != mx::array::Status::unscheduled && !x.is_tracer() && x.is_available()) {
+      held[k].emplace(x);
+    } else {
+      input_of[k] = static_cast<int>(inputs.size());
+      inputs.push_back(x);
+    }
   }
-  auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n));
-  return mx::array::make_arrays(std::move(shapes), dtypes, prim, inputs);
-}
-
-std::vector<mx::array> fused_step(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<std::vector<mx::array>>& states,
-    const std::vector<mx::array>& accs,
-    const Hyper& h,
-    int max_leaves,
-    const std::vector<mx::Stream>& streams) {
-  const size_t n = grads.size();
-  const bool accum = h.algo == ACCUM;
-  const int ns = n_states(h.algo);
-  const bool has_acc = accum || h.with_acc;
-  if (streams.empty()) {
-    throw std::invalid_argument("fused_step: no streams");
-  }
-  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
-      (has_acc && accs.size() != n)) {
-    throw std::invalid_argument("fused_step: lists of different lengths");
-  }
-  const size_t k = static_cast<size_t>(std::max(1, max_leaves));
-  // group outputs, in fused_update's layout, to be scattered back into the whole layout
-  const size_t np = accum ? 0 : n;
+  auto stash = std::make_shared<Stash>();
+  stash->out.resize(shapes.size());
+  auto token = mx::array(
+      mx::Shape{}, mx::bool_,
+      std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), shapes, dtypes, stash,
+                                    std::move(held), std::move(input_of)),
+      std::move(inputs));
+  // groups of new leaves: about TAKE_GROUPS of them, of TAKE_MIN..TAKE_MAX leaves
+  const size_t n_out = shapes.size();
+  const size_t k = std::clamp<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN, TAKE_MAX);
+  stash->groups = (n_out + k - 1) / k;
   std::vector<mx::array> result;
-  result.reserve(np + ns * n + (has_acc ? n : 0));
-  std::vector<std::vector<mx::array>> group_out;
-  std::vector<std::pair<size_t, size_t>> bounds;
-  std::vector<size_t> load(streams.size(), 0);
-  // leaves with more elements than this get a group of their own
-  constexpr size_t BIG = size_t(1) << 17;
-  size_t b = 0;
-  while (b < n) {
-    size_t e = b, elems = 0;
-    while (e < n && e - b < k && (e == b || grads[e].size() < BIG) && elems < BIG * 2) {
-      elems += grads[e].size();
-      ++e;
-      if (grads[e - 1].size() >= BIG) {
-        break;
-      }
-    }
-    auto sl = [&](const std::vector<mx::array>& v) {
-      return std::vector<mx::array>(v.begin() + b, v.begin() + e);
-    };
-    std::vector<std::vector<mx::array>> st;
-    for (auto& x : states) {
-      st.push_back(sl(x));
-    }
-    const size_t s = std::min_element(load.begin(), load.end()) - load.begin();
-    load[s] += elems;
-    group_out.push_back(fused_update(accum ? std::vector<mx::array>{} : sl(params), sl(grads),
-                                     st, has_acc ? sl(accs) : std::vector<mx::array>{}, h,
-                                     streams[s]));
-    bounds.emplace_back(b, e);
-    b = e;
-  }
-  const int lists = (accum ? 0 : 1) + ns + (has_acc ? 1 : 0);
-  for (int l = 0; l < lists; ++l) {
-    for (size_t gi = 0; gi < group_out.size(); ++gi) {
-      const size_t m = bounds[gi].second - bounds[gi].first;
-      auto& out = group_out[gi];
-      for (size_t j = 0; j < m; ++j) {
-        result.push_back(std::move(out[l * m + j]));
-      }
+  result.reserve(n_out);
+  for (size_t b = 0; b < n_out; b += k) {
+    const size_t e = std::min(n_out, b + k);
+    std::vector<mx::Shape> gs(std::make_move_iterator(shapes.begin() + b),
+                              std::make_move_iterator(shapes.begin() + e));
+    std::vector<mx::Dtype> gd(dtypes.begin() + b, dtypes.begin() + e);
+    auto outs = mx::array::make_arrays(
+        std::move(gs), gd, std::make_shared<TakeOutputs>(stream, stash, b, e), {token});
+    for (auto& x : outs) {
+      result.push_back(std::move(x));
     }
   }
   return result;
@@ -727,95 +731,133 @@ void FusedUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>
   throw std::runtime_error("nestedfn FusedUpdate has no GPU eval (use the packed path)");
 }
 
+void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>& outputs) {
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    auto& held = stash_->out[begin_ + j];
+    if (!held) {
+      throw std::runtime_error("nestedfn TakeOutputs: its FusedUpdate was not evaluated");
+    }
+    outputs[j].copy_shared_buffer(*held);
+    held.reset();
+  }
+  if (stash_->groups_done.fetch_add(1, std::memory_order_acq_rel) + 1 == stash_->groups) {
+    int neither = 0;
+    if (!stash_->meet.compare_exchange_strong(neither, 2, std::memory_order_acq_rel) &&
+        neither == 1) {
+      stash_->job->drain();  // the kernel started while we were busy: join it
+    }
+  }
+
+}
+
+void TakeOutputs::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("nestedfn TakeOutputs has no GPU eval (use the packed path)");
+}
+
 void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const size_t n = static_cast<size_t>(n_);
   const bool accum = h_.algo == ACCUM;
   const int ns = n_states(h_.algo);
   const bool has_acc = accum || h_.with_acc;
-  // input slots
+  // operand slots
   const size_t ip = 0, ig = accum ? 0 : n, is = ig + n, ia = is + ns * n;
-  // output o takes its buffer from input src(o) when that input is donatable
+  auto operand = [&](size_t slot) -> const mx::array& {
+    return held_[slot] ? *held_[slot] : inputs[input_of_[slot]];
+  };
+  outputs[0].set_data(mx::allocator::malloc(1));  // the token
+  // new leaf o takes the buffer of operand src(o) when only this primitive refers to it (the
+  // caller dropped the previous state) and no one else shares its buffer
   const size_t np = accum ? 0 : n;
-  const long n_out = static_cast<long>(outputs.size());
-  for (size_t o = 0; o < outputs.size(); ++o) {
+  auto& holders = stash_->out;
+  for (size_t o = 0; o < shapes_.size(); ++o) {
     const size_t src = o < np ? ip + o : (o < np + ns * n ? is + (o - np) : ia + (o - np - ns * n));
-    auto& in = inputs[src];
-    auto& out = outputs[o];
-    if (plain(in) && in.dtype() == out.dtype() && desc_use_count(in) == n_out &&
+    const auto& in = operand(src);
+    const size_t nbytes = in.size() * mx::size_of(dtypes_[o]);
+    if (plain(in) && in.dtype() == dtypes_[o] && desc_use_count(in) == 1 &&
         in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
-        in.nbytes() == out.nbytes()) {
-      out.copy_shared_buffer(in);
+        in.nbytes() == nbytes) {
+      holders[o].emplace(in);
     } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+      holders[o].emplace(mx::allocator::malloc(nbytes), shapes_[o], dtypes_[o]);
     }
   }
-
-  // what the task needs: per leaf, its pointers; strided inputs are copied first
-  struct Strided {
-    size_t slot;
-    size_t nbytes;
-  };
-  std::vector<Strided> strided;
-  for (size_t k = 0; k < inputs.size(); ++k) {
-    if (!plain(inputs[k])) {
-      strided.push_back({k, inputs[k].nbytes()});
+  // what the task needs: the operands and the new buffers alive, per leaf its pointers;
+  // strided operands are copied by the task first
+  std::vector<mx::array> keep;
+  keep.reserve(holders.size() + held_.size());
+  for (auto& x : holders) {
+    keep.push_back(*x);
+  }
+  for (auto& x : held_) {
+    if (x) {
+      keep.push_back(std::move(*x));
+      x.reset();
+    }
+  }
+  // (the held operands now live in ``keep``; operand() reads them there)
+  std::vector<const mx::array*> op(input_of_.size());
+  {
+    size_t j = holders.size();
+    for (size_t k = 0; k < input_of_.size(); ++k) {
+      op[k] = input_of_[k] < 0 ? &keep[j++] : &inputs[input_of_[k]];
+    }
+  }
+  std::vector<size_t> strided;  // slots
+  for (size_t k = 0; k < op.size(); ++k) {
+    if (!plain(*op[k])) {
+      strided.push_back(k);
     }
   }
   std::vector<Kernel> kernels(n);
   std::vector<size_t> sizes(n);
   for (size_t i = 0; i < n; ++i) {
-    const auto& g = inputs[ig + i];
-    kernels[i] = pick(h_, g.dtype(), ns > 0 ? inputs[is + i].dtype() : g.dtype());
+    const auto& g = *op[ig + i];
+    kernels[i] = pick(h_, g.dtype(), ns > 0 ? op[is + i]->dtype() : g.dtype());
     sizes[i] = g.size();
   }
-  const void* nil = nullptr;
-  auto ptr = [&](size_t slot) -> const void* { return inputs[slot].data<void>(); };
+  auto ptr = [&](size_t slot) -> const void* { return op[slot]->data<void>(); };
   std::vector<Leaf> leaves(n);
   for (size_t i = 0; i < n; ++i) {
     Leaf& L = leaves[i];
     L.g = ptr(ig + i);
     if (!accum) {
       L.p = ptr(ip + i);
-      L.po = outputs[i].data<void>();
+      L.po = keep[i].data<void>();
     }
     if (ns > 0) {
       L.s0 = ptr(is + i);
-      L.s0o = outputs[np + i].data<void>();
+      L.s0o = keep[np + i].data<void>();
     }
     if (ns > 1) {
       L.s1 = ptr(is + n + i);
-      L.s1o = outputs[np + n + i].data<void>();
+      L.s1o = keep[np + n + i].data<void>();
     }
     if (has_acc) {
       L.acc = static_cast<const float*>(ptr(ia + i));
-      L.acco = outputs[np + ns * n + i].data<float>();
+      L.acco = keep[np + ns * n + i].data<float>();
     }
   }
-  (void)nil;
-  // strided inputs: the task copies them into temporaries and repoints the leaves
   std::vector<mx::array> strided_src;
-  for (auto& st : strided) {
-    strided_src.push_back(inputs[st.slot]);
+  for (size_t slot : strided) {
+    strided_src.push_back(*op[slot]);
   }
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) {
     encoder.set_input_array(in);
   }
-  for (auto& out : outputs) {
-    encoder.set_output_array(out);
-  }
-  encoder.dispatch([h = h_, n, ns, accum, has_acc, ip, ig, is, ia, leaves = std::move(leaves),
-                    kernels = std::move(kernels), sizes = std::move(sizes),
-                    strided = std::move(strided),
+  encoder.set_output_array(outputs[0]);
+  encoder.dispatch([stash = stash_, keep = std::move(keep), h = h_, n, accum, ip, ig, is, ia,
+                    leaves = std::move(leaves), kernels = std::move(kernels),
+                    sizes = std::move(sizes), strided = std::move(strided),
                     strided_src = std::move(strided_src)]() mutable {
+    // strided operands: copied into temporaries, the leaves repointed
     std::vector<std::unique_ptr<char[]>> temps;
     for (size_t k = 0; k < strided.size(); ++k) {
-      temps.emplace_back(new char[std::max<size_t>(strided[k].nbytes, 1)]);
+      temps.emplace_back(new char[std::max<size_t>(strided_src[k].nbytes(), 1)]);
       strided_copy(strided_src[k], temps.back().get());
-      const size_t slot = strided[k].slot;
+      const size_t slot = strided[k];
       const void* q = temps.back().get();
-      // which leaf and which field the slot is
       if (!accum && slot < ig) {
         leaves[slot - ip].p = q;
       } else if (slot < is) {
@@ -831,9 +873,7 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         leaves[slot - ia].acc = static_cast<const float*>(q);
       }
     }
-    (void)has_acc;
-    (void)ns;
-    run_leaves(leaves, kernels, sizes, h);
+    run_leaves(leaves, kernels, sizes, h, stash.get());
   });
 }
 

@@ -8,6 +8,9 @@
 // off the CPU.
 #pragma once
 
+#include <atomic>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,9 +47,44 @@ struct Hyper {
 
 int n_states(int algo);
 
+// What a step's FusedUpdate hands its TakeOutput primitives: the buffer of every new leaf,
+// chosen (donated input or fresh) when the FusedUpdate is evaluated, taken by each
+// TakeOutput when it is evaluated.
+struct Job;  // a multi-threaded piece of work (fused_step.cpp)
+
+struct Stash {
+  std::vector<std::optional<mx::array>> out;
+  // Who runs the kernel.  MLX's main thread evaluates the token, then every TakeOutputs
+  // group; the token's task runs on the stream's thread meanwhile.  Whichever of the two
+  // comes second decides: a task that starts while main is still busy runs the kernel on its
+  // own thread and main joins it once its last group is done (two cores, no third thread
+  // to wake or to wait for a core); a task that starts after that uses a pool worker.
+  size_t groups = 0;
+  std::atomic<size_t> groups_done{0};
+  std::atomic<int> meet{0};  // 0: neither yet; 1: the kernel is running (job set); 2: main is done
+  std::shared_ptr<Job> job;
+};
+
+// The whole update of one step over n leaves.  Its single output is a one-byte token; the
+// new leaves are TakeOutputs arrays of that token.  MLX's multi-output primitives make every
+// output hold every input and every sibling (outputs x (inputs + outputs) references to
+// build, evaluate and detach), which for a 336-leaf LoRA tree (1008 outputs, 1344 inputs)
+// cost more than the update itself; a token and one single-input TakeOutput per new leaf
+// make the graph linear in the leaves and the
+// update one task on all cores.
 class FusedUpdate : public mx::Primitive {
  public:
-  FusedUpdate(mx::Stream stream, Hyper h, int n) : mx::Primitive(stream), h_(h), n_(n) {}
+  FusedUpdate(mx::Stream stream, Hyper h, int n, std::vector<mx::Shape> shapes,
+              std::vector<mx::Dtype> dtypes, std::shared_ptr<Stash> stash,
+              std::vector<std::optional<mx::array>> held, std::vector<int> input_of)
+      : mx::Primitive(stream),
+        h_(h),
+        n_(n),
+        shapes_(std::move(shapes)),
+        dtypes_(std::move(dtypes)),
+        stash_(std::move(stash)),
+        held_(std::move(held)),
+        input_of_(std::move(input_of)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -58,10 +96,43 @@ class FusedUpdate : public mx::Primitive {
  private:
   Hyper h_;
   int n_;  // leaves
+  std::vector<mx::Shape> shapes_;  // of the new leaves, in fused_update's result order
+  std::vector<mx::Dtype> dtypes_;
+  std::shared_ptr<Stash> stash_;
+  // The operands, in slot order (params, grads, states, accs): one already computed when the
+  // step was built is held here rather than made a graph input (MLX's evaluator visits,
+  // hashes and fences every input: for a LoRA tree ~1000 arrays that need none of it);
+  // input_of_[slot] is its index among the inputs otherwise (-1: held).
+  std::vector<std::optional<mx::array>> held_;
+  std::vector<int> input_of_;
+};
+
+// New leaves [begin, end) of a FusedUpdate (its only input is the token), as one
+// multi-output primitive: their buffers are the ones the FusedUpdate chose, written by the
+// FusedUpdate's task, which runs before this primitive's on the same stream.  Groups keep
+// both MLX costs small: siblings (quadratic in a group's size) and scheduled tasks (one per
+// group; MLX's evaluator waits for the stream once more than ten tasks are queued).
+class TakeOutputs : public mx::Primitive {
+ public:
+  TakeOutputs(mx::Stream stream, std::shared_ptr<Stash> stash, size_t begin, size_t end)
+      : mx::Primitive(stream), stash_(std::move(stash)), begin_(begin), end_(end) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  const char* name() const override {
+    return "NestedfnTakeOutputs";
+  }
+
+ private:
+  std::shared_ptr<Stash> stash_;
+  size_t begin_, end_;
 };
 
 // The new leaves: params' (absent for ACCUM), one list per state (Adam: m, v; Lion: m;
 // momentum: trace), then acc' when with_acc or ACCUM; all concatenated in that order.
+// Lazy: computed when MLX evaluates them, on ``s`` (a CPU stream), each new leaf in a
+// donated input buffer when nothing else refers to that input any more.
 // Throws std::invalid_argument naming the leaf index and what is wrong.
 std::vector<mx::array> fused_update(
     const std::vector<mx::array>& params,
@@ -70,19 +141,6 @@ std::vector<mx::array> fused_update(
     const std::vector<mx::array>& accs,
     const Hyper& h,
     mx::StreamOrDevice s = {});
-
-// fused_update over groups of at most ``max_leaves`` leaves, one primitive per group (MLX's
-// multi-output primitives cost outputs x (inputs + outputs) to build and evaluate), the
-// groups spread over ``streams`` (CPU streams, each run by its own thread) by their sizes.
-// Same result layout as fused_update.
-std::vector<mx::array> fused_step(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<std::vector<mx::array>>& states,
-    const std::vector<mx::array>& accs,
-    const Hyper& h,
-    int max_leaves,
-    const std::vector<mx::Stream>& streams);
 
 // The same update computed now, synchronously (the inputs are evaluated first), on all
 // cores: the new leaves come back evaluated, as plain arrays without a graph.  No MLX

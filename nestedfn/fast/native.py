@@ -46,20 +46,20 @@ from nestedfn.tree.codegen import leaf_getter, tree_builder
 __all__ = ["NativeStep", "available", "native_module"]
 
 # How the kernel runs (``NESTEDFN_NATIVE_MODE``): "auto" (default) is "eager" for a tree
-# whose leaves average fewer than ``_AUTO_EAGER`` elements (per-array MLX graph work would
+# whose leaves average fewer than ``_AUTO_EAGER`` elements (MLX's per-array graph work would
 # dominate; the extra copy is small) and "lazy" otherwise.
-# - "lazy": MLX primitives of ``_GROUP`` leaves each (a primitive with n outputs
-#   costs about n x (inputs + outputs) to build and to evaluate), evaluated when the caller
-#   evaluates: by then ``state = step(state, grads)`` has dropped the old state and the
-#   kernel writes into its buffers (MLX donation): no second copy of params and moments, no
-#   fresh pages to fault in.
+# - "lazy": one MLX primitive per kernel (per step, or per tier of a nested step), whose
+#   one-byte token each new leaf takes its buffer from (a graph linear in the leaves),
+#   evaluated when the caller evaluates: by then ``state = step(state, grads)`` has dropped
+#   the old state and the kernel writes into its buffers (MLX donation): no second copy of
+#   params and moments, no fresh pages to fault in.
 # - "eager": computed during the call, on all cores, the new leaves handed back evaluated:
 #   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
 #   old state during the call, so the new state goes to fresh buffers (one more copy at the
-#   peak; large fresh buffers come from the kernel as new pages on every step).
+#   peak).
 _MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
 _AUTO_EAGER = 1 << 12
-_GROUP = 0 if _MODE == "eager" else int(os.environ.get("NESTEDFN_NATIVE_GROUP", "4"))
+_LAZY = _MODE != "eager"
 _SHAPE = lambda x: x.shape  # noqa: E731
 _DTYPE = lambda x: x.dtype  # noqa: E731
 
@@ -112,22 +112,6 @@ def available() -> bool:
     return native_module() is not None and mx.default_device() == mx.cpu
 
 
-_STREAMS: list[Any] = []
-
-
-def _streams() -> list[Any]:
-    """The CPU streams the kernels' groups of leaves are spread over (one per core, at most
-    ``NESTEDFN_NATIVE_STREAMS``, default 2): each MLX CPU stream has its own thread."""
-    if not _STREAMS:
-        try:
-            k = int(os.environ.get("NESTEDFN_NATIVE_STREAMS", "2"))
-        except ValueError:
-            k = 2
-        k = max(1, min(k, os.cpu_count() or 1))
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(k))
-    return _STREAMS
-
-
 def _threads() -> int:
     try:
         return max(0, int(os.environ.get("NESTEDFN_NATIVE_THREADS", "0")))
@@ -172,6 +156,13 @@ def _kernel_args(spec: ElementwiseSpec, step: int) -> tuple:
     return (spec.algo, spec.b1, spec.b2, spec.eps, c1, c2, spec.nesterov, spec.has_wd, wd, neg)
 
 
+def _getter(td: TreeDef) -> Callable[[Any], list | None]:
+    """The leaves of a tree shaped as ``td``, without a type test per leaf: the kernel's
+    binding refuses anything but an ``mx.array`` (a TypeError: the MLX graph then runs and
+    names the path)."""
+    return leaf_getter(td, check_leaves=False)
+
+
 def _mean_size(params: Any) -> float:
     leaves = [x for x in flatten(params)[0] if isinstance(x, mx.array)]
     return sum(x.size for x in leaves) / max(1, len(leaves))
@@ -198,7 +189,7 @@ class NativeStep:
         self._plans: dict[Any, Any] = {}
         self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
         self._seen: set[Any] = set()
-        self._group = _GROUP
+        self._lazy = _LAZY
         self._last: Any = None  # (params getter, plan) of the last structure
 
     def supported(self) -> bool:
@@ -220,20 +211,20 @@ class NativeStep:
         plan = self._plans.get(td)
         if plan is None:
             plan = self._plans[td] = self._make_plan(params, td)
-        self._last = (leaf_getter(td), plan)
+        self._last = (_getter(td), plan)
         return plan, leaves
 
     def _make_plan(self, params: Any, td: TreeDef) -> Any:
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
-            tier = _Tier(None, 1, spec, leaf_getter(td), tree_builder(td))
-            return (td, tree_builder(td), [tier], leaf_getter(td), _mean_size(params))
+            tier = _Tier(None, 1, spec, _getter(td), tree_builder(td))
+            return (td, tree_builder(td), [tier], _getter(td), _mean_size(params))
         plan, _ = spec.plan_for(params)
         tiers = [
-            _Tier(idx, f, describe(o), leaf_getter(sub), tree_builder(sub))
+            _Tier(idx, f, describe(o), _getter(sub), tree_builder(sub))
             for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
         ]
-        return (td, tree_builder(td), tiers, leaf_getter(td), _mean_size(params))
+        return (td, tree_builder(td), tiers, _getter(td), _mean_size(params))
 
     # -- the step --------------------------------------------------------------------------
 
@@ -307,8 +298,7 @@ class NativeStep:
                 acc is not None,
                 f,
                 _threads(),
-                self._group,
-                _streams(),
+                self._lazy,
             )
         except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
             raise _kernel_error(e) from e
@@ -323,7 +313,7 @@ class NativeStep:
         td, build, tiers, get, mean_size = plan
         g_leaves = get(grads)
         small = _MODE == "eager" or (_MODE == "auto" and mean_size < _AUTO_EAGER)
-        self._group = 0 if small else _GROUP
+        self._lazy = not small and _LAZY
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
@@ -397,8 +387,7 @@ class NativeStep:
                         False,
                         1.0,
                         _threads(),
-                        self._group,
-                        _streams(),
+                        self._lazy,
                     )
                 except (ValueError, TypeError) as e:
                     raise _kernel_error(e) from e

@@ -262,12 +262,11 @@ def test_state_is_the_tree_layout_for_checkpoints():
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion_wd", "nesterov"])
-@pytest.mark.parametrize("group", [0, 2])
-def test_both_modes_equal_eager(monkeypatch, name, group):
-    """``NESTEDFN_NATIVE_MODE=eager`` (group 0: computed in the call) and the lazy default
-    with 2 leaves per primitive (evaluated later, writing into the buffers of a state nothing
-    refers to any more, and only then)."""
-    monkeypatch.setattr(native, "_GROUP", group)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_both_modes_equal_eager(monkeypatch, name, lazy):
+    """``NESTEDFN_NATIVE_MODE=eager`` (computed in the call) and the lazy default (evaluated
+    later, writing into the buffers of a state nothing refers to any more, and only then)."""
+    monkeypatch.setattr(native, "_LAZY", lazy)
     _run(OPTIMIZERS[name](), _tree(17), 5)
     _run(OPTIMIZERS[name](), _tree(18, mx.bfloat16), 3, keep_old=True)
     _run(nested_adam(1e-2, frequencies=(1, 2)), _tree(19), 4)
@@ -287,3 +286,106 @@ def test_inside_mx_compile_the_mlx_graph_serves():
     expected = apply_gradients(opt, init(opt, params), grads).params
     for x, y in zip(flatten(got)[0], flatten(expected)[0]):
         np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-5, atol=1e-6)
+
+
+# -- the lazy kernel's graph: one FusedUpdate token, groups of new leaves taken from it --------
+
+
+def _address(x: mx.array) -> int:
+    return np.asarray(x).__array_interface__["data"][0]
+
+
+def _lazy_leaves(n: int, size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return [mx.array(rng.standard_normal(size).astype(np.float32)) for _ in range(n)]
+
+
+def _adam_args(lazy: bool = True):
+    # algo, b1, b2, eps, c1, c2, nesterov, has_wd, wd, neg_lr, has_post, post, with_acc, f,
+    # threads, lazy
+    return (0, 0.9, 0.999, 1e-8, 1.0, 1.0, False, False, 0.0, -1e-3, False, 1.0, False, 1.0, 0, lazy)
+
+
+def _adam_reference(p, g, m, v):
+    m1 = 0.9 * m + 0.1 * g
+    v1 = 0.999 * v + 0.001 * (g * g)
+    return p + (-1e-3) * (m1 / (mx.sqrt(v1) + 1e-8)), m1, v1
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_a_dropped_state_is_updated_in_its_own_buffers(n):
+    """Nothing else refers to the old leaves: every new leaf (params and both moments) is
+    written into the old leaf's buffer (no second copy of the state), for trees of one leaf up
+    to several hundred (several TakeOutputs groups)."""
+    mod = native.native_module()
+    p, g = _lazy_leaves(n, 33, 1), _lazy_leaves(n, 33, 2)
+    m, v = _lazy_leaves(n, 33, 3), [mx.abs(x) for x in _lazy_leaves(n, 33, 4)]
+    mx.eval(p, g, m, v)
+    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
+    mx.eval(expected)
+    before = [_address(x) for x in p + m + v]
+    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    del p, m, v
+    mx.eval(out)
+    assert [_address(x) for x in out] == before
+    for i, (ep, em, ev) in enumerate(expected):
+        for got, want in ((out[i], ep), (out[n + i], em), (out[2 * n + i], ev)):
+            assert mx.array_equal(got, want).item()
+
+
+def test_a_kept_state_is_left_as_it_was():
+    mod = native.native_module()
+    p, g, m, v = (_lazy_leaves(40, 9, s) for s in (5, 6, 7, 8))
+    v = [mx.abs(x) for x in v]
+    mx.eval(p, g, m, v)
+    copies = [np.array(x) for x in p + g + m + v]
+    addresses = {_address(x) for x in p + g + m + v}
+    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    mx.eval(out)
+    assert not addresses & {_address(x) for x in out}
+    for x, c in zip(p + g + m + v, copies):
+        np.testing.assert_array_equal(np.array(x), c)
+
+
+def test_leaves_evaluated_in_parts_and_out_of_order():
+    """Evaluating some new leaves runs the kernel once; the others, evaluated later (or in
+    reverse order), hold the same values."""
+    mod = native.native_module()
+    p, g, m, v = (_lazy_leaves(200, 5, s) for s in (9, 10, 11, 12))
+    v = [mx.abs(x) for x in v]
+    mx.eval(p, g, m, v)
+    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
+    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    mx.eval(out[:3])
+    mx.eval(out[-1])
+    for k in reversed(range(len(out))):
+        want = expected[k % 200][k // 200]
+        assert mx.array_equal(out[k], want).item(), k
+
+
+def test_lazy_operands_and_chained_steps():
+    """Gradients not evaluated yet (graph inputs) and two steps built before any evaluation
+    (the second step's operands are the first's new leaves)."""
+    mod = native.native_module()
+    p, g, m, v = (_lazy_leaves(70, 8, s) for s in (13, 14, 15, 16))
+    v = [mx.abs(x) for x in v]
+    mx.eval(p, g, m, v)
+    lazy_g = [x * 0.5 for x in g]
+    ref1 = [_adam_reference(*a) for a in zip(p, lazy_g, m, v)]
+    ref2 = [_adam_reference(a[0], gg, a[1], a[2]) for a, gg in zip(ref1, lazy_g)]
+    out1 = mod.fused_update(p, lazy_g, [m, v], [], *_adam_args())
+    out2 = mod.fused_update(out1[:70], lazy_g, [out1[70:140], out1[140:]], [], *_adam_args())
+    del out1, p, m, v
+    mx.eval(out2)
+    for k, x in enumerate(out2):
+        assert mx.array_equal(x, ref2[k % 70][k // 70]).item(), k
+
+
+def test_async_eval_of_the_new_state():
+    opt = adam(1e-2)
+    params = _tree(30)
+    grads = _grads_like(params, 31)
+    expected = apply_gradients(opt, init(opt, params), grads)
+    got = compile_step(opt)(init(opt, params), grads)
+    mx.async_eval(got.params, got.opt_state)
+    _assert_identical(got, expected)
