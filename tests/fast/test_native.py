@@ -300,10 +300,10 @@ def _lazy_leaves(n: int, size: int, seed: int):
     return [mx.array(rng.standard_normal(size).astype(np.float32)) for _ in range(n)]
 
 
-def _adam_args(lazy: bool = True):
-    # algo, b1, b2, eps, c1, c2, nesterov, has_wd, wd, neg_lr, has_post, post, with_acc, f,
-    # threads, lazy
-    return (0, 0.9, 0.999, 1e-8, 1.0, 1.0, False, False, 0.0, -1e-3, False, 1.0, False, 1.0, 0, lazy)
+_ADAM = dict(  # the binding's keywords: Adam, lr 1e-3, no bias correction, lazy
+    algo=0, b1=0.9, b2=0.999, eps=1e-8, c1=1.0, c2=1.0, nesterov=False, has_wd=False, wd=0.0,
+    neg_lr=-1e-3, has_post=False, post=1.0, with_acc=False, f=1.0, threads=0, lazy=True,
+)  # fmt: skip
 
 
 def _adam_reference(p, g, m, v):
@@ -324,7 +324,7 @@ def test_a_dropped_state_is_updated_in_its_own_buffers(n):
     expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
     mx.eval(expected)
     before = [_address(x) for x in p + m + v]
-    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
     del p, m, v
     mx.eval(out)
     assert [_address(x) for x in out] == before
@@ -340,7 +340,7 @@ def test_a_kept_state_is_left_as_it_was():
     mx.eval(p, g, m, v)
     copies = [np.array(x) for x in p + g + m + v]
     addresses = {_address(x) for x in p + g + m + v}
-    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
     mx.eval(out)
     assert not addresses & {_address(x) for x in out}
     for x, c in zip(p + g + m + v, copies):
@@ -355,7 +355,7 @@ def test_leaves_evaluated_in_parts_and_out_of_order():
     v = [mx.abs(x) for x in v]
     mx.eval(p, g, m, v)
     expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
-    out = mod.fused_update(p, g, [m, v], [], *_adam_args())
+    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
     mx.eval(out[:3])
     mx.eval(out[-1])
     for k in reversed(range(len(out))):
@@ -373,8 +373,8 @@ def test_lazy_operands_and_chained_steps():
     lazy_g = [x * 0.5 for x in g]
     ref1 = [_adam_reference(*a) for a in zip(p, lazy_g, m, v)]
     ref2 = [_adam_reference(a[0], gg, a[1], a[2]) for a, gg in zip(ref1, lazy_g)]
-    out1 = mod.fused_update(p, lazy_g, [m, v], [], *_adam_args())
-    out2 = mod.fused_update(out1[:70], lazy_g, [out1[70:140], out1[140:]], [], *_adam_args())
+    out1 = mod.fused_update(p, lazy_g, [m, v], [], **_ADAM)
+    out2 = mod.fused_update(out1[:70], lazy_g, [out1[70:140], out1[140:]], [], **_ADAM)
     del out1, p, m, v
     mx.eval(out2)
     for k, x in enumerate(out2):
