@@ -221,7 +221,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
     opt = NF_OPTS[opt_name]()
     import nestedfn.fast.native as native
 
-    native._GROUP = 0 if kind == "eager" else 4  # NESTEDFN_NATIVE_MODE=eager, or auto
+    native._LAZY = kind != "eager"  # NESTEDFN_NATIVE_MODE=eager, or auto
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
@@ -237,7 +237,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
         mx.eval(box[0].params, box[0].opt_state)
 
     out = timed(step, iters, warmup, mx.synchronize)
-    native._GROUP = 4
+    native._LAZY = True
     return out, getattr(fn, "native_steps", 0) > 0
 
 

@@ -59,6 +59,16 @@ using f16 = mx::float16_t;
 
 #define NF_INLINE inline __attribute__((always_inline))
 
+// The kernels are compiled for AVX-512, AVX2 and the baseline, picked at load time (GCC's
+// function multi-versioning): the same IEEE operations, in the same order, on wider vectors
+// (no FMA: -ffp-contract=off), so every version gives the same bits; on large leaves the
+// baseline's 4-wide sqrt and divide, not memory, would bound Adam.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NF_CLONES
+#endif
+
 template <class T>
 NF_INLINE float rd(float x) {
   return static_cast<float>(static_cast<T>(x));
@@ -110,6 +120,7 @@ NF_INLINE void write_param(P* __restrict po, const P* __restrict p, size_t i, fl
 }
 
 template <class P, class M, bool ACC, bool WD>
+NF_CLONES
 void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
@@ -146,6 +157,7 @@ void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
 // float32 leaves and moments: the same arithmetic as adam_kernel<float, float> with the
 // (no-op) roundings left out, written so that GCC vectorises it
 template <bool ACC, bool WD>
+NF_CLONES
 void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const float* __restrict p = static_cast<const float*>(L.p);
   const float* __restrict g = static_cast<const float*>(L.g);
@@ -183,6 +195,7 @@ void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
 }
 
 template <class P, class M, bool ACC, bool WD>
+NF_CLONES
 void lion_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
@@ -212,6 +225,7 @@ void lion_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
 }
 
 template <class P, class M, bool ACC, bool WD>
+NF_CLONES
 void momentum_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const P* __restrict p = static_cast<const P*>(L.p);
   const P* __restrict g = static_cast<const P*>(L.g);
@@ -241,6 +255,7 @@ void momentum_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
 
 // acc' = acc + g.astype(float32): a slow tier between its updates
 template <class P>
+NF_CLONES
 void accum_kernel(const Leaf& L, const Hyper&, size_t b, size_t e) {
   const P* __restrict g = static_cast<const P*>(L.g);
   const float* __restrict a = L.acc;
@@ -347,8 +362,10 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
-// new leaves per TakeOutputs group: about TAKE_GROUPS groups, each of TAKE_MIN..TAKE_MAX
-constexpr size_t TAKE_GROUPS = 64, TAKE_MIN = 4, TAKE_MAX = 64;
+// new leaves per TakeOutputs group: at least TAKE_MIN (Hyper::groups bounds the number of
+// groups: MLX's evaluator waits for the stream once about a hundred tasks are queued, and the
+// kernel's task is the first of them)
+constexpr size_t TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
 class Pool {
@@ -605,9 +622,10 @@ std::vector<mx::array> fused_update(
       std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), shapes, dtypes, stash,
                                     std::move(held), std::move(input_of)),
       std::move(inputs));
-  // groups of new leaves: about TAKE_GROUPS of them, of TAKE_MIN..TAKE_MAX leaves
+  // groups of new leaves: at most h.groups of them, of at least TAKE_MIN leaves
   const size_t n_out = shapes.size();
-  const size_t k = std::clamp<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN, TAKE_MAX);
+  const size_t max_groups = static_cast<size_t>(std::max(1, h.groups));
+  const size_t k = std::max<size_t>((n_out + max_groups - 1) / max_groups, TAKE_MIN);
   stash->groups = (n_out + k - 1) / k;
   std::vector<mx::array> result;
   result.reserve(n_out);

@@ -60,6 +60,7 @@ __all__ = ["NativeStep", "available", "native_module"]
 _MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
 _AUTO_EAGER = 1 << 12
 _LAZY = _MODE != "eager"
+_TASKS = 64  # groups of new leaves per step, over all its kernels (lazy mode)
 _SHAPE = lambda x: x.shape  # noqa: E731
 _DTYPE = lambda x: x.dtype  # noqa: E731
 
@@ -190,6 +191,7 @@ class NativeStep:
         self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
         self._seen: set[Any] = set()
         self._lazy = _LAZY
+        self._groups = _TASKS
         self._last: Any = None  # (params getter, plan) of the last structure
 
     def supported(self) -> bool:
@@ -299,6 +301,7 @@ class NativeStep:
                 f,
                 _threads(),
                 self._lazy,
+                self._groups,
             )
         except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
             raise _kernel_error(e) from e
@@ -314,6 +317,9 @@ class NativeStep:
         g_leaves = get(grads)
         small = _MODE == "eager" or (_MODE == "auto" and mean_size < _AUTO_EAGER)
         self._lazy = not small and _LAZY
+        # MLX's evaluator lets about a hundred tasks queue; each kernel of the step (one per
+        # tier of a nested optimizer) hands back its new leaves in at most this many groups
+        self._groups = max(1, _TASKS // len(tiers))
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
@@ -388,6 +394,7 @@ class NativeStep:
                         1.0,
                         _threads(),
                         self._lazy,
+                        self._groups,
                     )
                 except (ValueError, TypeError) as e:
                     raise _kernel_error(e) from e
