@@ -44,8 +44,7 @@ NB_MODULE(_native, m) {
          bool with_acc,
          double f,
          int threads,
-         bool lazy,
-         int groups) {
+         bool lazy) {
         nestedfn::Hyper h;
         h.algo = algo;
         h.b1 = b1;
@@ -62,7 +61,6 @@ NB_MODULE(_native, m) {
         h.with_acc = with_acc;
         h.f = with_acc ? f : 1.0;
         h.threads = threads;
-        h.groups = groups;
         if (!lazy) {
           nb::gil_scoped_release release;
           return nestedfn::fused_apply(params, grads, states, accs, h);
@@ -71,6 +69,6 @@ NB_MODULE(_native, m) {
       },
       "params"_a, "grads"_a, "states"_a, "accs"_a, "algo"_a, "b1"_a, "b2"_a, "eps"_a, "c1"_a,
       "c2"_a, "nesterov"_a, "has_wd"_a, "wd"_a, "neg_lr"_a, "has_post"_a, "post"_a,
-      "with_acc"_a, "f"_a, "threads"_a, "lazy"_a = true, "groups"_a = 64,
+      "with_acc"_a, "f"_a, "threads"_a, "lazy"_a = true,
       "The new leaves of one optimizer step over many arrays (see csrc/fused_step.h).");
 }

@@ -362,10 +362,12 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
-// new leaves per TakeOutputs group: at least TAKE_MIN (Hyper::groups bounds the number of
-// groups: MLX's evaluator waits for the stream once about a hundred tasks are queued, and the
-// kernel's task is the first of them)
-constexpr size_t TAKE_MIN = 4;
+// new leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel (MLX's evaluator
+// waits for the stream once about a hundred tasks are queued, and the kernel's task is the
+// first of them; fewer, larger groups cost siblings: quadratic in a group's size), of at
+// least TAKE_MIN leaves.  64 was the fastest of 32..256 on the LoRA tree, for Adam and for
+// nested_adam's three kernels a step.
+constexpr size_t TAKE_GROUPS = 64, TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
 class Pool {
@@ -622,10 +624,9 @@ std::vector<mx::array> fused_update(
       std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), shapes, dtypes, stash,
                                     std::move(held), std::move(input_of)),
       std::move(inputs));
-  // groups of new leaves: at most h.groups of them, of at least TAKE_MIN leaves
+  // groups of new leaves: at most TAKE_GROUPS of them, of at least TAKE_MIN leaves
   const size_t n_out = shapes.size();
-  const size_t max_groups = static_cast<size_t>(std::max(1, h.groups));
-  const size_t k = std::max<size_t>((n_out + max_groups - 1) / max_groups, TAKE_MIN);
+  const size_t k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
   stash->groups = (n_out + k - 1) / k;
   std::vector<mx::array> result;
   result.reserve(n_out);

@@ -43,9 +43,6 @@ struct Hyper {
   bool mean = true;
   double f = 1.0;
   int threads = 0;  // 0: hardware concurrency
-  // at most this many TakeOutputs groups (lazy): a step of several kernels (the tiers of a
-  // nested optimizer) shares MLX's budget of queued tasks among them
-  int groups = 64;
 };
 
 int n_states(int algo);

@@ -4,9 +4,19 @@
 nested versions (``nested`` over such an optimizer, ``nested_adam``) through
 ``FusedUpdate``, a C++ MLX primitive built by ``pip install`` (``csrc/``): it reads every
 param, gradient and state leaf where it lies (no gather), computes the whole update in one
-pass over memory on all cores, and writes the new leaves, reusing a donated input buffer for
-each output (an input nothing else refers to any more, e.g. the previous state after
-``state = step(state, grads)``).  Per leaf, Adam is::
+pass over memory on all cores (vectorised for AVX-512, AVX2 or the baseline, picked at load
+time), and writes the new leaves, reusing a donated input buffer for each output (an input
+nothing else refers to any more, e.g. the previous state after ``state = step(state, grads)``).
+
+Its graph is linear in the leaves: one ``FusedUpdate`` per kernel has a one-byte token as its
+only output, and the new leaves are ``TakeOutputs`` arrays of that token (in at most 64 groups
+per kernel), each taking the buffer the kernel wrote.  Operands already computed when the step
+is built (the previous state, evaluated gradients) are held by the primitive rather than made
+graph inputs, so MLX's evaluator neither visits nor hashes them.  (MLX's multi-output
+primitives make every output hold every input and every sibling: for the 336-leaf LoRA tree,
+1008 outputs and 1344 inputs, more work than the update itself.)  MLX's main thread, once it
+has evaluated the last group, joins the kernel that the stream's thread started: two threads
+on two cores, none to wake.  Per leaf, Adam is::
 
     m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g²
     p' = p + (-lr) * ((m' c1) / (sqrt(v') c2 + eps) [+ wd p]),   c1 = 1/(1 - b1^t), c2 = 1/sqrt(1 - b2^t)
@@ -48,11 +58,10 @@ __all__ = ["NativeStep", "available", "native_module"]
 # How the kernel runs (``NESTEDFN_NATIVE_MODE``): "auto" (default) is "eager" for a tree
 # whose leaves average fewer than ``_AUTO_EAGER`` elements (MLX's per-array graph work would
 # dominate; the extra copy is small) and "lazy" otherwise.
-# - "lazy": one MLX primitive per kernel (per step, or per tier of a nested step), whose
-#   one-byte token each new leaf takes its buffer from (a graph linear in the leaves),
-#   evaluated when the caller evaluates: by then ``state = step(state, grads)`` has dropped
-#   the old state and the kernel writes into its buffers (MLX donation): no second copy of
-#   params and moments, no fresh pages to fault in.
+# - "lazy": the graph above (one FusedUpdate per kernel: per step, or per tier of a nested
+#   step), evaluated when the caller evaluates: by then ``state = step(state, grads)`` has
+#   dropped the old state and the kernel writes into its buffers (MLX donation): no second
+#   copy of params and moments, no fresh pages to fault in.
 # - "eager": computed during the call, on all cores, the new leaves handed back evaluated:
 #   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
 #   old state during the call, so the new state goes to fresh buffers (one more copy at the
@@ -60,7 +69,6 @@ __all__ = ["NativeStep", "available", "native_module"]
 _MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
 _AUTO_EAGER = 1 << 12
 _LAZY = _MODE != "eager"
-_TASKS = 64  # groups of new leaves per step, over all its kernels (lazy mode)
 _SHAPE = lambda x: x.shape  # noqa: E731
 _DTYPE = lambda x: x.dtype  # noqa: E731
 
@@ -191,7 +199,6 @@ class NativeStep:
         self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
         self._seen: set[Any] = set()
         self._lazy = _LAZY
-        self._groups = _TASKS
         self._last: Any = None  # (params getter, plan) of the last structure
 
     def supported(self) -> bool:
@@ -301,7 +308,6 @@ class NativeStep:
                 f,
                 _threads(),
                 self._lazy,
-                self._groups,
             )
         except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
             raise _kernel_error(e) from e
@@ -317,9 +323,6 @@ class NativeStep:
         g_leaves = get(grads)
         small = _MODE == "eager" or (_MODE == "auto" and mean_size < _AUTO_EAGER)
         self._lazy = not small and _LAZY
-        # MLX's evaluator lets about a hundred tasks queue; each kernel of the step (one per
-        # tier of a nested optimizer) hands back its new leaves in at most this many groups
-        self._groups = max(1, _TASKS // len(tiers))
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
@@ -394,7 +397,6 @@ class NativeStep:
                         1.0,
                         _threads(),
                         self._lazy,
-                        self._groups,
                     )
                 except (ValueError, TypeError) as e:
                     raise _kernel_error(e) from e
