@@ -13,6 +13,10 @@ using namespace nb::literals;
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
 
+namespace nestedfn {
+void bind_tree_spec(nb::module_& m);  // tree_spec.cpp
+}
+
 NB_MODULE(_native, m) {
   m.doc() = "nestedfn's multi-tensor fused optimizer step (CPU), an MLX extension";
   // the MLX this module was compiled against; nestedfn.native refuses to use the module
@@ -23,6 +27,7 @@ NB_MODULE(_native, m) {
   m.attr("LION") = int(nestedfn::LION);
   m.attr("MOMENTUM") = int(nestedfn::MOMENTUM);
   m.attr("ACCUM") = int(nestedfn::ACCUM);
+  nestedfn::bind_tree_spec(m);
   m.def(
       "fused_update",
       [](const std::vector<mlx::core::array>& params,

@@ -43,6 +43,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -165,11 +166,45 @@ def _kernel_args(spec: ElementwiseSpec, step: int) -> tuple:
     return (spec.algo, spec.b1, spec.b2, spec.eps, c1, c2, spec.nesterov, spec.has_wd, wd, neg)
 
 
+def _encode(td: TreeDef) -> Any:
+    """``td`` as the nested tuples ``_native.TreeSpec`` reads (see csrc/tree_spec.cpp)."""
+    if td.kind == "leaf":
+        return None
+    if td.kind == "none":
+        return ("none",)
+    kids = tuple(_encode(c) for c in td.children)
+    if td.kind == "dict":
+        return ("dict", tuple(td.meta), kids)
+    if td.kind in ("list", "tuple"):
+        return (td.kind, kids)
+    return ("nt", td.meta, kids)
+
+
+def _plain_dicts(td: TreeDef) -> bool:
+    return td.ctor is None and all(_plain_dicts(c) for c in td.children)
+
+
+@lru_cache(maxsize=256)
+def _walkers(td: TreeDef) -> tuple[Callable[[Any], list | None], Callable[[list], Any]]:
+    """``(leaves, build)`` for trees shaped as ``td``: ``leaves(tree)`` is the leaves in
+    flatten order or None for a tree shaped otherwise, without a type test per leaf (the
+    kernel's binding refuses anything but an ``mx.array``: a TypeError, then the MLX graph
+    runs and names the path); ``build(leaves)`` the tree over a list of leaves.  Walked in C++
+    (``_native.TreeSpec``) where the native module has it and no dict node is an
+    ``OrderedDict``/``defaultdict``, else the generated Python of ``nestedfn.tree.codegen``."""
+    mod = native_module()
+    if mod is not None and hasattr(mod, "TreeSpec") and _plain_dicts(td):
+        spec = mod.TreeSpec(_encode(td))
+        return spec.leaves, spec.build
+    return leaf_getter(td, check_leaves=False), tree_builder(td)
+
+
 def _getter(td: TreeDef) -> Callable[[Any], list | None]:
-    """The leaves of a tree shaped as ``td``, without a type test per leaf: the kernel's
-    binding refuses anything but an ``mx.array`` (a TypeError: the MLX graph then runs and
-    names the path)."""
-    return leaf_getter(td, check_leaves=False)
+    return _walkers(td)[0]
+
+
+def _builder(td: TreeDef) -> Callable[[list], Any]:
+    return _walkers(td)[1]
 
 
 def _mean_size(params: Any) -> float:
@@ -226,14 +261,14 @@ class NativeStep:
     def _make_plan(self, params: Any, td: TreeDef) -> Any:
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
-            tier = _Tier(None, 1, spec, _getter(td), tree_builder(td))
-            return (td, tree_builder(td), [tier], _getter(td), _mean_size(params))
+            tier = _Tier(None, 1, spec, _getter(td), _builder(td))
+            return (td, _builder(td), [tier], _getter(td), _mean_size(params))
         plan, _ = spec.plan_for(params)
         tiers = [
-            _Tier(idx, f, describe(o), _getter(sub), tree_builder(sub))
+            _Tier(idx, f, describe(o), _getter(sub), _builder(sub))
             for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
         ]
-        return (td, tree_builder(td), tiers, _getter(td), _mean_size(params))
+        return (td, _builder(td), tiers, _getter(td), _mean_size(params))
 
     # -- the step --------------------------------------------------------------------------
 
