@@ -16,7 +16,7 @@ graph inputs, so MLX's evaluator neither visits nor hashes them.  (MLX's multi-o
 primitives make every output hold every input and every sibling: for the 336-leaf LoRA tree,
 1008 outputs and 1344 inputs, more work than the update itself.)  MLX's main thread, once it
 has evaluated the last group, joins the kernel that the stream's thread started: two threads
-on two cores, none to wake.  Per leaf, Adam is::
+on two cores, none to wake.  The trees are walked and rebuilt in C++ (``_native.TreeSpec``).  Per leaf, Adam is::
 
     m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g²
     p' = p + (-lr) * ((m' c1) / (sqrt(v') c2 + eps) [+ wd p]),   c1 = 1/(1 - b1^t), c2 = 1/sqrt(1 - b2^t)

@@ -363,11 +363,14 @@ def test_leaves_evaluated_in_parts_and_out_of_order():
         assert mx.array_equal(out[k], want).item(), k
 
 
-def test_lazy_operands_and_chained_steps():
+@pytest.mark.parametrize("size", [8, 40000])
+def test_lazy_operands_and_chained_steps(size):
     """Gradients not evaluated yet (graph inputs) and two steps built before any evaluation
-    (the second step's operands are the first's new leaves)."""
+    (the second step's operands are the first's new leaves).  At 70 x 40000 elements the kernel
+    runs on two threads, and its task starts after the gradients' tasks, often once MLX's main
+    thread is done (the kernel then takes a pool worker instead of main)."""
     mod = native.native_module()
-    p, g, m, v = (_lazy_leaves(70, 8, s) for s in (13, 14, 15, 16))
+    p, g, m, v = (_lazy_leaves(70, size, s) for s in (13, 14, 15, 16))
     v = [mx.abs(x) for x in v]
     mx.eval(p, g, m, v)
     lazy_g = [x * 0.5 for x in g]
