@@ -16,7 +16,9 @@ graph inputs, so MLX's evaluator neither visits nor hashes them.  (MLX's multi-o
 primitives make every output hold every input and every sibling: for the 336-leaf LoRA tree,
 1008 outputs and 1344 inputs, more work than the update itself.)  MLX's main thread, once it
 has evaluated the last group, joins the kernel that the stream's thread started: two threads
-on two cores, none to wake.  The trees are walked and rebuilt in C++ (``_native.TreeSpec``).  Per leaf, Adam is::
+on two cores, none to wake.  The trees are walked and rebuilt in C++ (``_native.TreeSpec``).
+
+Per leaf, Adam is::
 
     m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g²
     p' = p + (-lr) * ((m' c1) / (sqrt(v') c2 + eps) [+ wd p]),   c1 = 1/(1 - b1^t), c2 = 1/sqrt(1 - b2^t)
@@ -66,7 +68,7 @@ __all__ = ["NativeStep", "available", "native_module"]
 # - "eager": computed during the call, on all cores, the new leaves handed back evaluated:
 #   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
 #   old state during the call, so the new state goes to fresh buffers (one more copy at the
-#   peak).
+#   peak; large fresh buffers come from the kernel as new pages on every step).
 _MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
 _AUTO_EAGER = 1 << 12
 _LAZY = _MODE != "eager"
