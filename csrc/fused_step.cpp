@@ -788,37 +788,47 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   // caller dropped the previous state) and no one else shares its buffer
   const size_t np = accum ? 0 : n;
   auto& holders = stash_->out;
+  std::vector<void*> out_ptr(shapes_.size());
+  std::vector<char> donated(shapes_.size(), 0);
+  size_t fresh = 0;
   for (size_t o = 0; o < shapes_.size(); ++o) {
     const size_t src = o < np ? ip + o : (o < np + ns * n ? is + (o - np) : ia + (o - np - ns * n));
     const auto& in = operand(src);
     const size_t nbytes = in.size() * mx::size_of(dtypes_[o]);
-    if (plain(in) && in.dtype() == dtypes_[o] && desc_use_count(in) == 1 &&
-        in.data_shared_ptr().use_count() == 1 && in.data_shared_ptr()->is_owned() &&
-        in.nbytes() == nbytes) {
+    const bool donate = plain(in) && in.dtype() == dtypes_[o] && desc_use_count(in) == 1 &&
+                        in.data_shared_ptr().use_count() == 1 &&
+                        in.data_shared_ptr()->is_owned() && in.nbytes() == nbytes;
+    if (donate) {
       holders[o].emplace(in);
     } else {
       holders[o].emplace(mx::allocator::malloc(nbytes), shapes_[o], dtypes_[o]);
     }
+    out_ptr[o] = holders[o]->data<void>();
+    donated[o] = donate;
+    fresh += donate ? 0 : 1;
   }
-  // what the task needs: the operands and the new buffers alive, per leaf its pointers;
-  // strided operands are copied by the task first
-  std::vector<mx::array> keep;
-  keep.reserve(holders.size() + held_.size());
-  for (auto& x : holders) {
-    keep.push_back(*x);
-  }
+  // what the task needs alive: every operand (a donated buffer is its operand's) and the
+  // fresh buffers (a new leaf could be dropped before the task has run); per leaf its
+  // pointers; strided operands are copied by the task first
+  size_t n_held = 0;
   for (auto& x : held_) {
-    if (x) {
-      keep.push_back(std::move(*x));
-      x.reset();
+    n_held += x ? 1 : 0;
+  }
+  std::vector<mx::array> keep;
+  keep.reserve(n_held + fresh);
+  std::vector<const mx::array*> op(input_of_.size());
+  for (size_t k = 0; k < input_of_.size(); ++k) {
+    if (input_of_[k] < 0) {
+      keep.push_back(std::move(*held_[k]));  // reserved: no reallocation, the address holds
+      held_[k].reset();
+      op[k] = &keep.back();
+    } else {
+      op[k] = &inputs[input_of_[k]];
     }
   }
-  // (the held operands now live in ``keep``; operand() reads them there)
-  std::vector<const mx::array*> op(input_of_.size());
-  {
-    size_t j = holders.size();
-    for (size_t k = 0; k < input_of_.size(); ++k) {
-      op[k] = input_of_[k] < 0 ? &keep[j++] : &inputs[input_of_[k]];
+  for (size_t o = 0; o < holders.size(); ++o) {
+    if (!donated[o]) {
+      keep.push_back(*holders[o]);
     }
   }
   std::vector<size_t> strided;  // slots
@@ -841,19 +851,19 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     L.g = ptr(ig + i);
     if (!accum) {
       L.p = ptr(ip + i);
-      L.po = keep[i].data<void>();
+      L.po = out_ptr[i];
     }
     if (ns > 0) {
       L.s0 = ptr(is + i);
-      L.s0o = keep[np + i].data<void>();
+      L.s0o = out_ptr[np + i];
     }
     if (ns > 1) {
       L.s1 = ptr(is + n + i);
-      L.s1o = keep[np + n + i].data<void>();
+      L.s1o = out_ptr[np + n + i];
     }
     if (has_acc) {
       L.acc = static_cast<const float*>(ptr(ia + i));
-      L.acco = keep[np + ns * n + i].data<float>();
+      L.acco = static_cast<float*>(out_ptr[np + ns * n + i]);
     }
   }
   std::vector<mx::array> strided_src;
