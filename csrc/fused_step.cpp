@@ -365,8 +365,9 @@ constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 // new leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel (MLX's evaluator
 // waits for the stream once about a hundred tasks are queued, and the kernel's task is the
 // first of them; fewer, larger groups cost siblings: quadratic in a group's size), of at
-// least TAKE_MIN leaves.  64 was the fastest of 32..256 on the LoRA tree, for Adam and for
-// nested_adam's three kernels a step.
+// least TAKE_MIN leaves.  On the LoRA tree 32 and 128..256 were slower than 64, for Adam and
+// for nested_adam's three kernels a step; 96 was a few percent faster but leaves too little
+// room under that wait once a training step's backward pass shares the queue.
 constexpr size_t TAKE_GROUPS = 64, TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
