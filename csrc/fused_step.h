@@ -47,11 +47,11 @@ struct Hyper {
 
 int n_states(int algo);
 
-// What a step's FusedUpdate hands its TakeOutput primitives: the buffer of every new leaf,
-// chosen (donated input or fresh) when the FusedUpdate is evaluated, taken by each
-// TakeOutput when it is evaluated.
 struct Job;  // a multi-threaded piece of work (fused_step.cpp)
 
+// What a step's FusedUpdate hands its TakeOutputs groups: the buffer of every new leaf,
+// chosen (donated operand or fresh) when the FusedUpdate is evaluated, taken by its group
+// when that is evaluated.
 struct Stash {
   std::vector<std::optional<mx::array>> out;
   // Who runs the kernel.  MLX's main thread evaluates the token, then every TakeOutputs
@@ -69,9 +69,9 @@ struct Stash {
 // new leaves are TakeOutputs arrays of that token.  MLX's multi-output primitives make every
 // output hold every input and every sibling (outputs x (inputs + outputs) references to
 // build, evaluate and detach), which for a 336-leaf LoRA tree (1008 outputs, 1344 inputs)
-// cost more than the update itself; a token and one single-input TakeOutput per new leaf
-// make the graph linear in the leaves and the
-// update one task on all cores.
+// cost more than the update itself; a token and groups of new leaves taken from it
+// (TakeOutputs, single input) make the graph linear in the leaves and the update one task on
+// all cores.
 class FusedUpdate : public mx::Primitive {
  public:
   FusedUpdate(mx::Stream stream, Hyper h, int n, std::vector<mx::Shape> shapes,
