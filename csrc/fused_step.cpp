@@ -362,13 +362,16 @@ void strided_copy(const mx::array& src, char* dst) {
 
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
-// new leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel (MLX's evaluator
-// waits for the stream once about a hundred tasks are queued, and the kernel's task is the
-// first of them; fewer, larger groups cost siblings: quadratic in a group's size), of at
-// least TAKE_MIN leaves.  On the LoRA tree 32 and 128..256 were slower than 64, for Adam and
-// for nested_adam's three kernels a step; 96 was a few percent faster but leaves too little
-// room under that wait once a training step's backward pass shares the queue.
-constexpr size_t TAKE_GROUPS = 64, TAKE_MIN = 4;
+// new leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel, of at least
+// TAKE_MIN leaves.  Each group is one dispatch to the stream, and MLX's evaluator stops the
+// main thread once about a hundred dispatches are queued (behind the kernel's task, the
+// first of them); fewer, larger groups cost siblings, quadratic in a group's size (MLX's
+// evaluator, make_arrays and detach each touch every sibling of every output).  On the LoRA
+// tree 32 and 128..256 groups were slower than 64, for Adam and for nested_adam's three
+// kernels a step; 96 was 1-10% faster than 64 in four interleaved A/B runs (two sessions).
+// With a training step's backward tasks ahead in the queue the evaluator may stop main
+// sooner: then the kernel runs on the stream's thread alone until main has caught up.
+constexpr size_t TAKE_GROUPS = 96, TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
 class Pool {
@@ -448,7 +451,8 @@ Pool& pool() {
 
 // Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
 // cores), a thread per MiB-sized share of the work at most.
-void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
+// Returns whether MLX's main thread joins the kernel (see Stash).
+bool run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
                 const std::vector<size_t>& sizes, const Hyper& h, Stash* stash = nullptr,
                 size_t per_thread = size_t(1) << 15) {
   const size_t n = leaves.size();
@@ -474,14 +478,17 @@ void run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
     const Item& it = items[k];
     kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
   };
+  bool main_joins = false;
   if (stash != nullptr && nt > 1) {
     stash->job = job;
     int neither = 0;
     if (stash->meet.compare_exchange_strong(neither, 1, std::memory_order_acq_rel)) {
       nt = 1;  // main is still evaluating TakeOutputs groups: it joins after its last one
+      main_joins = true;
     }
   }
   pool().run(nt, job);
+  return main_joins;
 }
 
 
@@ -622,7 +629,7 @@ std::vector<mx::array> fused_update(
   stash->out.resize(shapes.size());
   auto token = mx::array(
       mx::Shape{}, mx::bool_,
-      std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), shapes, dtypes, stash,
+      std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), dtypes, stash,
                                     std::move(held), std::move(input_of)),
       std::move(inputs));
   // groups of new leaves: at most TAKE_GROUPS of them, of at least TAKE_MIN leaves
@@ -764,7 +771,15 @@ void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>
     int neither = 0;
     if (!stash_->meet.compare_exchange_strong(neither, 2, std::memory_order_acq_rel) &&
         neither == 1) {
-      stash_->job->drain();  // the kernel started while we were busy: join it
+      // the kernel started while we were busy: join it, then release what it kept alive
+      // (a thousand arrays on a LoRA tree) here rather than on the stream's thread, which
+      // still has this eval's group tasks to run
+      Job& job = *stash_->job;
+      job.drain();
+      while (job.done.load(std::memory_order_acquire) < job.n) {
+        std::this_thread::yield();
+      }
+      std::vector<mx::array>().swap(stash_->keep);
     }
   }
 
@@ -789,10 +804,11 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   // caller dropped the previous state) and no one else shares its buffer
   const size_t np = accum ? 0 : n;
   auto& holders = stash_->out;
-  std::vector<void*> out_ptr(shapes_.size());
-  std::vector<char> donated(shapes_.size(), 0);
+  const size_t n_out = dtypes_.size();
+  std::vector<void*> out_ptr(n_out);
+  std::vector<char> donated(n_out, 0);
   size_t fresh = 0;
-  for (size_t o = 0; o < shapes_.size(); ++o) {
+  for (size_t o = 0; o < n_out; ++o) {
     const size_t src = o < np ? ip + o : (o < np + ns * n ? is + (o - np) : ia + (o - np - ns * n));
     const auto& in = operand(src);
     const size_t nbytes = in.size() * mx::size_of(dtypes_[o]);
@@ -802,7 +818,7 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     if (donate) {
       holders[o].emplace(in);
     } else {
-      holders[o].emplace(mx::allocator::malloc(nbytes), shapes_[o], dtypes_[o]);
+      holders[o].emplace(mx::allocator::malloc(nbytes), in.shape(), dtypes_[o]);
     }
     out_ptr[o] = holders[o]->data<void>();
     donated[o] = donate;
@@ -815,7 +831,8 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   for (auto& x : held_) {
     n_held += x ? 1 : 0;
   }
-  std::vector<mx::array> keep;
+  std::vector<mx::array>& keep = stash_->keep;
+  keep.clear();
   keep.reserve(n_held + fresh);
   std::vector<const mx::array*> op(input_of_.size());
   for (size_t k = 0; k < input_of_.size(); ++k) {
@@ -877,7 +894,7 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     encoder.set_input_array(in);
   }
   encoder.set_output_array(outputs[0]);
-  encoder.dispatch([stash = stash_, keep = std::move(keep), h = h_, n, accum, ip, ig, is, ia,
+  encoder.dispatch([stash = stash_, h = h_, n, accum, ip, ig, is, ia,
                     leaves = std::move(leaves), kernels = std::move(kernels),
                     sizes = std::move(sizes), strided = std::move(strided),
                     strided_src = std::move(strided_src)]() mutable {
@@ -903,7 +920,9 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         leaves[slot - ia].acc = static_cast<const float*>(q);
       }
     }
-    run_leaves(leaves, kernels, sizes, h, stash.get());
+    if (!run_leaves(leaves, kernels, sizes, h, stash.get())) {
+      std::vector<mx::array>().swap(stash->keep);
+    }  // else main releases them once it has joined: this thread has MLX's tail work left
   });
 }
 

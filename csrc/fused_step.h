@@ -63,6 +63,9 @@ struct Stash {
   std::atomic<size_t> groups_done{0};
   std::atomic<int> meet{0};  // 0: neither yet; 1: the kernel is running (job set); 2: main is done
   std::shared_ptr<Job> job;
+  // What the kernel reads and writes (held operands, fresh buffers), alive until it is done;
+  // released by main when main joins the kernel, else by the kernel's task.
+  std::vector<mx::array> keep;
 };
 
 // The whole update of one step over n leaves.  Its single output is a one-byte token; the
@@ -74,13 +77,12 @@ struct Stash {
 // all cores.
 class FusedUpdate : public mx::Primitive {
  public:
-  FusedUpdate(mx::Stream stream, Hyper h, int n, std::vector<mx::Shape> shapes,
-              std::vector<mx::Dtype> dtypes, std::shared_ptr<Stash> stash,
+  FusedUpdate(mx::Stream stream, Hyper h, int n, std::vector<mx::Dtype> dtypes,
+              std::shared_ptr<Stash> stash,
               std::vector<std::optional<mx::array>> held, std::vector<int> input_of)
       : mx::Primitive(stream),
         h_(h),
         n_(n),
-        shapes_(std::move(shapes)),
         dtypes_(std::move(dtypes)),
         stash_(std::move(stash)),
         held_(std::move(held)),
@@ -96,8 +98,8 @@ class FusedUpdate : public mx::Primitive {
  private:
   Hyper h_;
   int n_;  // leaves
-  std::vector<mx::Shape> shapes_;  // of the new leaves, in fused_update's result order
-  std::vector<mx::Dtype> dtypes_;
+  std::vector<mx::Dtype> dtypes_;  // of the new leaves, in fused_update's result order (each
+                                  // shaped as the operand it replaces)
   std::shared_ptr<Stash> stash_;
   // The operands, in slot order (params, grads, states, accs): one already computed when the
   // step was built is held here rather than made a graph input (MLX's evaluator visits,
