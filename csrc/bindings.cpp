@@ -28,6 +28,8 @@ NB_MODULE(_native, m) {
   m.attr("MOMENTUM") = int(nestedfn::MOMENTUM);
   m.attr("ACCUM") = int(nestedfn::ACCUM);
   nestedfn::bind_tree_spec(m);
+  m.def("early_starts", &nestedfn::early_starts,
+        "How many kernels started as soon as the caller dropped the previous state (tests).");
   m.def(
       "fused_update",
       [](const std::vector<mlx::core::array>& params,

@@ -11,6 +11,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <unistd.h>
+#include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -494,6 +497,18 @@ bool run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
 
 }  // namespace
 
+void watch_early(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash);  // below
+std::atomic<uint64_t> early_count{0};
+
+bool early_start_enabled() {
+  // NESTEDFN_NATIVE_EARLY=0 turns it off (nestedfn.fast.native's docstring)
+  static const bool on = [] {
+    const char* v = std::getenv("NESTEDFN_NATIVE_EARLY");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 int n_states(int algo) {
   switch (algo) {
     case ADAM:
@@ -627,15 +642,18 @@ std::vector<mx::array> fused_update(
   }
   auto stash = std::make_shared<Stash>();
   stash->out.resize(shapes.size());
-  auto token = mx::array(
-      mx::Shape{}, mx::bool_,
-      std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), dtypes, stash,
-                                    std::move(held), std::move(input_of)),
-      std::move(inputs));
+  const bool early = inputs.empty() && early_start_enabled();
+  auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), dtypes, stash,
+                                            std::move(held), std::move(input_of));
+  std::weak_ptr<FusedUpdate> weak = prim;
+  auto token = mx::array(mx::Shape{}, mx::bool_, std::move(prim), std::move(inputs));
   // groups of new leaves: at most TAKE_GROUPS of them, of at least TAKE_MIN leaves
   const size_t n_out = shapes.size();
   const size_t k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
   stash->groups = (n_out + k - 1) / k;
+  if (early) {
+    watch_early(std::move(weak), stash);
+  }
   std::vector<mx::array> result;
   result.reserve(n_out);
   for (size_t b = 0; b < n_out; b += k) {
@@ -789,7 +807,7 @@ void TakeOutputs::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>
   throw std::runtime_error("nestedfn TakeOutputs has no GPU eval (use the packed path)");
 }
 
-void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+std::function<void()> FusedUpdate::prepare(const std::vector<mx::array>& inputs) {
   const size_t n = static_cast<size_t>(n_);
   const bool accum = h_.algo == ACCUM;
   const int ns = n_states(h_.algo);
@@ -799,7 +817,6 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   auto operand = [&](size_t slot) -> const mx::array& {
     return held_[slot] ? *held_[slot] : inputs[input_of_[slot]];
   };
-  outputs[0].set_data(mx::allocator::malloc(1));  // the token
   // new leaf o takes the buffer of operand src(o) when only this primitive refers to it (the
   // caller dropped the previous state) and no one else shares its buffer
   const size_t np = accum ? 0 : n;
@@ -889,12 +906,7 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     strided_src.push_back(*op[slot]);
   }
 
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(outputs[0]);
-  encoder.dispatch([stash = stash_, h = h_, n, accum, ip, ig, is, ia,
+  return [stash = stash_, h = h_, n, accum, ip, ig, is, ia,
                     leaves = std::move(leaves), kernels = std::move(kernels),
                     sizes = std::move(sizes), strided = std::move(strided),
                     strided_src = std::move(strided_src)]() mutable {
@@ -923,7 +935,179 @@ void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     if (!run_leaves(leaves, kernels, sizes, h, stash.get())) {
       std::vector<mx::array>().swap(stash->keep);
     }  // else main releases them once it has joined: this thread has MLX's tail work left
+  };
+}
+
+bool FusedUpdate::released() const {
+  // the operands whose buffers the new leaves would take: params, states, accs
+  const size_t n = static_cast<size_t>(n_);
+  const bool accum = h_.algo == ACCUM;
+  const size_t ig = accum ? 0 : n, is = ig + n;
+  for (size_t k = 0; k < held_.size(); ++k) {
+    if (k >= ig && k < is) {
+      continue;  // a gradient: read only
+    }
+    const auto& x = held_[k];
+    if (!x || desc_use_count(*x) != 1 || x->data_shared_ptr().use_count() != 1) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  outputs[0].set_data(mx::allocator::malloc(1));  // the token
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(outputs[0]);
+  int idle = EARLY_IDLE;
+  {
+    std::lock_guard<std::mutex> lk(stash_->claim);
+    stash_->early.compare_exchange_strong(idle, EARLY_EVAL, std::memory_order_acq_rel);
+  }
+  if (idle == EARLY_IDLE) {
+    encoder.dispatch(prepare(inputs));
+    return;
+  }
+  // the watcher started the kernel when the caller dropped the previous state: wait until it
+  // has chosen the buffers; the stream's later tasks wait for the kernel to finish
+  int state;
+  while ((state = stash_->early.load(std::memory_order_acquire)) == EARLY_CLAIMED) {
+    std::this_thread::yield();
+  }
+  if (state == EARLY_FAILED) {
+    throw std::runtime_error("nestedfn FusedUpdate: the kernel could not be prepared: " +
+                             stash_->error);
+  }
+  encoder.dispatch([stash = stash_] {
+    stash->early.wait(EARLY_RUNNING, std::memory_order_acquire);
   });
+}
+
+// -- the early start ---------------------------------------------------------------------------
+//
+// A step whose operands are all computed (evaluated gradients) can start its kernel as soon
+// as the caller has dropped the previous state (``state = step(state, grads)``), before MLX's
+// evaluator has walked the graph up to the FusedUpdate (on a LoRA tree about a millisecond of
+// the main thread's time, with a thousand new leaves and their siblings): one watcher thread
+// checks, from the end of the call until the eval claims the step (or a few milliseconds),
+// whether only the primitive still refers to every operand whose buffer a new leaf would
+// take; if so it claims the step, chooses the buffers exactly as eval_cpu would (all donated)
+// and runs the kernel, main joining it after its last group as before.  The check is the
+// donation test MLX itself uses (nothing else refers to the array or shares its buffer):
+// once true it stays true, as no handle to the operand exists anywhere else.
+namespace {
+
+class Watcher {
+ public:
+  void post(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      pending_.push_back({std::move(prim), std::move(stash), Clock::now()});
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Entry {
+    std::weak_ptr<FusedUpdate> prim;
+    std::shared_ptr<Stash> stash;
+    Clock::time_point since;
+  };
+  static constexpr auto PATIENCE = std::chrono::milliseconds(5);
+
+  void loop() {
+    std::vector<Entry> mine;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        if (mine.empty()) {
+          cv_.wait(lk, [&] { return !pending_.empty(); });
+        }
+        for (auto& e : pending_) {
+          mine.push_back(std::move(e));
+        }
+        pending_.clear();
+      }
+      const auto now = Clock::now();
+      std::vector<Entry> left;
+      for (auto& e : mine) {
+        if (e.stash->early.load(std::memory_order_acquire) != EARLY_IDLE) {
+          continue;  // the eval claimed it
+        }
+        auto prim = e.prim.lock();
+        if (!prim) {
+          continue;  // the step was dropped unevaluated
+        }
+        std::function<void()> task;
+        {
+          std::lock_guard<std::mutex> lk(e.stash->claim);
+          if (e.stash->early.load(std::memory_order_acquire) == EARLY_IDLE && prim->released()) {
+            e.stash->early.store(EARLY_CLAIMED, std::memory_order_release);
+            try {
+              task = prim->prepare({});
+            } catch (const std::exception& ex) {  // out of memory, ...: the eval says so
+              e.stash->error = ex.what();
+              e.stash->early.store(EARLY_FAILED, std::memory_order_release);
+              continue;
+            }
+          }
+        }
+        if (task) {
+          prim.reset();
+          early_count.fetch_add(1, std::memory_order_relaxed);
+          e.stash->early.store(EARLY_RUNNING, std::memory_order_release);
+          task();
+          e.stash->early.store(EARLY_DONE, std::memory_order_release);
+          e.stash->early.notify_all();
+          continue;
+        }
+        if (now - e.since < PATIENCE) {
+          left.push_back(std::move(e));
+        }
+      }
+      mine.swap(left);
+      if (!mine.empty()) {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::vector<Entry> pending_;
+  std::thread thread_{[this] { loop(); }};
+
+ public:
+  Watcher() {
+    thread_.detach();
+  }
+};
+
+Watcher& watcher() {
+  static Watcher* w = [] {
+    auto* x = new Watcher();  // never destroyed: its thread is detached
+    return x;
+  }();
+  return *w;
+}
+
+}  // namespace
+
+void watch_early(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash) {
+  // a forked child has no watcher thread (only the forking thread survives a fork): its
+  // steps start at their eval
+  static const pid_t parent = getpid();
+  if (getpid() == parent) {
+    watcher().post(std::move(prim), std::move(stash));
+  }
+}
+
+uint64_t early_starts() {
+  return early_count.load(std::memory_order_relaxed);
 }
 
 }  // namespace nestedfn

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +51,16 @@ int n_states(int algo);
 
 struct Job;  // a multi-threaded piece of work (fused_step.cpp)
 
+// Who starts a step's kernel (fused_step.cpp, "the early start")
+enum Early : int {
+  EARLY_IDLE = 0,     // nobody yet
+  EARLY_CLAIMED = 1,  // the watcher is choosing the buffers
+  EARLY_RUNNING = 2,  // the watcher runs the kernel
+  EARLY_DONE = 3,     // ... and it is done
+  EARLY_EVAL = 4,     // the eval reached the FusedUpdate first: it starts the kernel
+  EARLY_FAILED = 5,   // the watcher could not prepare it (``error``): the eval throws
+};
+
 // What a step's FusedUpdate hands its TakeOutputs groups: the buffer of every new leaf,
 // chosen (donated operand or fresh) when the FusedUpdate is evaluated, taken by its group
 // when that is evaluated.
@@ -58,7 +70,9 @@ struct Stash {
   // group; the token's task runs on the stream's thread meanwhile.  Whichever of the two
   // comes second decides: a task that starts while main is still busy runs the kernel on its
   // own thread and main joins it once its last group is done (two cores, no third thread
-  // to wake or to wait for a core); a task that starts after that uses a pool worker.
+  // to wake or to wait for a core); a task that starts after that uses a pool worker.  A
+  // step whose operands are all computed may instead be started before its eval by the
+  // watcher (``early``, fused_step.cpp "the early start"); main joins it the same way.
   size_t groups = 0;
   std::atomic<size_t> groups_done{0};
   std::atomic<int> meet{0};  // 0: neither yet; 1: the kernel is running (job set); 2: main is done
@@ -66,6 +80,9 @@ struct Stash {
   // What the kernel reads and writes (held operands, fresh buffers), alive until it is done;
   // released by main when main joins the kernel, else by the kernel's task.
   std::vector<mx::array> keep;
+  std::atomic<int> early{EARLY_IDLE};
+  std::mutex claim;  // the eval's and the watcher's claims of the step
+  std::string error;
 };
 
 // The whole update of one step over n leaves.  Its single output is a one-byte token; the
@@ -94,6 +111,13 @@ class FusedUpdate : public mx::Primitive {
   const char* name() const override {
     return "NestedfnFusedUpdate";
   }
+
+  // The kernel's task over ``inputs`` (empty when every operand is held), every new leaf's
+  // buffer chosen and what the kernel needs alive in the stash.  Called once, by eval_cpu or
+  // by the watcher that claimed the step.
+  std::function<void()> prepare(const std::vector<mx::array>& inputs);
+  // Whether only this primitive refers to every operand a new leaf would take the buffer of.
+  bool released() const;
 
  private:
   Hyper h_;
@@ -143,6 +167,9 @@ std::vector<mx::array> fused_update(
     const std::vector<mx::array>& accs,
     const Hyper& h,
     mx::StreamOrDevice s = {});
+
+// How many kernels the watcher started early (before the eval reached them): for tests.
+uint64_t early_starts();
 
 // The same update computed now, synchronously (the inputs are evaluated first), on all
 // cores: the new leaves come back evaluated, as plain arrays without a graph.  No MLX

@@ -9,14 +9,19 @@ time), and writes the new leaves, reusing a donated input buffer for each output
 nothing else refers to any more, e.g. the previous state after ``state = step(state, grads)``).
 
 Its graph is linear in the leaves: one ``FusedUpdate`` per kernel has a one-byte token as its
-only output, and the new leaves are ``TakeOutputs`` arrays of that token (in at most 64 groups
+only output, and the new leaves are ``TakeOutputs`` arrays of that token (in at most 96 groups
 per kernel), each taking the buffer the kernel wrote.  Operands already computed when the step
 is built (the previous state, evaluated gradients) are held by the primitive rather than made
 graph inputs, so MLX's evaluator neither visits nor hashes them.  (MLX's multi-output
 primitives make every output hold every input and every sibling: for the 336-leaf LoRA tree,
 1008 outputs and 1344 inputs, more work than the update itself.)  MLX's main thread, once it
 has evaluated the last group, joins the kernel that the stream's thread started: two threads
-on two cores, none to wake.  The trees are walked and rebuilt in C++ (``_native.TreeSpec``).
+on two cores, none to wake.  When every operand is computed, the kernel need not wait for the
+eval at all: a watcher thread starts it, in the old buffers, as soon as nothing but the step
+refers to the previous params and moments (``state = step(state, grads)`` has dropped them;
+MLX's own donation test), while MLX's evaluator is still walking the graph
+(``NESTEDFN_NATIVE_EARLY=0`` turns this off).  The trees are walked and rebuilt in C++
+(``_native.TreeSpec``).
 
 Per leaf, Adam is::
 

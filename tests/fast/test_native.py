@@ -3,6 +3,7 @@ keeps the tree-layout state, and falls back to the MLX graph wherever it cannot 
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import mlx.core as mx
@@ -382,6 +383,78 @@ def test_lazy_operands_and_chained_steps(size):
     mx.eval(out2)
     for k, x in enumerate(out2):
         assert mx.array_equal(x, ref2[k % 70][k // 70]).item(), k
+
+
+def _wait_for_early_start(mod, before: int, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mod.early_starts() > before:
+            return True
+        time.sleep(1e-4)
+    return False
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_the_kernel_starts_once_the_caller_drops_the_state(n):
+    """With every operand computed, the kernel starts as soon as nothing but the step refers
+    to the previous params and moments (before any eval), in their own buffers; the new
+    leaves, evaluated later in any order, hold the eager values."""
+    mod = native.native_module()
+    p, g = _lazy_leaves(n, 33, 41), _lazy_leaves(n, 33, 42)
+    m, v = _lazy_leaves(n, 33, 43), [mx.abs(x) for x in _lazy_leaves(n, 33, 44)]
+    mx.eval(p, g, m, v)
+    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
+    mx.eval(expected)
+    before_addr = [_address(x) for x in p + m + v]
+    before = mod.early_starts()
+    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+    del p, m, v  # the gradients stay referenced: they are only read
+    assert _wait_for_early_start(mod, before)
+    for k in reversed(range(len(out))):
+        assert mx.array_equal(out[k], expected[k % n][k // n]).item(), k
+    assert [_address(x) for x in out] == before_addr
+
+
+def test_no_early_start_while_the_caller_keeps_the_state():
+    mod = native.native_module()
+    p, g, m, v = (_lazy_leaves(20, 9, s) for s in (45, 46, 47, 48))
+    v = [mx.abs(x) for x in v]
+    mx.eval(p, g, m, v)
+    copies = [np.array(x) for x in p + m + v]
+    before = mod.early_starts()
+    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+    keep_one = p[3]  # one leaf still referred to: the whole step waits for its eval
+    del p
+    assert not _wait_for_early_start(mod, before, timeout=0.05)
+    mx.eval(out)
+    assert mod.early_starts() == before
+    np.testing.assert_array_equal(np.array(keep_one), copies[3])
+    for x, c in zip(m + v, copies[20:]):
+        np.testing.assert_array_equal(np.array(x), c)
+
+
+def test_an_early_step_dropped_unevaluated_and_steps_in_a_loop():
+    """A step whose new leaves are never evaluated (its kernel may have started) is harmless,
+    and a loop of steps, each evaluated right after the caller drops the old state (the
+    watcher and the eval race for it), gives the eager result bit for bit."""
+    mod = native.native_module()
+    p, g, m, v = (_lazy_leaves(8, 1000, s) for s in (49, 50, 51, 52))
+    v = [mx.abs(x) for x in v]
+    mx.eval(p, g, m, v)
+    dropped = mod.fused_update([x + 0 for x in p], g, [m, v], [], **_ADAM)
+    del dropped
+    ref = [list(a) for a in zip(p, m, v)]
+    for _ in range(30):
+        ref = [list(_adam_reference(rp, gg, rm, rv)) for (rp, rm, rv), gg in zip(ref, g)]
+        mx.eval(ref)
+    for _ in range(30):
+        out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+        p, m, v = out[:8], out[8:16], out[16:]
+        del out
+        mx.eval(p, m, v)
+    for i in range(8):
+        for got, want in zip((p[i], m[i], v[i]), ref[i]):
+            assert mx.array_equal(got, want).item()
 
 
 def test_async_eval_of_the_new_state():
