@@ -313,17 +313,23 @@ def _adam_reference(p, g, m, v):
     return p + (-1e-3) * (m1 / (mx.sqrt(v1) + 1e-8)), m1, v1
 
 
+def _adam_case(n: int, size: int, seed: int):
+    """Evaluated leaves p, g, m, v (v >= 0) and the evaluated reference step of each."""
+    p, g = _lazy_leaves(n, size, seed), _lazy_leaves(n, size, seed + 1)
+    m, v = _lazy_leaves(n, size, seed + 2), [mx.abs(x) for x in _lazy_leaves(n, size, seed + 3)]
+    mx.eval(p, g, m, v)
+    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
+    mx.eval(expected)
+    return p, g, m, v, expected
+
+
 @pytest.mark.parametrize("n", [1, 5, 300])
 def test_a_dropped_state_is_updated_in_its_own_buffers(n):
     """Nothing else refers to the old leaves: every new leaf (params and both moments) is
     written into the old leaf's buffer (no second copy of the state), for trees of one leaf up
     to several hundred (several TakeOutputs groups)."""
     mod = native.native_module()
-    p, g = _lazy_leaves(n, 33, 1), _lazy_leaves(n, 33, 2)
-    m, v = _lazy_leaves(n, 33, 3), [mx.abs(x) for x in _lazy_leaves(n, 33, 4)]
-    mx.eval(p, g, m, v)
-    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
-    mx.eval(expected)
+    p, g, m, v, expected = _adam_case(n, 33, 1)
     before = [_address(x) for x in p + m + v]
     out = mod.fused_update(p, g, [m, v], [], **_ADAM)
     del p, m, v
@@ -400,11 +406,7 @@ def test_the_kernel_starts_once_the_caller_drops_the_state(n):
     to the previous params and moments (before any eval), in their own buffers; the new
     leaves, evaluated later in any order, hold the eager values."""
     mod = native.native_module()
-    p, g = _lazy_leaves(n, 33, 41), _lazy_leaves(n, 33, 42)
-    m, v = _lazy_leaves(n, 33, 43), [mx.abs(x) for x in _lazy_leaves(n, 33, 44)]
-    mx.eval(p, g, m, v)
-    expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
-    mx.eval(expected)
+    p, g, m, v, expected = _adam_case(n, 33, 41)
     before_addr = [_address(x) for x in p + m + v]
     before = mod.early_starts()
     out = mod.fused_update(p, g, [m, v], [], **_ADAM)
