@@ -52,6 +52,13 @@ struct Job {
       done.fetch_add(mine, std::memory_order_acq_rel);
     }
   }
+
+  // until every item is done, also those other threads took
+  void wait_done() const {
+    while (done.load(std::memory_order_acquire) < n) {
+      std::this_thread::yield();
+    }
+  }
 };
 
 
@@ -388,9 +395,7 @@ class Pool {
     }
     if (nt <= 1) {
       job->drain();
-      while (job->done.load(std::memory_order_acquire) < n) {
-        std::this_thread::yield();
-      }
+      job->wait_done();
       return;
     }
     std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
@@ -406,9 +411,7 @@ class Pool {
       cv_.notify_all();
     }
     job->drain();
-    while (job->done.load(std::memory_order_acquire) < n) {
-      std::this_thread::yield();
-    }
+    job->wait_done();
     std::lock_guard<std::mutex> lk(m_);
     current_.reset();
   }
@@ -498,6 +501,9 @@ bool run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
 }  // namespace
 
 void watch_early(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash);  // below
+
+namespace {
+
 std::atomic<uint64_t> early_count{0};
 
 bool early_start_enabled() {
@@ -508,6 +514,8 @@ bool early_start_enabled() {
   }();
   return on;
 }
+
+}  // namespace
 
 int n_states(int algo) {
   switch (algo) {
@@ -794,9 +802,7 @@ void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>
       // still has this eval's group tasks to run
       Job& job = *stash_->job;
       job.drain();
-      while (job.done.load(std::memory_order_acquire) < job.n) {
-        std::this_thread::yield();
-      }
+      job.wait_done();
       std::vector<mx::array>().swap(stash_->keep);
     }
   }
@@ -1088,10 +1094,7 @@ class Watcher {
 };
 
 Watcher& watcher() {
-  static Watcher* w = [] {
-    auto* x = new Watcher();  // never destroyed: its thread is detached
-    return x;
-  }();
+  static Watcher* w = new Watcher();  // never destroyed: its thread is detached
   return *w;
 }
 
