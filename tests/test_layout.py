@@ -4,8 +4,8 @@
 
 A module may import from its own package and from packages on lower floors, never from a
 higher floor nor from another package on its own floor (``tiered``, ``fast`` and ``run`` stand
-side by side).  Every import counts, including the ones inside functions.  The old top-level
-module names keep working as the same module objects.
+side by side).  Every import counts, including the ones inside functions.  Each package names
+its public face in ``__all__``; the top level re-exports those faces, exceptions included.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import nestedfn
+from nestedfn.optim import from_mlx
 
 ROOT = Path(nestedfn.__file__).parent
 FLOOR = {
@@ -127,19 +128,68 @@ def test_imports_are_found_inside_functions_and_relative(tmp_path):
     )
 
 
-@pytest.mark.parametrize("old, new", sorted(nestedfn.MOVED_MODULES.items()))
-def test_old_module_names_are_the_new_modules(old, new):
-    assert importlib.import_module(f"nestedfn.{old}") is new
-    assert getattr(nestedfn, old) is new
+PACKAGES = ["tree", "optim", "tiered", "fast", "run", "bridge", "lm", "testing"]
+# public exceptions a caller need not name: each is an exported one, or becomes one where raised
+NOT_CAUGHT_BY_USERS = {
+    "NormalizeError": "lm.config raises it as ConfigError",
+    "RunDirBusy": "a RunError",
+    "Interrupted": "a KeyboardInterrupt (Ctrl-C), exported beside train by nestedfn.lm.trainer",
+}
 
 
-def test_the_old_nested_module_still_imports_but_nf_nested_is_the_function():
-    from nestedfn.nested import NestedState, multiscale_momentum, nested_adam, tier_stats
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_names_its_public_face(package):
+    mod = importlib.import_module(f"nestedfn.{package}")
+    names = mod.__all__
+    assert len(names) == len(set(names)), f"nestedfn.{package}: a name twice in __all__"
+    missing = [n for n in names if not hasattr(mod, n)]
+    assert not missing, f"nestedfn.{package}.__all__ names what it does not hold: {missing}"
 
-    assert nested_adam is nestedfn.nested_adam and tier_stats is nestedfn.tier_stats
-    assert NestedState is nestedfn.NestedState
-    assert multiscale_momentum is nestedfn.multiscale_momentum
-    assert callable(nestedfn.nested) and nestedfn.nested.__module__ == "nestedfn.tiered.cms"
+
+def test_the_top_level_is_the_packages_faces_and_nothing_else():
+    assert len(nestedfn.__all__) == len(set(nestedfn.__all__))
+    # ``from_mlx`` the function shares its module's name: ``nestedfn.optim`` keeps the module
+    owner = {n: from_mlx for n in from_mlx.__all__ if n != "MLX_OPTIMIZERS"}
+    for package in PACKAGES:
+        mod = importlib.import_module(f"nestedfn.{package}")
+        owner.update({n: mod for n in mod.__all__})
+    for name in nestedfn.__all__:
+        assert name in owner, f"nf.{name} is in no package's __all__"
+        assert getattr(nestedfn, name) is getattr(owner[name], name), name
+    public = {n for n in vars(nestedfn) if not n.startswith("_")}
+    extra = public - set(nestedfn.__all__) - set(PACKAGES)
+    assert not extra, f"at nf's top level but not in __all__: {sorted(extra)}"
+
+
+def _exception_classes() -> dict[str, type]:
+    found = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        mod = importlib.import_module(module_name(path))
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                if obj.__module__.startswith("nestedfn") and not obj.__name__.startswith("_"):
+                    found[obj.__name__] = obj
+    return found
+
+
+def test_every_exception_a_caller_catches_is_at_the_top_level():
+    found = _exception_classes()
+    assert {"PathError", "NotPackableError", "ConfigError"} <= set(found)  # the walk sees them
+    for name, cls in sorted(found.items()):
+        if name in NOT_CAUGHT_BY_USERS:
+            continue
+        assert getattr(nestedfn, name, None) is cls, f"{cls.__module__}.{name} is not nf.{name}"
+        assert name in nestedfn.__all__
+    stale = set(NOT_CAUGHT_BY_USERS) - set(found)
+    assert not stale, f"NOT_CAUGHT_BY_USERS names exceptions that no longer exist: {stale}"
+
+
+@pytest.mark.parametrize("old", ["transforms", "tiers", "compile", "checkpoint", "nested"])
+def test_the_flat_layout_names_are_gone(old):
+    """The top-level modules of the unreleased flat layout are not aliased (CHANGELOG)."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"nestedfn.{old}")
+    assert not isinstance(getattr(nestedfn, old, None), type(importlib))
 
 
 def test_each_package_says_what_lives_there():

@@ -13,10 +13,12 @@ from nestedfn.run.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from nestedfn.run.distributed import average_gradients
+from nestedfn.run.distributed import ConnectError, DivergenceError, average_gradients
 
 __all__ = [
     "CheckpointError",
+    "ConnectError",
+    "DivergenceError",
     "average_gradients",
     "latest_checkpoint",
     "load_checkpoint",

@@ -1,5 +1,8 @@
-"""Testing helpers for nestedfn users: Hypothesis strategies in ``nestedfn.testing.strategies``.
+"""Testing helpers for nestedfn users: Hypothesis strategies for parameter trees, MLX arrays and
+small modules, in ``nestedfn.testing.strategies``.
 
-Kept out of ``nestedfn``'s top-level import so that the library itself never imports
+The package itself exports nothing, so that importing it (or ``nestedfn``) never imports
 Hypothesis; import ``nestedfn.testing.strategies`` in your tests.
 """
+
+__all__: list[str] = []
