@@ -215,7 +215,7 @@ def test_a_complete_mlx_lm_config_runs_unchanged(assets, tmp_path, capsys):
 def _readme_table() -> list[list[str]]:
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mlx_lm.md").read_text()
     body = text.split("<!-- mlx-lm table -->")[1].split("<!-- end mlx-lm table -->")[0]
     rows = [r.strip().strip("|").split(" | ") for r in body.strip().splitlines()[2:]]
     return [[c.strip() for c in r] for r in rows]
