@@ -21,4 +21,13 @@ from nestedfn.lm.data import DataError
 from nestedfn.lm.errors import RunError
 from nestedfn.lm.lora import LoraError
 
-__all__ = ["ConfigError", "DataError", "LoraError", "RunError", "TrainConfig", "load_config"]
+__all__ = [
+    "config",
+    "trainer",
+    "ConfigError",
+    "DataError",
+    "LoraError",
+    "RunError",
+    "TrainConfig",
+    "load_config",
+]

@@ -81,6 +81,7 @@ from nestedfn.optim.transforms import (
 )
 
 __all__ = [
+    "from_mlx",  # the module; its function is ``nf.from_mlx``
     "AccumulateState",
     "AddDecayedWeightsState",
     "ClipByGlobalNormState",

@@ -16,6 +16,8 @@ from nestedfn.run.checkpoint import (
 from nestedfn.run.distributed import ConnectError, DivergenceError, average_gradients
 
 __all__ = [
+    "checkpoint",
+    "distributed",
     "CheckpointError",
     "ConnectError",
     "DivergenceError",
