@@ -5,7 +5,7 @@ few microseconds, so concatenating a LoRA adapter's 336 gradients costs about 1.
 H100 -- twenty times the optimizer arithmetic.  ``gather`` does the same copy with one custom
 CUDA kernel per buffer (``mx.fast.cuda_kernel``): block row ``y`` copies leaf ``y`` to its
 offset.  Anywhere else (CPU, Metal) it is ``mx.concatenate`` per buffer, as in
-``nestedfn.packing.pack``.
+``nestedfn.fast.packing.pack``.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Why: on a tree of hundreds of small arrays (a LoRA adapter: 336 arrays) a compiled step still
 launches one fused kernel per leaf and per operation group, and Python walks every leaf;
 dispatch, not arithmetic, dominates.  Here the optimizer state lives in a few flat buffers
-per dtype (``nestedfn.packing``) and one step is
+per dtype (``nestedfn.fast.packing``) and one step is
 
-1. the param and gradient leaves concatenated into the buffers' layout (``nestedfn.gather``:
+1. the param and gradient leaves concatenated into the buffers' layout (``nestedfn.fast.gather``:
    one kernel per buffer on CUDA);
 2. ``opt.update`` once over the buffers: one fused kernel per buffer;
 3. the new params returned as zero-copy views of the new param buffers, in the params' own

@@ -133,7 +133,7 @@ def pack_layout(
     """Group ``leaves`` by ``groups`` (a label per leaf, e.g. its tier; none: one group),
     dtype and trailing shape (first-seen order) and cut each group into buffers that close as
     soon as they reach ``chunk_size`` elements (``default_chunk()`` when ``None``) or
-    ``max_leaves`` leaves (what one gather kernel takes, ``nestedfn.gather``)."""
+    ``max_leaves`` leaves (what one gather kernel takes, ``nestedfn.fast.gather``)."""
     if chunk_size is None:
         chunk_size = default_chunk()
     if chunk_size < 1:

@@ -3,7 +3,8 @@
 A fast Adam-style momentum ``m1`` (with second moment ``v``) and a slow momentum ``m2``
 updated every ``slow_every`` steps from the chunk's gradient sum (the CMS rule), combined as
 ``(NS(m1) + alpha * o2) / (sqrt(v) + eps)``; ``NS`` is Newton–Schulz orthogonalisation on
-2-D leaves (``shared/NESTED_LEARNING.md``).  Kept apart from the tier machinery in
+2-D leaves (Behrouz et al., "Nested Learning: The Illusion of Deep Learning Architectures",
+NeurIPS 2025, section 7.2, Algorithm 1).  Kept apart from the tier machinery in
 ``nestedfn.tiered.cms``: it is one optimizer, not a way of running others.
 """
 

@@ -6,8 +6,7 @@ params: tier ``k`` of ``nested(..., frequencies)`` updates every ``frequencies[k
 
 * ``by_depth(params, n_tiers)``: contiguous blocks of transformer layers (``layers.N``);
 * ``by_pattern({regex: tier})`` and ``manual({path: tier})``: rules, checked against params so
-  a rule or path that names nothing is an error, not a silent no-op (the seed app's tier map
-  never matched a real path and put zero parameters in every tier);
+  a rule or path that names nothing is an error, not a tier silently left empty;
 * ``by_grad_norm(grads, n_tiers)``: by gradient size;
 * ``describe(tiers, params, frequencies)``: the table a user reads before training.
 """

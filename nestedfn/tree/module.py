@@ -1,8 +1,8 @@
 """The checked ``model.update()``: every value lands, or an error names the path.
 
 ``mlx.nn.Module.update`` accepts a value of the wrong shape and silently ignores one whose
-path the module does not have (a dict where a list belongs, a misspelt key): the silent no-op
-that made the app nestedfn replaces train nothing for weeks.  ``check_fits`` lists every path
+path the module does not have (a dict where a list belongs, a misspelt key), so a training
+loop built on it can train nothing without a word.  ``check_fits`` lists every path
 that does not fit a module or tree (missing, list vs dict, shape, dtype); ``update_module``
 checks, updates, and (``verify=True``) reads the values back to prove they landed.
 """

@@ -2,8 +2,8 @@
 
 ``to_flat``/``from_flat`` convert between a tree and ``mlx.utils.tree_flatten``'s dotted keys,
 refusing what a dotted path cannot say (digit-string dict keys, keys holding ``.``, index gaps)
-instead of guessing as ``mlx.utils.tree_unflatten`` does: its guesses turned a ``layers`` list
-into the wrong structure in the app nestedfn replaces.  ``set_paths`` replaces leaves by path
+instead of guessing as ``mlx.utils.tree_unflatten`` does (its guesses can rebuild a ``layers``
+list as another structure).  ``set_paths`` replaces leaves by path
 without mutating its input, failing on unknown paths or changed shapes.
 """
 

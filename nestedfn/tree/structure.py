@@ -8,8 +8,8 @@ naming the path) rather than silently rebuilt as something else.
 
 Why this exists: ``mlx.utils.tree_unflatten`` guesses structure from dotted keys.  It turns
 dicts with digit-string keys into lists, drops empty containers, turns tuples into lists and
-pads gaps in list indices with ``{}``.  A nested ``layers`` list rebuilt the wrong way made
-``model.update()`` a silent no-op in the app nestedfn replaces.  Here ``flatten``/``unflatten``
+pads gaps in list indices with ``{}``; a ``layers`` list rebuilt the wrong way makes
+``model.update()`` a silent no-op.  Here ``flatten``/``unflatten``
 are an exact inverse pair: ``TreeDef`` records everything (node kinds, keys in order, dict
 classes, NamedTuple classes), is hashable, and two trees fit together exactly when their
 ``TreeDef``s are equal.  The errors shared by the whole package (``PathError``,
