@@ -14,6 +14,7 @@ import ast
 import importlib
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -163,8 +164,9 @@ def test_the_top_level_is_the_packages_faces_and_nothing_else():
     for name in nestedfn.__all__:
         assert name in owner, f"nf.{name} is in no package's __all__"
         assert getattr(nestedfn, name) is getattr(owner[name], name), name
-    public = {n for n in vars(nestedfn) if not n.startswith("_")}
-    extra = public - set(nestedfn.__all__) - set(PACKAGES)
+    # submodules appear as attributes once imported (``nestedfn.cli`` by the CLI's tests)
+    public = {n for n, v in vars(nestedfn).items() if n[0] != "_" and not isinstance(v, ModuleType)}
+    extra = public - set(nestedfn.__all__)
     assert not extra, f"at nf's top level but not in __all__: {sorted(extra)}"
 
 
@@ -196,7 +198,7 @@ def test_the_flat_layout_names_are_gone(old):
     """The top-level modules of the unreleased flat layout are not aliased (CHANGELOG)."""
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module(f"nestedfn.{old}")
-    assert not isinstance(getattr(nestedfn, old, None), type(importlib))
+    assert not isinstance(getattr(nestedfn, old, None), ModuleType)
 
 
 def test_each_package_says_what_lives_there():
