@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -208,6 +210,14 @@ def test_each_package_says_what_lives_there():
     for path in sorted(ROOT.rglob("*.py")):
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
         assert doc, f"{path}: a module opens with what it holds and why"
+
+
+def test_import_nestedfn_imports_neither_mlx_lm_nor_hypothesis():
+    """The library's face stays light: mlx-lm is the trainer's, Hypothesis the tests'."""
+    code = "import sys, nestedfn; print(sorted({'mlx_lm', 'hypothesis'} & set(sys.modules)))"
+    run = dict(capture_output=True, text=True, check=True, cwd=ROOT.parent)  # this checkout
+    out = subprocess.run([sys.executable, "-c", code], **run)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_nothing_below_lm_imports_mlx_lm():

@@ -12,14 +12,14 @@ run); only the CLI stands on it.
 - ``trainer``: the loop (``train``, exact resume, Ctrl-C), with ``errors.RunError``;
 - ``demo``, ``plot``: the offline demo model and data, the training plot.
 
-Import-light: the package exports the configuration and the errors a caller catches; the
-trainer and the modules that import mlx-lm are imported where used.
+Import-light (``import nestedfn`` never imports mlx-lm): the package exports the configuration
+and the errors a caller catches; the trainer and the modules that import mlx-lm are imported
+where used.
 """
 
 from nestedfn.lm.config import ConfigError, TrainConfig, load_config
 from nestedfn.lm.data import DataError
-from nestedfn.lm.errors import RunError
-from nestedfn.lm.lora import LoraError
+from nestedfn.lm.errors import LoraError, RunError
 
 __all__ = [
     "config",

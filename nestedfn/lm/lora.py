@@ -28,16 +28,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from nestedfn.lm.errors import LoraError
 from nestedfn.tree import to_flat, update_module
 
 __all__ = ["LoraError", "LoraSpec", "apply_lora", "bind", "trainable_params"]
 
 _ADAPTER_LEAVES = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m")}
 FINE_TUNE_TYPES = ("lora", "dora", "full")
-
-
-class LoraError(ValueError):
-    """LoRA options that do not fit the model (too many layers, keys matching nothing)."""
 
 
 @dataclass(frozen=True)
