@@ -51,9 +51,7 @@ OPTIMIZERS = {
     "nested_adam": lambda: nf.nested_adam(1e-2),
     "nested_adam_schedule": lambda: nf.nested_adam(nf.warmup_cosine(1e-2, 2, 20)),
     "accumulate_nested": lambda: nf.accumulate(nf.nested_adam(1e-2, frequencies=(1, 2)), 3),
-    "skip_chain": lambda: nf.skip_nonfinite(
-        nf.chain(nf.clip_by_global_norm(1.0), nf.adamw(1e-2))
-    ),
+    "skip_chain": lambda: nf.skip_nonfinite(nf.chain(nf.clip_by_global_norm(1.0), nf.adamw(1e-2))),
 }
 
 
