@@ -128,20 +128,6 @@ def _hyper(mod: Any, spec: ElementwiseSpec, step: int, post: float | None, f: fl
     return h
 
 
-def _encode(td: TreeDef) -> Any:
-    """``td`` as the nested tuples ``_native.TreeSpec`` reads (see csrc/tree_spec.cpp)."""
-    if td.kind == "leaf":
-        return None
-    if td.kind == "none":
-        return ("none",)
-    kids = tuple(_encode(c) for c in td.children)
-    if td.kind == "dict":
-        return ("dict", tuple(td.meta), kids)
-    if td.kind in ("list", "tuple"):
-        return (td.kind, kids)
-    return ("nt", td.meta, kids)
-
-
 def _plain_dicts(td: TreeDef) -> bool:
     return td.ctor is None and all(_plain_dicts(c) for c in td.children)
 
@@ -151,13 +137,12 @@ def _walkers(td: TreeDef) -> tuple[Callable[[Any], list | None], Callable[[list]
     """``(leaves, build)`` for trees shaped as ``td``: ``leaves(tree)`` is the leaves in
     flatten order or None for a tree shaped otherwise (no type test per leaf: the binding
     refuses anything but an ``mx.array``); ``build(leaves)`` the tree over a list of leaves.
-    Walked in C++ (``_native.TreeSpec``: ten times faster than generated Python on a LoRA
-    tree) unless a dict node is an ``OrderedDict``/``defaultdict``."""
+    The leaves are read in C++ (``_native.TreeSpec``: a tenth of the generated Python's time
+    on a LoRA tree) unless a dict node is an ``OrderedDict``/``defaultdict``; the tree is
+    built by the generated Python of ``nestedfn.tree.codegen``."""
     mod = native_module()
-    if mod is not None and _plain_dicts(td):
-        spec = mod.TreeSpec(_encode(td))
-        return spec.leaves, spec.build
-    return leaf_getter(td, check_leaves=False), tree_builder(td)
+    get = mod.TreeSpec(td).leaves if mod is not None and _plain_dicts(td) else None
+    return get or leaf_getter(td, check_leaves=False), tree_builder(td)
 
 
 def _mean_size(params: Any) -> float:
