@@ -16,7 +16,6 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <type_traits>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -47,7 +46,6 @@ struct Job {
     }
   }
 };
-
 
 namespace {
 
@@ -81,14 +79,9 @@ NF_INLINE float rd<float>(float x) {
 // One leaf's pointers (contiguous, offsets applied).  in: p, g, s0, s1, acc; out: p', s0',
 // s1', acc'.
 struct Leaf {
-  const void* p = nullptr;
-  const void* g = nullptr;
-  const void* s0 = nullptr;
-  const void* s1 = nullptr;
+  const void *p = nullptr, *g = nullptr, *s0 = nullptr, *s1 = nullptr;
   const float* acc = nullptr;
-  void* po = nullptr;
-  void* s0o = nullptr;
-  void* s1o = nullptr;
+  void *po = nullptr, *s0o = nullptr, *s1o = nullptr;
   float* acco = nullptr;
 };
 
@@ -99,9 +92,7 @@ template <class P, bool ACC>
 NF_INLINE float grad_in(const float* __restrict acc, const P* __restrict g, size_t i, float f) {
   float gi = static_cast<float>(g[i]);
   if constexpr (ACC) {
-    float a = acc[i] + gi;  // acc (float32) + g.astype(float32)
-    a = a / f;                // f == 1 for reduce="sum": exact
-    gi = rd<P>(a);            // chunk.astype(g.dtype)
+    gi = rd<P>((acc[i] + gi) / f);  // (acc + g.astype(float32)) / f, then .astype(g.dtype)
   }
   return gi;
 }
@@ -149,44 +140,6 @@ NF_IVDEP
     if constexpr (ACC) {
       acco[i] = 0.0f;
     }
-  }
-}
-
-// float32 leaves and moments: the same arithmetic as adam_kernel<float, float> with the
-// (no-op) roundings left out, written so that GCC vectorises it
-template <bool ACC, bool WD>
-NF_CLONES
-void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
-  const float* __restrict p = static_cast<const float*>(L.p);
-  const float* __restrict g = static_cast<const float*>(L.g);
-  const float* __restrict m = static_cast<const float*>(L.s0);
-  const float* __restrict v = static_cast<const float*>(L.s1);
-  const float* __restrict acc = L.acc;
-  float* __restrict po = static_cast<float*>(L.po);
-  float* __restrict mo = static_cast<float*>(L.s0o);
-  float* __restrict vo = static_cast<float*>(L.s1o);
-  float* __restrict acco = L.acco;
-  const float b1 = float(h.b1), omb1 = float(1.0 - h.b1);
-  const float b2 = float(h.b2), omb2 = float(1.0 - h.b2);
-  const float eps = float(h.eps), c1 = float(h.c1), c2 = float(h.c2);
-  const float wd = float(h.wd), nlr = float(h.neg_lr), post = float(h.post), f = float(h.f);
-NF_IVDEP
-  for (size_t i = b; i < e; ++i) {
-    float gs = g[i];
-    if constexpr (ACC) {
-      gs = (acc[i] + gs) / f;
-      acco[i] = 0.0f;
-    }
-    const float m1 = b1 * m[i] + omb1 * gs;
-    const float v1 = b2 * v[i] + omb2 * (gs * gs);
-    float u = (m1 * c1) / (std::sqrt(v1) * c2 + eps);
-    if constexpr (WD) {
-      u = u + wd * p[i];
-    }
-    u = (u * nlr) * post;
-    po[i] = p[i] + u;
-    mo[i] = m1;
-    vo[i] = v1;
   }
 }
 
@@ -262,11 +215,7 @@ template <class P, class M, bool ACC, bool WD>
 Kernel pick_algo(Algo algo) {
   switch (algo) {
     case ADAM:
-      if constexpr (std::is_same_v<P, float> && std::is_same_v<M, float>) {
-        return adam_kernel_f32<ACC, WD>;
-      } else {
-        return adam_kernel<P, M, ACC, WD>;
-      }
+      return adam_kernel<P, M, ACC, WD>;
     case LION:
       return lion_kernel<P, M, ACC, WD>;
     case MOMENTUM:
@@ -299,15 +248,11 @@ bool is_float(mx::Dtype d) {
 }
 
 std::string dtype_name(mx::Dtype d) {
-  std::ostringstream os;
-  os << d;
-  return os.str();
+  return (std::ostringstream() << d).str();
 }
 
 [[noreturn]] void bad_leaf(size_t i, const std::string& why) {
-  std::ostringstream os;
-  os << "leaf " << i << ": " << why;
-  throw std::invalid_argument(os.str());
+  throw std::invalid_argument("leaf " + std::to_string(i) + ": " + why);
 }
 
 bool plain(const mx::array& a) {
@@ -384,7 +329,11 @@ class Pool {
     }
     std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
     const size_t workers = std::min(nt, n) - 1;
-    ensure(workers);
+    while (threads_.size() < workers) {
+      const size_t id = threads_.size();
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
     {
       std::lock_guard<std::mutex> lk(m_);
       current_ = job;
@@ -401,13 +350,6 @@ class Pool {
   }
 
  private:
-  void ensure(size_t workers) {
-    while (threads_.size() < workers) {
-      const size_t id = threads_.size();
-      threads_.emplace_back([this, id] { loop(id); });
-      threads_.back().detach();
-    }
-  }
   void loop(size_t id) {
     uint64_t seen = 0;
     for (;;) {
@@ -757,14 +699,6 @@ void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>
       std::vector<mx::array>().swap(stash_->keep);
     }
   }
-}
-
-void FusedUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("nestedfn FusedUpdate has no GPU eval");
-}
-
-void TakeOutputs::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("nestedfn TakeOutputs has no GPU eval");
 }
 
 }  // namespace nestedfn

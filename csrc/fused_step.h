@@ -9,6 +9,7 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <vector>
 
 #include "mlx/array.h"
@@ -41,13 +42,11 @@ struct Hyper {
 
 int n_states(Algo algo);
 
-struct Job;
+struct Job;  // fused_step.cpp
 
-// What a FusedUpdate hands its TakeOutputs groups: the buffer of every new leaf (chosen when
-// the FusedUpdate is evaluated, taken by its group when that is evaluated), and who runs the
-// kernel.  MLX's main thread evaluates the token and then every group while the token's task
-// runs on the stream's thread; if that task starts while main is still busy, main joins it
-// after its last group (two threads on two cores, none to wake), else the task uses the pool.
+// What a FusedUpdate hands its TakeOutputs groups: every new leaf's buffer, and who runs the
+// kernel: main (evaluating the groups) joins the token's task after its last group if that
+// task started while main was busy (two threads, none to wake), else the task uses the pool.
 struct Stash {
   std::vector<std::optional<mx::array>> out;
   size_t groups = 0;
@@ -76,10 +75,10 @@ class FusedUpdate : public mx::Primitive {
         input_of_(std::move(input_of)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
-  const char* name() const override {
-    return "NestedfnFusedUpdate";
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("nestedfn: the native step has no GPU eval");
   }
+  const char* name() const override { return "NestedfnFusedUpdate"; }
 
  private:
   Hyper h_;
@@ -92,18 +91,17 @@ class FusedUpdate : public mx::Primitive {
   std::vector<int> input_of_;
 };
 
-// New leaves [begin, end) of a FusedUpdate (its only input is the token).  Groups keep both
-// MLX costs small: siblings (quadratic in a group's size) and tasks (one per group).
+// New leaves [begin, end) of a FusedUpdate (its only input is the token).
 class TakeOutputs : public mx::Primitive {
  public:
   TakeOutputs(mx::Stream stream, std::shared_ptr<Stash> stash, size_t begin, size_t end)
       : mx::Primitive(stream), stash_(std::move(stash)), begin_(begin), end_(end) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
-  const char* name() const override {
-    return "NestedfnTakeOutputs";
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("nestedfn: the native step has no GPU eval");
   }
+  const char* name() const override { return "NestedfnTakeOutputs"; }
 
  private:
   std::shared_ptr<Stash> stash_;

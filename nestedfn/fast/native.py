@@ -40,10 +40,10 @@ import mlx.core as mx
 from nestedfn.optim.core import Grads, Optimizer, TrainState, static_step
 from nestedfn.optim.fused import ADAM, ElementwiseSpec, NestedSpec, describe
 from nestedfn.optim.transforms import _bias_correction
-from nestedfn.tree import TreeDef, TreeMismatchError, flatten
+from nestedfn.tree import TreeDef, flatten
 from nestedfn.tree.codegen import leaf_getter, tree_builder
 
-__all__ = ["NativeStep", "available", "native_module"]
+__all__ = ["NativeStep", "native_module"]
 
 _EAGER_BELOW = 1 << 12  # mean elements per leaf under which the kernel runs in the call
 _LAZY: bool | None = None  # None: by the tree (above); True/False forces a way (benchmarks)
@@ -89,17 +89,8 @@ def native_module() -> Any:
     return _MODULE[0]
 
 
-def available() -> bool:
-    """Whether the native step can run here (module loaded; the default device is the CPU)."""
-    return native_module() is not None and mx.default_device() == mx.cpu
-
-
 class _NotNative(Exception):
     """This call cannot take the native step: the caller runs the MLX graph."""
-
-
-class _BadShape(Exception):
-    """The kernel found a leaf shaped unlike its parameter: a user error, named by path."""
 
 
 def _scalar(x: Any) -> float:
@@ -219,29 +210,14 @@ class NativeStep:
         s = state.step if isinstance(state.step, int) else static_step(state.step)
         try:
             return self._step(mod, state, grads, int(s))
-        except _NotNative:
+        except _NotNative:  # the MLX graph serves, or names what is wrong (a shape, a path)
             return None
-        except _BadShape:
-            self._raise_shapes(state, grads)
-            return None  # not reached unless only the state is off: the MLX graph names it
-
-    def _raise_shapes(self, state: TrainState, grads: Grads) -> None:
-        """Raise ``TreeMismatchError`` naming every gradient leaf shaped unlike its param."""
-        p_leaves, td = flatten(state.params)
-        problems = [
-            (path, f"grads {tuple(g.shape)} vs params {tuple(p.shape)}")
-            for path, p, g in zip(td.paths(), p_leaves, flatten(grads)[0])
-            if getattr(g, "shape", None) != p.shape
-        ]
-        if problems:
-            raise TreeMismatchError(problems, "compile_step: grads shaped unlike params")
 
     def _kernel(self, mod: Any, plan: _Plan, *args: Any) -> list:
         try:
             return mod.fused_update(*args, plan.lazy)
         except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
-            bad = isinstance(e, ValueError) and "shape" in str(e)
-            raise (_BadShape() if bad else _NotNative()) from e
+            raise _NotNative from e
 
     def _run(
         self,

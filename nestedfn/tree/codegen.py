@@ -41,6 +41,16 @@ def _simple(td: TreeDef) -> bool:
     return _depth(td) <= _MAX_DEPTH and plain(td)
 
 
+def _namer(consts: dict[str, Any]) -> Callable[[Any], str]:
+    """``const(value)``: a fresh name bound to ``value`` in ``consts`` (the code's scope)."""
+
+    def const(value: Any) -> str:
+        consts[f"_c{len(consts)}"] = value
+        return f"_c{len(consts) - 1}"
+
+    return const
+
+
 def _general_getter(td: TreeDef) -> Callable[[Any], list | None]:
     def get(tree: Any) -> list | None:
         try:
@@ -66,10 +76,7 @@ def leaf_getter(td: TreeDef, check_leaves: bool = True) -> Callable[[Any], list 
     leaves: list[str] = []
     counter = [0]
 
-    def const(value: Any) -> str:
-        name = f"_c{len(consts)}"
-        consts[name] = value
-        return name
+    const = _namer(consts)
 
     def walk(node: TreeDef, var: str) -> None:
         kind = node.kind
@@ -122,10 +129,7 @@ def tree_builder(td: TreeDef) -> Callable[[list], Any]:
     consts: dict[str, Any] = {}
     pos = [0]
 
-    def const(value: Any) -> str:
-        name = f"_c{len(consts)}"
-        consts[name] = value
-        return name
+    const = _namer(consts)
 
     def expr(node: TreeDef) -> str:
         kind = node.kind
