@@ -43,8 +43,7 @@ NB_MODULE(_native, m) {
       .def_rw("neg_lr", &Hyper::neg_lr)
       .def_rw("post", &Hyper::post)
       .def_rw("with_acc", &Hyper::with_acc)
-      .def_rw("f", &Hyper::f)
-      .def_rw("threads", &Hyper::threads);
+      .def_rw("f", &Hyper::f);
   nestedfn::bind_tree_spec(m);
   m.def(
       "fused_update",

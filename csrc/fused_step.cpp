@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -312,23 +313,18 @@ constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 constexpr size_t TAKE_GROUPS = 96, TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
-// A small persistent pool of workers that sleep on a condition variable between jobs.
 class Pool {
  public:
   // Run ``job`` on the caller and nt - 1 workers; returns once every item is done (also
   // those another thread took).
   void run(size_t nt, const std::shared_ptr<Job>& job) {
-    const size_t n = job->n;
-    if (n == 0) {
-      return;
-    }
     if (nt <= 1) {
       job->drain();
       job->wait_done();
       return;
     }
     std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
-    const size_t workers = std::min(nt, n) - 1;
+    const size_t workers = std::min(nt, job->n) - 1;
     while (threads_.size() < workers) {
       const size_t id = threads_.size();
       threads_.emplace_back([this, id] { loop(id); });
@@ -429,8 +425,8 @@ void set_leaves(Plan& plan, const Hyper& h, const std::vector<const void*>& in,
   }
 }
 
-// Run every leaf's kernel over chunks of CHUNK elements on up to h.threads threads (0: every
-// core), at most a thread per 32K elements of work.  Returns whether MLX's main thread joins
+// Run every leaf's kernel over chunks of CHUNK elements on every core, at most a thread per
+// 32K elements of work.  Returns whether MLX's main thread joins
 // the kernel (see Stash).
 bool run_plan(const Plan& plan, const Hyper& h, Stash* stash = nullptr) {
   struct Item {
@@ -444,8 +440,7 @@ bool run_plan(const Plan& plan, const Hyper& h, Stash* stash = nullptr) {
     }
     total += plan.sizes[i];
   }
-  size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
-                            : std::max(1u, std::thread::hardware_concurrency());
+  size_t nt = std::max(1u, std::thread::hardware_concurrency());
   nt = std::min({nt, std::max<size_t>(1, total >> 15), items.size()});
   auto job = std::make_shared<Job>();
   job->n = items.size();
@@ -529,8 +524,7 @@ std::vector<const mx::array*> operands(const std::vector<mx::array>& params,
   return ops;
 }
 
-// The operand whose buffer new leaf o may take: params' take params', states' states', accs'
-// accs' (slots past the gradients).
+// The operand slot whose buffer new leaf o may take (params, states, accs: past the grads).
 size_t source_slot(size_t o, size_t n, bool accum) {
   return accum ? n + o : (o < n ? o : o + n);
 }
@@ -548,9 +542,6 @@ std::vector<mx::array> fused_update(const std::vector<mx::array>& params,
   std::vector<mx::Dtype> dtypes;
   const auto ops = operands(params, grads, states, accs, h, dtypes);
   const size_t n = grads.size();
-  if (n == 0) {
-    return {};
-  }
   // computed operands are held by the primitive, the others are graph inputs
   std::vector<mx::array> inputs;
   std::vector<std::optional<mx::array>> held(ops.size());
@@ -574,8 +565,7 @@ std::vector<mx::array> fused_update(const std::vector<mx::array>& params,
   auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), dtypes, stash,
                                             std::move(held), std::move(input_of));
   auto token = mx::array(mx::Shape{}, mx::bool_, std::move(prim), std::move(inputs));
-  const size_t n_out = shapes.size();
-  const size_t k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
+  const size_t n_out = shapes.size(), k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
   stash->groups = (n_out + k - 1) / k;
   std::vector<mx::array> result;
   result.reserve(n_out);
@@ -585,9 +575,7 @@ std::vector<mx::array> fused_update(const std::vector<mx::array>& params,
         std::vector<mx::Shape>(shapes.begin() + b, shapes.begin() + e),
         std::vector<mx::Dtype>(dtypes.begin() + b, dtypes.begin() + e),
         std::make_shared<TakeOutputs>(stream, stash, b, e), {token});
-    for (auto& x : outs) {
-      result.push_back(std::move(x));
-    }
+    std::move(outs.begin(), outs.end(), std::back_inserter(result));
   }
   return result;
 }

@@ -21,8 +21,7 @@ namespace mx = mlx::core;
 
 enum Algo : int { ADAM = 0, LION = 1, MOMENTUM = 2, ACCUM = 3 };
 
-// The scalars of one step, bound to Python as ``_native.Hyper``.  Each is rounded as the eager
-// step rounds it: the double to float32, then to the dtype of the array it multiplies.
+// The scalars of one step (``_native.Hyper``), each rounded as the eager step rounds it.
 struct Hyper {
   Algo algo = ADAM;
   double b1 = 0.9;    // Adam/Lion b1; momentum: decay
@@ -37,7 +36,6 @@ struct Hyper {
   double post = 1.0;        // then u *= post (nested_adam's global schedule)
   bool with_acc = false;    // g := (acc + g) / f: a CMS tier's chunk; acc' = 0
   double f = 1.0;
-  int threads = 0;  // 0: every core
 };
 
 int n_states(Algo algo);
@@ -66,13 +64,8 @@ class FusedUpdate : public mx::Primitive {
   FusedUpdate(mx::Stream stream, Hyper h, int n, std::vector<mx::Dtype> dtypes,
               std::shared_ptr<Stash> stash, std::vector<std::optional<mx::array>> held,
               std::vector<int> input_of)
-      : mx::Primitive(stream),
-        h_(h),
-        n_(n),
-        dtypes_(std::move(dtypes)),
-        stash_(std::move(stash)),
-        held_(std::move(held)),
-        input_of_(std::move(input_of)) {}
+      : mx::Primitive(stream), h_(h), n_(n), dtypes_(std::move(dtypes)), stash_(std::move(stash)),
+        held_(std::move(held)), input_of_(std::move(input_of)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {

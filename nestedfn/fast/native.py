@@ -47,8 +47,6 @@ __all__ = ["NativeStep", "native_module"]
 
 _EAGER_BELOW = 1 << 12  # mean elements per leaf under which the kernel runs in the call
 _LAZY: bool | None = None  # None: by the tree (above); True/False forces a way (benchmarks)
-_SHAPE = lambda x: x.shape  # noqa: E731
-_DTYPE = lambda x: x.dtype  # noqa: E731
 _MODULE: list[Any] = []  # [module or None] once loaded
 _WARNED: set[str] = set()
 
@@ -102,7 +100,7 @@ def _scalar(x: Any) -> float:
     return float(x)
 
 
-def _hyper(mod: Any, spec: ElementwiseSpec, step: int, post: float | None, f: float | None):
+def _hyper(mod: Any, spec: ElementwiseSpec, step: int, post: float | None, f: float | None) -> Any:
     """The kernel's scalars (``_native.Hyper``) for ``spec`` at the integer ``step``, computed
     as the eager transforms compute them; ``f``: a tier's chunk divisor (its acc is read)."""
     lr = spec.learning_rate(step) if callable(spec.learning_rate) else spec.learning_rate
@@ -134,11 +132,6 @@ def _walkers(td: TreeDef) -> tuple[Callable[[Any], list | None], Callable[[list]
     mod = native_module()
     get = mod.TreeSpec(td).leaves if mod is not None and _plain_dicts(td) else None
     return get or leaf_getter(td, check_leaves=False), tree_builder(td)
-
-
-def _mean_size(params: Any) -> float:
-    leaves = [x for x in flatten(params)[0] if isinstance(x, mx.array)]
-    return sum(x.size for x in leaves) / max(1, len(leaves))
 
 
 class _Tier(NamedTuple):
@@ -200,7 +193,8 @@ class NativeStep:
                 _Tier(idx, f, describe(o), *_walkers(sub))
                 for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
             ]
-        lazy = _mean_size(params) >= _EAGER_BELOW if _LAZY is None else _LAZY
+        sizes = [x.size for x in flatten(params)[0] if isinstance(x, mx.array)]
+        lazy = sum(sizes) >= _EAGER_BELOW * len(sizes) if _LAZY is None else _LAZY
         return _Plan(build, get, tiers, lazy)
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState | None:
@@ -270,7 +264,7 @@ class NativeStep:
         phase = self.opt.phase(s)
         if (id(plan), phase) not in self._seen:
             self._seen.add((id(plan), phase))
-            key = (id(plan), tuple(map(_SHAPE, p_leaves)), tuple(map(_DTYPE, p_leaves)))
+            key = (id(plan), tuple(x.shape for x in p_leaves), tuple(x.dtype for x in p_leaves))
             self.keys.add((key, phase))
         return new
 
