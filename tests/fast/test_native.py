@@ -264,7 +264,7 @@ def test_state_is_the_tree_layout_for_checkpoints():
 @pytest.mark.parametrize("name", ["adamw", "lion_wd", "nesterov"])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_both_modes_equal_eager(monkeypatch, name, lazy):
-    """``NESTEDFN_NATIVE_MODE=eager`` (computed in the call) and the lazy default (evaluated
+    """The kernel computed in the call (trees of tiny leaves) and the lazy default (evaluated
     later, writing into the buffers of a state nothing refers to any more, and only then)."""
     monkeypatch.setattr(native, "_LAZY", lazy)
     _run(OPTIMIZERS[name](), _tree(17), 5)
@@ -483,3 +483,24 @@ def test_tree_spec_named_tuples_none_and_equal_but_distinct_keys():
     assert get(TrainState({"a": mx.zeros(2), "b": 0, "c": tree.params["c"]}, (), 0)) is None
     back = build(list(leaves))
     assert type(back) is TrainState and back.params["b"] is None and back.step is leaves[-1]
+
+
+def test_the_kernel_scalars_are_one_typed_struct():
+    """``_native.Hyper`` refuses a value of the wrong type (no positional argument lists), and
+    its algorithms are the names ``nestedfn.optim.fused`` uses."""
+    mod = native.native_module()
+    h = mod.Hyper()
+    with pytest.raises(TypeError):
+        h.b1 = "0.9"
+    with pytest.raises(TypeError):
+        h.algo = 7
+    for opt in (adam(1e-2), lion(1e-3), momentum(1e-2)):
+        assert isinstance(getattr(mod.Algo, describe(opt).algo), mod.Algo)
+
+
+def test_the_optimizer_carries_its_spec_and_learning_rate():
+    sched = warmup_cosine(1e-2, warmup_steps=3, decay_steps=20)
+    for opt, lr in ((adam(1e-2), 1e-2), (adamw(sched), sched)):
+        assert describe(opt) is opt.fused and describe(opt).learning_rate is lr
+        assert nf.learning_rate_of(opt) is lr
+    assert describe(opt._replace(fused=None)) is None
