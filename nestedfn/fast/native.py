@@ -75,12 +75,12 @@ def native_module() -> Any:
                 )
             mod = None
         runtime = mx.__version__.split(".dev")[0].split("+")[0]
-        if mod is not None and mod.MLX_VERSION != runtime:
-            _warn_once(
+        if mod is not None and (mod.MLX_VERSION != runtime or not hasattr(mod, "Hyper")):
+            _warn_once(  # another MLX, or an older nestedfn's module (no Hyper): not this ABI
                 "abi",
-                f"nestedfn: the native step was built against MLX {mod.MLX_VERSION} but MLX "
-                f"{mx.__version__} is running; it is not used (the pure-MLX step serves). "
-                "Reinstall nestedfn (pip install -e .) to rebuild it for this MLX.",
+                f"nestedfn: the native step was built against MLX {mod.MLX_VERSION} (MLX "
+                f"{mx.__version__} runs) or by another nestedfn; it is not used (the pure-MLX "
+                "step serves). Reinstall nestedfn (pip install -e .) to rebuild it.",
             )
             mod = None
         _MODULE.append(mod)
