@@ -1,12 +1,9 @@
-"""Build of nestedfn's native step (``nestedfn.fast._native``, see ``CMakeLists.txt``).
+"""Build of nestedfn's native step (``nestedfn.fast._native``, ``CMakeLists.txt``).
 
-Everything else is in ``pyproject.toml``.  The extension is built with MLX's own route for
-custom primitives (``mlx.extension.CMakeBuild``: CMake + nanobind, against the MLX in the
-build environment, pinned in ``[build-system] requires``).  It is optional: on macOS (no
-Metal eval is shipped: the pure-MLX step serves there), with ``NESTEDFN_NATIVE_BUILD=0``, or
-when the build fails (no C++ compiler, ...) nestedfn installs without it, and
-``compile_step`` uses the pure-MLX path (``nestedfn.fast.native`` says so once at run time
-only for a module built against another MLX).
+MLX's route for custom primitives (``mlx.extension.CMakeBuild``: CMake + nanobind, against
+the MLX pinned in ``[build-system] requires``).  Optional: on macOS (no Metal eval),
+with ``NESTEDFN_NATIVE_BUILD=0`` or when the build fails, nestedfn installs without it and
+``compile_step`` runs the pure-MLX step.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
     opt = NF_OPTS[opt_name]()
     import nestedfn.fast.native as native
 
-    native._LAZY = kind != "eager"  # NESTEDFN_NATIVE_MODE=eager, or auto
+    native._LAZY = False if kind == "eager" else None  # the kernel in the call, or by the tree
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
@@ -237,7 +237,7 @@ def bench_nf(params, grads, opt_name: str, kind: str, iters: int, warmup: int):
         mx.eval(box[0].params, box[0].opt_state)
 
     out = timed(step, iters, warmup, mx.synchronize)
-    native._LAZY = True
+    native._LAZY = None
     return out, getattr(fn, "native_steps", 0) > 0
 
 
@@ -479,7 +479,7 @@ COLUMNS = [
     ("torch_foreach", "torch foreach"),
     ("optax", "optax, jax.jit (donated)"),
     ("default", "**nestedfn compile_step** (default)"),
-    ("eager", "nestedfn, NESTEDFN_NATIVE_MODE=eager"),
+    ("eager", "nestedfn, native kernel in the call"),
     ("packed", "nestedfn packed=True"),
     ("graph", "nestedfn MLX graph (NESTEDFN_NATIVE=0)"),
     ("mlx", "mlx.optimizers"),

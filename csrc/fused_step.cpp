@@ -1,37 +1,31 @@
 // nestedfn native: the CPU eval of FusedUpdate (see fused_step.h).
 //
 // Arithmetic: every operation of nestedfn's eager step is done in float and rounded to the
-// dtype the eager op returns, in the eager order (no FMA contraction: -ffp-contract=off),
-// so results are bit-identical to ``apply_gradients``.  For float32 leaves the roundings
-// are no-ops and the loops vectorise (-fno-math-errno lets sqrt vectorise).
+// dtype the eager op returns, in the eager order (no FMA contraction: -ffp-contract=off), so
+// results are bit-identical to ``apply_gradients``.  For float32 leaves the roundings are
+// no-ops and the loops vectorise (-fno-math-errno lets sqrt vectorise).
 #include "fused_step.h"
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <unistd.h>
-#include <chrono>
-#include <cstdlib>
-#include <memory>
+#include <functional>
+#include <iterator>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
+#include <string>
 #include <thread>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <type_traits>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/ops.h"
 #include "mlx/transforms.h"
 
 namespace nestedfn {
 
-// One multi-threaded piece of work: f(0..n-1), the items taken in order from a shared counter
-// by every thread that drains it.
+// One multi-threaded piece of work: fn(0..n-1), the items taken in order from a shared
+// counter by every thread that drains it.
 struct Job {
   size_t n = 0;
   std::function<void(size_t)> fn;
@@ -40,27 +34,19 @@ struct Job {
 
   void drain() {
     size_t mine = 0;
-    for (;;) {
-      const size_t k = next.fetch_add(1, std::memory_order_relaxed);
-      if (k >= n) {
-        break;
-      }
+    for (size_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) {
       fn(k);
-      ++mine;
     }
     if (mine > 0) {
       done.fetch_add(mine, std::memory_order_acq_rel);
     }
   }
-
-  // until every item is done, also those other threads took
-  void wait_done() const {
+  void wait_done() const {  // until every item is done, also those other threads took
     while (done.load(std::memory_order_acquire) < n) {
       std::this_thread::yield();
     }
   }
 };
-
 
 namespace {
 
@@ -68,6 +54,9 @@ using bf16 = mx::bfloat16_t;
 using f16 = mx::float16_t;
 
 #define NF_INLINE inline __attribute__((always_inline))
+// iteration i reads and writes element i only (also when an output is a donated input
+// buffer); without this GCC 12 gives up on the loops
+#define NF_IVDEP _Pragma("GCC ivdep")
 
 // The kernels are compiled for AVX-512, AVX2 and the baseline, picked at load time (GCC's
 // function multi-versioning): the same IEEE operations, in the same order, on wider vectors
@@ -91,14 +80,9 @@ NF_INLINE float rd<float>(float x) {
 // One leaf's pointers (contiguous, offsets applied).  in: p, g, s0, s1, acc; out: p', s0',
 // s1', acc'.
 struct Leaf {
-  const void* p = nullptr;
-  const void* g = nullptr;
-  const void* s0 = nullptr;
-  const void* s1 = nullptr;
+  const void *p = nullptr, *g = nullptr, *s0 = nullptr, *s1 = nullptr;
   const float* acc = nullptr;
-  void* po = nullptr;
-  void* s0o = nullptr;
-  void* s1o = nullptr;
+  void *po = nullptr, *s0o = nullptr, *s1o = nullptr;
   float* acco = nullptr;
 };
 
@@ -109,9 +93,7 @@ template <class P, bool ACC>
 NF_INLINE float grad_in(const float* __restrict acc, const P* __restrict g, size_t i, float f) {
   float gi = static_cast<float>(g[i]);
   if constexpr (ACC) {
-    float a = acc[i] + gi;  // acc (float32) + g.astype(float32)
-    a = a / f;                // f == 1 for reduce="sum": exact
-    gi = rd<P>(a);            // chunk.astype(g.dtype)
+    gi = rd<P>((acc[i] + gi) / f);  // (acc + g.astype(float32)) / f, then .astype(g.dtype)
   }
   return gi;
 }
@@ -146,9 +128,7 @@ void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const float eps = rd<M>(float(h.eps)), c1 = rd<M>(float(h.c1)), c2 = rd<M>(float(h.c2));
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
-  // ivdep: iteration i reads and writes element i only (also when an output is a donated
-  // input buffer); without it GCC 12 gives up on these loops
-#pragma GCC ivdep
+NF_IVDEP
   for (size_t i = b; i < e; ++i) {
     const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float m1 = rd<M>(rd<M>(b1 * float(m[i])) + rd<M>(omb1 * gs));
@@ -161,46 +141,6 @@ void adam_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
     if constexpr (ACC) {
       acco[i] = 0.0f;
     }
-  }
-}
-
-// float32 leaves and moments: the same arithmetic as adam_kernel<float, float> with the
-// (no-op) roundings left out, written so that GCC vectorises it
-template <bool ACC, bool WD>
-NF_CLONES
-void adam_kernel_f32(const Leaf& L, const Hyper& h, size_t b, size_t e) {
-  const float* __restrict p = static_cast<const float*>(L.p);
-  const float* __restrict g = static_cast<const float*>(L.g);
-  const float* __restrict m = static_cast<const float*>(L.s0);
-  const float* __restrict v = static_cast<const float*>(L.s1);
-  const float* __restrict acc = L.acc;
-  float* __restrict po = static_cast<float*>(L.po);
-  float* __restrict mo = static_cast<float*>(L.s0o);
-  float* __restrict vo = static_cast<float*>(L.s1o);
-  float* __restrict acco = L.acco;
-  const float b1 = float(h.b1), omb1 = float(1.0 - h.b1);
-  const float b2 = float(h.b2), omb2 = float(1.0 - h.b2);
-  const float eps = float(h.eps), c1 = float(h.c1), c2 = float(h.c2);
-  const float wd = float(h.wd), nlr = float(h.neg_lr), post = float(h.post), f = float(h.f);
-  // ivdep: iteration i reads and writes element i only (also when an output is a donated
-  // input buffer); without it GCC 12 gives up on these loops
-#pragma GCC ivdep
-  for (size_t i = b; i < e; ++i) {
-    float gs = g[i];
-    if constexpr (ACC) {
-      gs = (acc[i] + gs) / f;
-      acco[i] = 0.0f;
-    }
-    const float m1 = b1 * m[i] + omb1 * gs;
-    const float v1 = b2 * v[i] + omb2 * (gs * gs);
-    float u = (m1 * c1) / (std::sqrt(v1) * c2 + eps);
-    if constexpr (WD) {
-      u = u + wd * p[i];
-    }
-    u = (u * nlr) * post;
-    po[i] = p[i] + u;
-    mo[i] = m1;
-    vo[i] = v1;
   }
 }
 
@@ -218,9 +158,7 @@ void lion_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const float b2 = rd<M>(float(h.b2)), omb2 = rd<M>(float(1.0 - h.b2));
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
-  // ivdep: iteration i reads and writes element i only (also when an output is a donated
-  // input buffer); without it GCC 12 gives up on these loops
-#pragma GCC ivdep
+NF_IVDEP
   for (size_t i = b; i < e; ++i) {
     const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float mi = float(m[i]);
@@ -248,9 +186,7 @@ void momentum_kernel(const Leaf& L, const Hyper& h, size_t b, size_t e) {
   const float wd = rd<P>(float(h.wd)), nlr = rd<P>(float(h.neg_lr));
   const float post = rd<P>(float(h.post)), f = float(h.f);
   const bool nesterov = h.nesterov;
-  // ivdep: iteration i reads and writes element i only (also when an output is a donated
-  // input buffer); without it GCC 12 gives up on these loops
-#pragma GCC ivdep
+NF_IVDEP
   for (size_t i = b; i < e; ++i) {
     const float gs = rd<M>(grad_in<P, ACC>(acc, g, i, f));
     const float t1 = rd<M>(gs + rd<M>(decay * float(t[i])));
@@ -270,23 +206,17 @@ void accum_kernel(const Leaf& L, const Hyper&, size_t b, size_t e) {
   const P* __restrict g = static_cast<const P*>(L.g);
   const float* __restrict a = L.acc;
   float* __restrict ao = L.acco;
-  // ivdep: iteration i reads and writes element i only (also when an output is a donated
-  // input buffer); without it GCC 12 gives up on these loops
-#pragma GCC ivdep
+NF_IVDEP
   for (size_t i = b; i < e; ++i) {
     ao[i] = a[i] + static_cast<float>(g[i]);
   }
 }
 
 template <class P, class M, bool ACC, bool WD>
-Kernel pick_algo(int algo) {
+Kernel pick_algo(Algo algo) {
   switch (algo) {
     case ADAM:
-      if constexpr (std::is_same_v<P, float> && std::is_same_v<M, float>) {
-        return adam_kernel_f32<ACC, WD>;
-      } else {
-        return adam_kernel<P, M, ACC, WD>;
-      }
+      return adam_kernel<P, M, ACC, WD>;
     case LION:
       return lion_kernel<P, M, ACC, WD>;
     case MOMENTUM:
@@ -319,34 +249,18 @@ bool is_float(mx::Dtype d) {
 }
 
 std::string dtype_name(mx::Dtype d) {
-  std::ostringstream os;
-  os << d;
-  return os.str();
+  return (std::ostringstream() << d).str();
 }
 
 [[noreturn]] void bad_leaf(size_t i, const std::string& why) {
-  std::ostringstream os;
-  os << "leaf " << i << ": " << why;
-  throw std::invalid_argument(os.str());
-}
-
-// MLX's array holds one shared_ptr to its descriptor and nothing else; its use count is
-// what ``array::is_donatable`` reads.  A multi-output primitive's outputs each hold a copy of
-// the inputs, so an input nothing else refers to has exactly ``n_outputs`` references.
-struct ArrayLayout {
-  std::shared_ptr<void> desc;
-};
-static_assert(sizeof(mx::array) == sizeof(ArrayLayout), "unexpected mlx::core::array layout");
-
-long desc_use_count(const mx::array& a) {
-  return reinterpret_cast<const ArrayLayout*>(&a)->desc.use_count();
+  throw std::invalid_argument("leaf " + std::to_string(i) + ": " + why);
 }
 
 bool plain(const mx::array& a) {
   return a.flags().row_contiguous && a.data_size() == a.size();
 }
 
-// A contiguous copy of a strided (broadcast, transposed, sliced) input, in the task.
+// A contiguous copy of a strided (broadcast, transposed, sliced) operand.
 void strided_copy(const mx::array& src, char* dst) {
   const size_t isz = src.itemsize();
   const char* base = src.data<char>();
@@ -354,33 +268,48 @@ void strided_copy(const mx::array& src, char* dst) {
   const auto& strides = src.strides();
   const int nd = static_cast<int>(shape.size());
   std::vector<int64_t> idx(nd, 0);
-  const size_t n = src.size();
-  for (size_t k = 0; k < n; ++k) {
+  for (size_t k = 0; k < src.size(); ++k) {
     int64_t loc = 0;
     for (int d = 0; d < nd; ++d) {
       loc += idx[d] * strides[d];
     }
     std::memcpy(dst + k * isz, base + loc * static_cast<int64_t>(isz), isz);
-    for (int d = nd - 1; d >= 0; --d) {
-      if (++idx[d] < shape[d]) {
-        break;
-      }
+    for (int d = nd - 1; d >= 0 && ++idx[d] == shape[d]; --d) {
       idx[d] = 0;
     }
   }
 }
 
+using Strided = std::vector<std::pair<size_t, mx::array>>;  // (slot, operand)
+
+// The operands' data pointers; a strided operand's is null, and it is listed in ``strided``.
+std::vector<const void*> data_ptrs(const std::vector<const mx::array*>& ops, Strided& strided) {
+  std::vector<const void*> in(ops.size());
+  for (size_t k = 0; k < ops.size(); ++k) {
+    if (plain(*ops[k])) {
+      in[k] = ops[k]->data<void>();
+    } else {
+      strided.emplace_back(k, *ops[k]);
+    }
+  }
+  return in;
+}
+
+// Point ``in`` at contiguous copies (in ``temps``) of the strided operands, once computed.
+void copy_strided(std::vector<const void*>& in, const Strided& strided,
+                  std::vector<std::unique_ptr<char[]>>& temps) {
+  for (const auto& [slot, x] : strided) {
+    temps.emplace_back(new char[std::max<size_t>(x.nbytes(), 1)]);
+    strided_copy(x, temps.back().get());
+    in[slot] = temps.back().get();
+  }
+}
+
 constexpr size_t CHUNK = size_t(1) << 16;  // elements per work item
 
-// new leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel, of at least
-// TAKE_MIN leaves.  Each group is one dispatch to the stream, and MLX's evaluator stops the
-// main thread once about a hundred dispatches are queued (behind the kernel's task, the
-// first of them); fewer, larger groups cost siblings, quadratic in a group's size (MLX's
-// evaluator, make_arrays and detach each touch every sibling of every output).  On the LoRA
-// tree 32 and 128..256 groups were slower than 64, for Adam and for nested_adam's three
-// kernels a step; 96 was 1-10% faster than 64 in four interleaved A/B runs (two sessions).
-// With a training step's backward tasks ahead in the queue the evaluator may stop main
-// sooner: then the kernel runs on the stream's thread alone until main has caught up.
+// New leaves per TakeOutputs group: at most TAKE_GROUPS groups per kernel, of at least
+// TAKE_MIN leaves.  Each group is one task on the stream, and MLX's evaluator stops the main
+// thread once about a hundred tasks are queued; fewer, larger groups cost siblings.
 constexpr size_t TAKE_GROUPS = 96, TAKE_MIN = 4;
 
 // A small persistent pool of workers that sleep on a condition variable between jobs.
@@ -389,18 +318,18 @@ class Pool {
   // Run ``job`` on the caller and nt - 1 workers; returns once every item is done (also
   // those another thread took).
   void run(size_t nt, const std::shared_ptr<Job>& job) {
-    const size_t n = job->n;
-    if (n == 0) {
-      return;
-    }
     if (nt <= 1) {
       job->drain();
       job->wait_done();
       return;
     }
     std::lock_guard<std::mutex> serial(run_mutex_);  // one job at a time
-    const size_t workers = std::min(nt, n) - 1;
-    ensure(workers);
+    const size_t workers = std::min(nt, job->n) - 1;
+    while (threads_.size() < workers) {
+      const size_t id = threads_.size();
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
     {
       std::lock_guard<std::mutex> lk(m_);
       current_ = job;
@@ -417,13 +346,6 @@ class Pool {
   }
 
  private:
-  void ensure(size_t workers) {
-    while (threads_.size() < workers) {
-      const size_t id = threads_.size();
-      threads_.emplace_back([this, id] { loop(id); });
-      threads_.back().detach();
-    }
-  }
   void loop(size_t id) {
     uint64_t seen = 0;
     for (;;) {
@@ -455,34 +377,76 @@ Pool& pool() {
   return *p;
 }
 
-// Run every leaf's kernel over chunks of CHUNK elements, on up to h.threads threads (0: all
-// cores), a thread per MiB-sized share of the work at most.
-// Returns whether MLX's main thread joins the kernel (see Stash).
-bool run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kernels,
-                const std::vector<size_t>& sizes, const Hyper& h, Stash* stash = nullptr,
-                size_t per_thread = size_t(1) << 15) {
-  const size_t n = leaves.size();
-  // work items: chunks of leaves, taken by threads in order
+// A step laid out for the kernels: per leaf its kernel, its size and its pointers.  Operand
+// slots: params (absent for ACCUM), grads, states, accs; new leaves in fused_update's order.
+struct Plan {
+  std::vector<Kernel> kernels;
+  std::vector<size_t> sizes;
+  std::vector<Leaf> leaves;
+};
+
+Plan plan_for(const Hyper& h, size_t n, const std::vector<const mx::array*>& ops) {
+  const size_t ns = n_states(h.algo), ig = h.algo == ACCUM ? 0 : n, is = ig + n;
+  Plan plan{std::vector<Kernel>(n), std::vector<size_t>(n), {}};
+  for (size_t i = 0; i < n; ++i) {
+    const mx::array& g = *ops[ig + i];
+    plan.kernels[i] = pick(h, g.dtype(), ns > 0 ? ops[is + i]->dtype() : g.dtype());
+    plan.sizes[i] = g.size();
+  }
+  return plan;
+}
+
+// Every leaf's pointers: operands ``in`` in slot order, new leaves ``out`` in result order.
+void set_leaves(Plan& plan, const Hyper& h, const std::vector<const void*>& in,
+                const std::vector<void*>& out) {
+  const size_t n = plan.sizes.size(), ns = n_states(h.algo);
+  const bool accum = h.algo == ACCUM;
+  const size_t ig = accum ? 0 : n, is = ig + n, ia = is + ns * n, np = accum ? 0 : n;
+  plan.leaves.assign(n, Leaf{});
+  for (size_t i = 0; i < n; ++i) {
+    Leaf& L = plan.leaves[i];
+    L.g = in[ig + i];
+    if (!accum) {
+      L.p = in[i];
+      L.po = out[i];
+    }
+    if (ns > 0) {
+      L.s0 = in[is + i];
+      L.s0o = out[np + i];
+    }
+    if (ns > 1) {
+      L.s1 = in[is + n + i];
+      L.s1o = out[np + n + i];
+    }
+    if (accum || h.with_acc) {
+      L.acc = static_cast<const float*>(in[ia + i]);
+      L.acco = static_cast<float*>(out[np + ns * n + i]);
+    }
+  }
+}
+
+// Run every leaf's kernel over chunks of CHUNK elements on every core, at most a thread per
+// 32K elements of work.  Returns whether MLX's main thread joins
+// the kernel (see Stash).
+bool run_plan(const Plan& plan, const Hyper& h, Stash* stash = nullptr) {
   struct Item {
     size_t leaf, b, e;
   };
   std::vector<Item> items;
   size_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    for (size_t b = 0; b < sizes[i]; b += CHUNK) {
-      items.push_back({i, b, std::min(sizes[i], b + CHUNK)});
+  for (size_t i = 0; i < plan.sizes.size(); ++i) {
+    for (size_t b = 0; b < plan.sizes[i]; b += CHUNK) {
+      items.push_back({i, b, std::min(plan.sizes[i], b + CHUNK)});
     }
-    total += sizes[i];
+    total += plan.sizes[i];
   }
-  size_t nt = h.threads > 0 ? static_cast<size_t>(h.threads)
-                            : std::max(1u, std::thread::hardware_concurrency());
-  nt = std::min(nt, std::max<size_t>(1, total / per_thread));
-  nt = std::min(nt, items.size());
+  size_t nt = std::max(1u, std::thread::hardware_concurrency());
+  nt = std::min({nt, std::max<size_t>(1, total >> 15), items.size()});
   auto job = std::make_shared<Job>();
   job->n = items.size();
   job->fn = [&](size_t k) {
     const Item& it = items[k];
-    kernels[it.leaf](leaves[it.leaf], h, it.b, it.e);
+    plan.kernels[it.leaf](plan.leaves[it.leaf], h, it.b, it.e);
   };
   bool main_joins = false;
   if (stash != nullptr && nt > 1) {
@@ -497,126 +461,26 @@ bool run_leaves(const std::vector<Leaf>& leaves, const std::vector<Kernel>& kern
   return main_joins;
 }
 
-
-}  // namespace
-
-void watch_early(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash);  // below
-
-namespace {
-
-std::atomic<uint64_t> early_count{0};
-
-bool early_start_enabled() {
-  // NESTEDFN_NATIVE_EARLY=0 turns it off (nestedfn.fast.native's docstring)
-  static const bool on = [] {
-    const char* v = std::getenv("NESTEDFN_NATIVE_EARLY");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
-}  // namespace
-
-int n_states(int algo) {
-  switch (algo) {
-    case ADAM:
-      return 2;
-    case LION:
-    case MOMENTUM:
-      return 1;
-    default:
-      return 0;
-  }
-}
-
-void validate(const std::vector<mx::array>& params, const std::vector<mx::array>& grads,
-              const std::vector<std::vector<mx::array>>& states,
-              const std::vector<mx::array>& accs, const Hyper& h) {
-  const bool accum = h.algo == ACCUM;
+// The operands in slot order, checked; the new leaves' dtypes in result order.
+std::vector<const mx::array*> operands(const std::vector<mx::array>& params,
+                                       const std::vector<mx::array>& grads,
+                                       const std::vector<std::vector<mx::array>>& states,
+                                       const std::vector<mx::array>& accs, const Hyper& h,
+                                       std::vector<mx::Dtype>& dtypes) {
+  const bool accum = h.algo == ACCUM, has_acc = accum || h.with_acc;
   const size_t n = grads.size();
-  const int ns = n_states(h.algo);
-  const bool has_acc = accum || h.with_acc;
-  for (size_t i = 0; i < n; ++i) {
-    const auto& g = grads[i];
-    if (!is_float(g.dtype())) {
-      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " is not a float type");
-    }
-    if (!accum) {
-      const auto& p = params[i];
-      if (p.shape() != g.shape()) {
-        bad_leaf(i, "gradient shape differs from the parameter's");
-      }
-      if (p.dtype() != g.dtype()) {
-        bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " differs from the parameter's " +
-                        dtype_name(p.dtype()));
-      }
-      for (int k = 0; k < ns; ++k) {
-        const auto& st = states[k][i];
-        if (st.shape() != g.shape()) {
-          bad_leaf(i, "optimizer state shape differs from the parameter's");
-        }
-        if (st.dtype() != states[0][i].dtype() ||
-            (st.dtype() != p.dtype() && st.dtype() != mx::float32)) {
-          bad_leaf(i, "optimizer state dtype " + dtype_name(st.dtype()) +
-                          " is neither the parameter's nor float32");
-        }
-      }
-    }
-    if (has_acc) {
-      if (accs[i].shape() != g.shape() || accs[i].dtype() != mx::float32) {
-        bad_leaf(i, "accumulator is not float32 of the gradient's shape");
-      }
-    }
-  }
-}
-
-std::vector<mx::array> fused_update(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<std::vector<mx::array>>& states,
-    const std::vector<mx::array>& accs,
-    const Hyper& h,
-    mx::StreamOrDevice s) {
-  if (h.algo < ADAM || h.algo > ACCUM) {
-    throw std::invalid_argument("fused_update: unknown algorithm");
-  }
-  const bool accum = h.algo == ACCUM;
-  const size_t n = grads.size();
-  const int ns = n_states(h.algo);
-  if (static_cast<int>(states.size()) != ns) {
-    throw std::invalid_argument("fused_update: wrong number of state lists");
-  }
-  if (!accum && params.size() != n) {
-    throw std::invalid_argument("fused_update: params and grads differ in length");
-  }
+  bool ok = states.size() == static_cast<size_t>(n_states(h.algo)) &&
+            params.size() == (accum ? 0 : n) && accs.size() == (has_acc ? n : 0);
   for (auto& st : states) {
-    if (st.size() != n) {
-      throw std::invalid_argument("fused_update: a state list differs in length from grads");
-    }
+    ok = ok && st.size() == n;
   }
-  const bool has_acc = accum || h.with_acc;
-  if (has_acc ? accs.size() != n : !accs.empty()) {
-    throw std::invalid_argument("fused_update: accumulators do not match grads");
+  if (!ok) {
+    throw std::invalid_argument("fused_update: lists of different lengths");
   }
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("fused_update: only CPU streams are supported");
-  }
-  validate(params, grads, states, accs, h);
-  if (n == 0) {
-    return {};
-  }
-  // operands in slot order; the new leaves' shapes and dtypes in result order
   std::vector<const mx::array*> ops;
-  std::vector<mx::Shape> shapes;
-  std::vector<mx::Dtype> dtypes;
-  ops.reserve((2 + ns + 1) * n);
-  if (!accum) {
-    for (auto& p : params) {
-      ops.push_back(&p);
-      shapes.push_back(p.shape());
-      dtypes.push_back(p.dtype());
-    }
+  for (auto& p : params) {
+    ops.push_back(&p);
+    dtypes.push_back(p.dtype());
   }
   for (auto& g : grads) {
     ops.push_back(&g);
@@ -624,17 +488,60 @@ std::vector<mx::array> fused_update(
   for (auto& st : states) {
     for (auto& x : st) {
       ops.push_back(&x);
-      shapes.push_back(x.shape());
       dtypes.push_back(x.dtype());
     }
   }
-  if (has_acc) {
-    for (auto& a : accs) {
-      ops.push_back(&a);
-      shapes.push_back(a.shape());
-      dtypes.push_back(mx::float32);
+  for (auto& a : accs) {
+    ops.push_back(&a);
+    dtypes.push_back(mx::float32);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const auto& g = grads[i];
+    if (!is_float(g.dtype())) {
+      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " is not a float type");
+    }
+    if (!accum && params[i].shape() != g.shape()) {
+      bad_leaf(i, "gradient shape differs from the parameter's");
+    }
+    if (!accum && params[i].dtype() != g.dtype()) {
+      bad_leaf(i, "gradient dtype " + dtype_name(g.dtype()) + " differs from the parameter's " +
+                      dtype_name(params[i].dtype()));
+    }
+    for (auto& st : states) {
+      if (st[i].shape() != g.shape()) {
+        bad_leaf(i, "optimizer state shape differs from the parameter's");
+      }
+      if (st[i].dtype() != states[0][i].dtype() ||
+          (st[i].dtype() != g.dtype() && st[i].dtype() != mx::float32)) {
+        bad_leaf(i, "optimizer state dtype " + dtype_name(st[i].dtype()) +
+                        " is neither the parameter's nor float32");
+      }
+    }
+    if (has_acc && (accs[i].shape() != g.shape() || accs[i].dtype() != mx::float32)) {
+      bad_leaf(i, "accumulator is not float32 of the gradient's shape");
     }
   }
+  return ops;
+}
+
+// The operand slot whose buffer new leaf o may take (params, states, accs: past the grads).
+size_t source_slot(size_t o, size_t n, bool accum) {
+  return accum ? n + o : (o < n ? o : o + n);
+}
+
+}  // namespace
+
+int n_states(Algo algo) {
+  return algo == ADAM ? 2 : (algo == ACCUM ? 0 : 1);
+}
+
+std::vector<mx::array> fused_update(const std::vector<mx::array>& params,
+                                    const std::vector<mx::array>& grads,
+                                    const std::vector<std::vector<mx::array>>& states,
+                                    const std::vector<mx::array>& accs, const Hyper& h) {
+  std::vector<mx::Dtype> dtypes;
+  const auto ops = operands(params, grads, states, accs, h, dtypes);
+  const size_t n = grads.size();
   // computed operands are held by the primitive, the others are graph inputs
   std::vector<mx::array> inputs;
   std::vector<std::optional<mx::array>> held(ops.size());
@@ -648,140 +555,116 @@ std::vector<mx::array> fused_update(
       inputs.push_back(x);
     }
   }
+  std::vector<mx::Shape> shapes;
+  for (size_t o = 0; o < dtypes.size(); ++o) {
+    shapes.push_back(ops[source_slot(o, n, h.algo == ACCUM)]->shape());
+  }
+  const mx::Stream stream = mx::default_stream(mx::Device::cpu);
   auto stash = std::make_shared<Stash>();
   stash->out.resize(shapes.size());
-  const bool early = inputs.empty() && early_start_enabled();
   auto prim = std::make_shared<FusedUpdate>(stream, h, static_cast<int>(n), dtypes, stash,
                                             std::move(held), std::move(input_of));
-  std::weak_ptr<FusedUpdate> weak = prim;
   auto token = mx::array(mx::Shape{}, mx::bool_, std::move(prim), std::move(inputs));
-  // groups of new leaves: at most TAKE_GROUPS of them, of at least TAKE_MIN leaves
-  const size_t n_out = shapes.size();
-  const size_t k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
+  const size_t n_out = shapes.size(), k = std::max<size_t>((n_out + TAKE_GROUPS - 1) / TAKE_GROUPS, TAKE_MIN);
   stash->groups = (n_out + k - 1) / k;
-  if (early) {
-    watch_early(std::move(weak), stash);
-  }
   std::vector<mx::array> result;
   result.reserve(n_out);
   for (size_t b = 0; b < n_out; b += k) {
     const size_t e = std::min(n_out, b + k);
-    std::vector<mx::Shape> gs(std::make_move_iterator(shapes.begin() + b),
-                              std::make_move_iterator(shapes.begin() + e));
-    std::vector<mx::Dtype> gd(dtypes.begin() + b, dtypes.begin() + e);
     auto outs = mx::array::make_arrays(
-        std::move(gs), gd, std::make_shared<TakeOutputs>(stream, stash, b, e), {token});
-    for (auto& x : outs) {
-      result.push_back(std::move(x));
-    }
+        std::vector<mx::Shape>(shapes.begin() + b, shapes.begin() + e),
+        std::vector<mx::Dtype>(dtypes.begin() + b, dtypes.begin() + e),
+        std::make_shared<TakeOutputs>(stream, stash, b, e), {token});
+    std::move(outs.begin(), outs.end(), std::back_inserter(result));
   }
   return result;
 }
 
-std::vector<mx::array> fused_apply(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<std::vector<mx::array>>& states,
-    const std::vector<mx::array>& accs,
-    const Hyper& h) {
-  if (h.algo < ADAM || h.algo > ACCUM) {
-    throw std::invalid_argument("fused_apply: unknown algorithm");
-  }
-  const bool accum = h.algo == ACCUM;
-  const size_t n = grads.size();
-  const int ns = n_states(h.algo);
-  const bool has_acc = accum || h.with_acc;
-  if (static_cast<int>(states.size()) != ns || (!accum && params.size() != n) ||
-      (has_acc ? accs.size() != n : !accs.empty())) {
-    throw std::invalid_argument("fused_apply: lists of different lengths");
-  }
-  for (auto& st : states) {
-    if (st.size() != n) {
-      throw std::invalid_argument("fused_apply: a state list differs in length from grads");
-    }
-  }
-  validate(params, grads, states, accs, h);
-  auto traced = [](const std::vector<mx::array>& v) {
-    return std::any_of(v.begin(), v.end(), [](const mx::array& x) { return x.is_tracer(); });
-  };
-  if (traced(params) || traced(grads) || traced(accs) ||
-      std::any_of(states.begin(), states.end(), traced)) {
-    throw std::invalid_argument("fused_apply: traced inputs (inside mx.compile): not eager");
-  }
-  // every input evaluated and available
+std::vector<mx::array> fused_apply(const std::vector<mx::array>& params,
+                                   const std::vector<mx::array>& grads,
+                                   const std::vector<std::vector<mx::array>>& states,
+                                   const std::vector<mx::array>& accs, const Hyper& h) {
+  std::vector<mx::Dtype> dtypes;
+  const auto ops = operands(params, grads, states, accs, h, dtypes);
   std::vector<mx::array> pending;
-  auto need = [&](const mx::array& x) {
-    if (x.status() == mx::array::Status::unscheduled) {
-      pending.push_back(x);
+  for (auto* x : ops) {
+    if (x->is_tracer()) {
+      throw std::invalid_argument("fused_apply: traced inputs (inside mx.compile): not eager");
     }
-  };
-  for (auto& x : params) need(x);
-  for (auto& x : grads) need(x);
-  for (auto& st : states) for (auto& x : st) need(x);
-  for (auto& x : accs) need(x);
-  if (!pending.empty()) {
-    mx::eval(pending);
+    if (x->status() == mx::array::Status::unscheduled) {
+      pending.push_back(*x);
+    }
   }
-  auto ready = [](const mx::array& x) {
-    if (!x.is_available()) {
-      const_cast<mx::array&>(x).wait();
-    }
-  };
-  for (auto& x : params) ready(x);
-  for (auto& x : grads) ready(x);
-  for (auto& st : states) for (auto& x : st) ready(x);
-  for (auto& x : accs) ready(x);
-
+  mx::eval(pending);
+  for (auto* x : ops) {
+    const_cast<mx::array*>(x)->wait();
+  }
   std::vector<mx::array> out;
-  out.reserve((accum ? 0 : n) + ns * n + (has_acc ? n : 0));
-  auto fresh = [&](const mx::array& like, mx::Dtype dt) {
-    out.emplace_back(mx::allocator::malloc(like.size() * mx::size_of(dt)), like.shape(), dt);
-  };
-  if (!accum) for (auto& x : params) fresh(x, x.dtype());
-  for (auto& st : states) for (auto& x : st) fresh(x, x.dtype());
-  if (has_acc) for (auto& x : accs) fresh(x, mx::float32);
-
-  std::vector<std::unique_ptr<char[]>> temps;
-  auto ptr = [&](const mx::array& x) -> const void* {
-    if (plain(x)) {
-      return x.data<void>();
-    }
-    temps.emplace_back(new char[std::max<size_t>(x.nbytes(), 1)]);
-    strided_copy(x, temps.back().get());
-    return temps.back().get();
-  };
-  const size_t np = accum ? 0 : n;
-  std::vector<Leaf> leaves(n);
-  std::vector<Kernel> kernels(n);
-  std::vector<size_t> sizes(n);
-  for (size_t i = 0; i < n; ++i) {
-    Leaf& L = leaves[i];
-    L.g = ptr(grads[i]);
-    kernels[i] = pick(h, grads[i].dtype(), ns > 0 ? states[0][i].dtype() : grads[i].dtype());
-    sizes[i] = grads[i].size();
-    if (!accum) {
-      L.p = ptr(params[i]);
-      L.po = out[i].data<void>();
-    }
-    if (ns > 0) {
-      L.s0 = ptr(states[0][i]);
-      L.s0o = out[np + i].data<void>();
-    }
-    if (ns > 1) {
-      L.s1 = ptr(states[1][i]);
-      L.s1o = out[np + n + i].data<void>();
-    }
-    if (has_acc) {
-      L.acc = static_cast<const float*>(ptr(accs[i]));
-      L.acco = out[np + ns * n + i].data<float>();
-    }
+  std::vector<void*> out_ptr;
+  for (size_t o = 0; o < dtypes.size(); ++o) {
+    const auto& like = *ops[source_slot(o, grads.size(), h.algo == ACCUM)];
+    out.emplace_back(mx::allocator::malloc(like.size() * mx::size_of(dtypes[o])), like.shape(),
+                     dtypes[o]);
+    out_ptr.push_back(out.back().data<void>());
   }
-  run_leaves(leaves, kernels, sizes, h);
+  Strided strided;
+  std::vector<const void*> in = data_ptrs(ops, strided);
+  std::vector<std::unique_ptr<char[]>> temps;
+  copy_strided(in, strided, temps);
+  Plan plan = plan_for(h, grads.size(), ops);
+  set_leaves(plan, h, in, out_ptr);
+  run_plan(plan, h);
   return out;
 }
 
-void FusedUpdate::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("nestedfn FusedUpdate has no GPU eval (use the packed path)");
+void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  outputs[0].set_data(mx::allocator::malloc(1));  // the token
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(outputs[0]);
+  // What the task needs alive: every held operand (moved out of the primitive) and the fresh
+  // buffers (a new leaf could be dropped before the task has run).  keep is reserved, so the
+  // addresses of its arrays hold.
+  std::vector<mx::array>& keep = stash_->keep;
+  keep.reserve(held_.size() + dtypes_.size());
+  std::vector<const mx::array*> ops(held_.size());
+  for (size_t k = 0; k < held_.size(); ++k) {
+    if (held_[k]) {
+      keep.push_back(std::move(*held_[k]));
+      held_[k].reset();
+      ops[k] = &keep.back();
+    } else {
+      ops[k] = &inputs[input_of_[k]];
+    }
+  }
+  // new leaf o takes its operand's buffer when MLX's donation test allows it (nothing else
+  // refers to the operand or shares its buffer: the caller dropped the previous state)
+  std::vector<void*> out_ptr(dtypes_.size());
+  for (size_t o = 0; o < dtypes_.size(); ++o) {
+    const auto& in = *ops[source_slot(o, n_, h_.algo == ACCUM)];
+    const size_t nbytes = in.size() * mx::size_of(dtypes_[o]);
+    auto& slot = stash_->out[o];
+    if (plain(in) && in.dtype() == dtypes_[o] && in.is_donatable() && in.nbytes() == nbytes) {
+      slot.emplace(in);
+    } else {
+      slot.emplace(mx::allocator::malloc(nbytes), in.shape(), dtypes_[o]);
+      keep.push_back(*slot);
+    }
+    out_ptr[o] = slot->data<void>();
+  }
+  Strided strided;
+  std::vector<const void*> in = data_ptrs(ops, strided);
+  encoder.dispatch([stash = stash_, h = h_, plan = plan_for(h_, n_, ops), in = std::move(in),
+                    out_ptr = std::move(out_ptr), strided = std::move(strided)]() mutable {
+    std::vector<std::unique_ptr<char[]>> temps;
+    copy_strided(in, strided, temps);
+    set_leaves(plan, h, in, out_ptr);
+    if (!run_plan(plan, h, stash.get())) {
+      std::vector<mx::array>().swap(stash->keep);
+    }  // else main releases them once it has joined: this thread has MLX's tail work left
+  });
 }
 
 void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>& outputs) {
@@ -797,320 +680,13 @@ void TakeOutputs::eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>
     int neither = 0;
     if (!stash_->meet.compare_exchange_strong(neither, 2, std::memory_order_acq_rel) &&
         neither == 1) {
-      // the kernel started while we were busy: join it, then release what it kept alive
-      // (a thousand arrays on a LoRA tree) here rather than on the stream's thread, which
-      // still has this eval's group tasks to run
-      Job& job = *stash_->job;
-      job.drain();
-      job.wait_done();
+      // the kernel started while main was busy: join it, then release what it kept alive
+      // here rather than on the stream's thread, which still has this eval's group tasks
+      stash_->job->drain();
+      stash_->job->wait_done();
       std::vector<mx::array>().swap(stash_->keep);
     }
   }
-
-}
-
-void TakeOutputs::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("nestedfn TakeOutputs has no GPU eval (use the packed path)");
-}
-
-std::function<void()> FusedUpdate::prepare(const std::vector<mx::array>& inputs) {
-  const size_t n = static_cast<size_t>(n_);
-  const bool accum = h_.algo == ACCUM;
-  const int ns = n_states(h_.algo);
-  const bool has_acc = accum || h_.with_acc;
-  // operand slots
-  const size_t ip = 0, ig = accum ? 0 : n, is = ig + n, ia = is + ns * n;
-  auto operand = [&](size_t slot) -> const mx::array& {
-    return held_[slot] ? *held_[slot] : inputs[input_of_[slot]];
-  };
-  // new leaf o takes the buffer of operand src(o) when only this primitive refers to it (the
-  // caller dropped the previous state) and no one else shares its buffer
-  const size_t np = accum ? 0 : n;
-  auto& holders = stash_->out;
-  const size_t n_out = dtypes_.size();
-  std::vector<void*> out_ptr(n_out);
-  std::vector<char> donated(n_out, 0);
-  size_t fresh = 0;
-  for (size_t o = 0; o < n_out; ++o) {
-    const size_t src = o < np ? ip + o : (o < np + ns * n ? is + (o - np) : ia + (o - np - ns * n));
-    const auto& in = operand(src);
-    const size_t nbytes = in.size() * mx::size_of(dtypes_[o]);
-    const bool donate = plain(in) && in.dtype() == dtypes_[o] && desc_use_count(in) == 1 &&
-                        in.data_shared_ptr().use_count() == 1 &&
-                        in.data_shared_ptr()->is_owned() && in.nbytes() == nbytes;
-    if (donate) {
-      holders[o].emplace(in);
-    } else {
-      holders[o].emplace(mx::allocator::malloc(nbytes), in.shape(), dtypes_[o]);
-    }
-    out_ptr[o] = holders[o]->data<void>();
-    donated[o] = donate;
-    fresh += donate ? 0 : 1;
-  }
-  // what the task needs alive: every operand (a donated buffer is its operand's) and the
-  // fresh buffers (a new leaf could be dropped before the task has run); per leaf its
-  // pointers; strided operands are copied by the task first
-  size_t n_held = 0;
-  for (auto& x : held_) {
-    n_held += x ? 1 : 0;
-  }
-  std::vector<mx::array>& keep = stash_->keep;
-  keep.clear();
-  keep.reserve(n_held + fresh);
-  std::vector<const mx::array*> op(input_of_.size());
-  for (size_t k = 0; k < input_of_.size(); ++k) {
-    if (input_of_[k] < 0) {
-      keep.push_back(std::move(*held_[k]));  // reserved: no reallocation, the address holds
-      held_[k].reset();
-      op[k] = &keep.back();
-    } else {
-      op[k] = &inputs[input_of_[k]];
-    }
-  }
-  for (size_t o = 0; o < holders.size(); ++o) {
-    if (!donated[o]) {
-      keep.push_back(*holders[o]);
-    }
-  }
-  std::vector<size_t> strided;  // slots
-  for (size_t k = 0; k < op.size(); ++k) {
-    if (!plain(*op[k])) {
-      strided.push_back(k);
-    }
-  }
-  std::vector<Kernel> kernels(n);
-  std::vector<size_t> sizes(n);
-  for (size_t i = 0; i < n; ++i) {
-    const auto& g = *op[ig + i];
-    kernels[i] = pick(h_, g.dtype(), ns > 0 ? op[is + i]->dtype() : g.dtype());
-    sizes[i] = g.size();
-  }
-  auto ptr = [&](size_t slot) -> const void* { return op[slot]->data<void>(); };
-  std::vector<Leaf> leaves(n);
-  for (size_t i = 0; i < n; ++i) {
-    Leaf& L = leaves[i];
-    L.g = ptr(ig + i);
-    if (!accum) {
-      L.p = ptr(ip + i);
-      L.po = out_ptr[i];
-    }
-    if (ns > 0) {
-      L.s0 = ptr(is + i);
-      L.s0o = out_ptr[np + i];
-    }
-    if (ns > 1) {
-      L.s1 = ptr(is + n + i);
-      L.s1o = out_ptr[np + n + i];
-    }
-    if (has_acc) {
-      L.acc = static_cast<const float*>(ptr(ia + i));
-      L.acco = static_cast<float*>(out_ptr[np + ns * n + i]);
-    }
-  }
-  std::vector<mx::array> strided_src;
-  for (size_t slot : strided) {
-    strided_src.push_back(*op[slot]);
-  }
-
-  return [stash = stash_, h = h_, n, accum, ip, ig, is, ia,
-                    leaves = std::move(leaves), kernels = std::move(kernels),
-                    sizes = std::move(sizes), strided = std::move(strided),
-                    strided_src = std::move(strided_src)]() mutable {
-    // strided operands: copied into temporaries, the leaves repointed
-    std::vector<std::unique_ptr<char[]>> temps;
-    for (size_t k = 0; k < strided.size(); ++k) {
-      temps.emplace_back(new char[std::max<size_t>(strided_src[k].nbytes(), 1)]);
-      strided_copy(strided_src[k], temps.back().get());
-      const size_t slot = strided[k];
-      const void* q = temps.back().get();
-      if (!accum && slot < ig) {
-        leaves[slot - ip].p = q;
-      } else if (slot < is) {
-        leaves[slot - ig].g = q;
-      } else if (slot < ia) {
-        const size_t j = slot - is;
-        if (j < n) {
-          leaves[j].s0 = q;
-        } else {
-          leaves[j - n].s1 = q;
-        }
-      } else {
-        leaves[slot - ia].acc = static_cast<const float*>(q);
-      }
-    }
-    if (!run_leaves(leaves, kernels, sizes, h, stash.get())) {
-      std::vector<mx::array>().swap(stash->keep);
-    }  // else main releases them once it has joined: this thread has MLX's tail work left
-  };
-}
-
-bool FusedUpdate::released() const {
-  // the operands whose buffers the new leaves would take: params, states, accs
-  const size_t n = static_cast<size_t>(n_);
-  const bool accum = h_.algo == ACCUM;
-  const size_t ig = accum ? 0 : n, is = ig + n;
-  for (size_t k = 0; k < held_.size(); ++k) {
-    if (k >= ig && k < is) {
-      continue;  // a gradient: read only
-    }
-    const auto& x = held_[k];
-    if (!x || desc_use_count(*x) != 1 || x->data_shared_ptr().use_count() != 1) {
-      return false;
-    }
-  }
-  return true;
-}
-
-void FusedUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  outputs[0].set_data(mx::allocator::malloc(1));  // the token
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(outputs[0]);
-  int idle = EARLY_IDLE;
-  {
-    std::lock_guard<std::mutex> lk(stash_->claim);
-    stash_->early.compare_exchange_strong(idle, EARLY_EVAL, std::memory_order_acq_rel);
-  }
-  if (idle == EARLY_IDLE) {
-    encoder.dispatch(prepare(inputs));
-    return;
-  }
-  // the watcher started the kernel when the caller dropped the previous state: wait until it
-  // has chosen the buffers; the stream's later tasks wait for the kernel to finish
-  int state;
-  while ((state = stash_->early.load(std::memory_order_acquire)) == EARLY_CLAIMED) {
-    std::this_thread::yield();
-  }
-  if (state == EARLY_FAILED) {
-    throw std::runtime_error("nestedfn FusedUpdate: the kernel could not be prepared: " +
-                             stash_->error);
-  }
-  encoder.dispatch([stash = stash_] {
-    stash->early.wait(EARLY_RUNNING, std::memory_order_acquire);
-  });
-}
-
-// -- the early start ---------------------------------------------------------------------------
-//
-// A step whose operands are all computed (evaluated gradients) can start its kernel as soon
-// as the caller has dropped the previous state (``state = step(state, grads)``), before MLX's
-// evaluator has walked the graph up to the FusedUpdate (on a LoRA tree about a millisecond of
-// the main thread's time, with a thousand new leaves and their siblings): one watcher thread
-// checks, from the end of the call until the eval claims the step (or a few milliseconds),
-// whether only the primitive still refers to every operand whose buffer a new leaf would
-// take; if so it claims the step, chooses the buffers exactly as eval_cpu would (all donated)
-// and runs the kernel, main joining it after its last group as before.  The check is the
-// donation test MLX itself uses (nothing else refers to the array or shares its buffer):
-// once true it stays true, as no handle to the operand exists anywhere else.
-namespace {
-
-class Watcher {
- public:
-  void post(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash) {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      pending_.push_back({std::move(prim), std::move(stash), Clock::now()});
-    }
-    cv_.notify_one();
-  }
-
- private:
-  using Clock = std::chrono::steady_clock;
-  struct Entry {
-    std::weak_ptr<FusedUpdate> prim;
-    std::shared_ptr<Stash> stash;
-    Clock::time_point since;
-  };
-  static constexpr auto PATIENCE = std::chrono::milliseconds(5);
-
-  void loop() {
-    std::vector<Entry> mine;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        if (mine.empty()) {
-          cv_.wait(lk, [&] { return !pending_.empty(); });
-        }
-        for (auto& e : pending_) {
-          mine.push_back(std::move(e));
-        }
-        pending_.clear();
-      }
-      const auto now = Clock::now();
-      std::vector<Entry> left;
-      for (auto& e : mine) {
-        if (e.stash->early.load(std::memory_order_acquire) != EARLY_IDLE) {
-          continue;  // the eval claimed it
-        }
-        auto prim = e.prim.lock();
-        if (!prim) {
-          continue;  // the step was dropped unevaluated
-        }
-        std::function<void()> task;
-        {
-          std::lock_guard<std::mutex> lk(e.stash->claim);
-          if (e.stash->early.load(std::memory_order_acquire) == EARLY_IDLE && prim->released()) {
-            e.stash->early.store(EARLY_CLAIMED, std::memory_order_release);
-            try {
-              task = prim->prepare({});
-            } catch (const std::exception& ex) {  // out of memory, ...: the eval says so
-              e.stash->error = ex.what();
-              e.stash->early.store(EARLY_FAILED, std::memory_order_release);
-              continue;
-            }
-          }
-        }
-        if (task) {
-          prim.reset();
-          early_count.fetch_add(1, std::memory_order_relaxed);
-          e.stash->early.store(EARLY_RUNNING, std::memory_order_release);
-          task();
-          e.stash->early.store(EARLY_DONE, std::memory_order_release);
-          e.stash->early.notify_all();
-          continue;
-        }
-        if (now - e.since < PATIENCE) {
-          left.push_back(std::move(e));
-        }
-      }
-      mine.swap(left);
-      if (!mine.empty()) {
-        std::this_thread::yield();
-      }
-    }
-  }
-
-  std::mutex m_;
-  std::condition_variable cv_;
-  std::vector<Entry> pending_;
-  std::thread thread_{[this] { loop(); }};
-
- public:
-  Watcher() {
-    thread_.detach();
-  }
-};
-
-Watcher& watcher() {
-  static Watcher* w = new Watcher();  // never destroyed: its thread is detached
-  return *w;
-}
-
-}  // namespace
-
-void watch_early(std::weak_ptr<FusedUpdate> prim, std::shared_ptr<Stash> stash) {
-  // a forked child has no watcher thread (only the forking thread survives a fork): its
-  // steps start at their eval
-  static const pid_t parent = getpid();
-  if (getpid() == parent) {
-    watcher().post(std::move(prim), std::move(stash));
-  }
-}
-
-uint64_t early_starts() {
-  return early_count.load(std::memory_order_relaxed);
 }
 
 }  // namespace nestedfn

@@ -1,26 +1,18 @@
 """Compiled training steps: ``compile_step(opt)`` is ``apply_gradients`` under ``mx.compile``.
 
-``mx.compile`` traces a pure function of arrays.  A ``TrainState`` is a tree, so the step
-flattens ``(params, opt_state)`` and ``grads`` with ``nestedfn.tree.flatten``, hands the
-compiled function the leaf lists, and rebuilds the trees inside it with ``unflatten``.
+``mx.compile`` traces a pure function of arrays, so the step flattens ``(params, opt_state)``
+and ``grads``, hands the compiled function the leaf lists and rebuilds the trees inside it.
+The step count reaches the graph as an ``mx.array`` (a schedule ``lr(step)`` does not force a
+retrace); an optimizer whose control flow depends on the step (nested tiers, accumulation)
+declares ``Optimizer.period``/``phase_key`` and branches on ``static_step(step)``: one graph
+per phase ``opt.phase(s)``, traced at the first step of that phase.  Graphs are cached per
+``(state structure, grads structure, leaf shapes and dtypes, phase)`` and counted in
+``graphs_built``.
 
-The step count stays a Python int outside (``TrainState.step``), but the graph receives it as
-an ``mx.array`` input so that a schedule ``lr(step)`` does not force a retrace every step.
-Optimizers whose *control flow* depends on the step (nested tiers, gradient accumulation)
-declare ``Optimizer.period`` (and possibly ``phase_key``) and branch on ``static_step(step)``;
-each graph is traced under ``tracing_step(s)`` for the concrete ``s`` of the first step of its
-phase ``opt.phase(s)`` and reused at every later step of that phase: one graph per distinct
-set of active tiers for a nested optimizer (3 for frequencies (1, 2, 4), 4 for (1, 3, 4);
-never more than ``lcm(frequencies)``).
-
-Graphs are cached per ``(state structure, grads structure, leaf shapes and dtypes, phase)``:
-a change of any of these builds a new graph (counted in ``graphs_built``) instead of
-silently reusing a graph traced for another tree.
-
-On the CPU, Adam, AdamW, Lion, momentum and nested tiers of them take the native step
-instead (``nestedfn.native``: one multi-tensor C++ primitive, bit-identical to
-``apply_gradients``, same state layout) when the native module is built; every call it
-cannot serve exactly runs the MLX graph.  ``NESTEDFN_NATIVE=0`` turns it off.
+On the CPU, optimizers with a native spec (Adam, AdamW, Lion, momentum and ``nested`` tiers
+of them) take the native step instead (``nestedfn.fast.native``: one multi-tensor C++
+primitive, bit-identical to ``apply_gradients``, same state layout); every call it cannot
+serve exactly runs the MLX graph.
 """
 
 from __future__ import annotations
@@ -165,7 +157,7 @@ def compile_step(
     optimizers whose graph does not depend on shapes).
 
     ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
-    elements per dtype (``nestedfn.packing.default_chunk()`` for the device when ``None``)
+    elements per dtype (``nestedfn.fast.packing.default_chunk()`` for the device when ``None``)
     (``PackedCompiledStep``): same inputs, outputs and tree layout, far fewer kernel
     dispatches on trees of many small arrays.  ``verify`` checks its first step
     of every graph against the eager per-leaf step.  ``threads`` splits the buffers over that
@@ -176,7 +168,9 @@ def compile_step(
     ``native=False`` always runs the MLX graph (the native step computes as eager
     ``apply_gradients`` does, bit for bit; an MLX graph reads the step as an ``mx.array``, so
     its bias corrections and schedules round in float32: compare graphs with graphs).
+    ``NESTEDFN_NATIVE=0`` in the environment does the same for every step (a kill switch).
     """
+    # the one place that picks how a step runs
     if packed:
         if shapeless:
             raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")

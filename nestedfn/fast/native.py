@@ -1,47 +1,29 @@
-"""The native optimizer step: one multi-tensor C++ kernel (an MLX primitive), on the CPU.
+"""The native optimizer step: one multi-tensor C++ kernel (an MLX primitive) on the CPU.
 
-``compile_step(opt)`` runs Adam, AdamW, Lion, momentum (``nestedfn.optim.optimizers``) and their
-nested versions (``nested`` over such an optimizer, ``nested_adam``) through
-``FusedUpdate``, a C++ MLX primitive built by ``pip install`` (``csrc/``): it reads every
-param, gradient and state leaf where it lies (no gather), computes the whole update in one
-pass over memory on all cores (vectorised for AVX-512, AVX2 or the baseline, picked at load
-time), and writes the new leaves, reusing a donated input buffer for each output (an input
-nothing else refers to any more, e.g. the previous state after ``state = step(state, grads)``).
-
-Its graph is linear in the leaves: one ``FusedUpdate`` per kernel has a one-byte token as its
-only output, and the new leaves are ``TakeOutputs`` arrays of that token (in at most 96 groups
-per kernel), each taking the buffer the kernel wrote.  Operands already computed when the step
-is built (the previous state, evaluated gradients) are held by the primitive rather than made
-graph inputs, so MLX's evaluator neither visits nor hashes them.  (MLX's multi-output
-primitives make every output hold every input and every sibling: for the 336-leaf LoRA tree,
-1008 outputs and 1344 inputs, more work than the update itself.)  MLX's main thread, once it
-has evaluated the last group, joins the kernel that the stream's thread started: two threads
-on two cores, none to wake.  When every operand is computed, the kernel need not wait for the
-eval at all: a watcher thread starts it, in the old buffers, as soon as nothing but the step
-refers to the previous params and moments (``state = step(state, grads)`` has dropped them;
-MLX's own donation test), while MLX's evaluator is still walking the graph
-(``NESTEDFN_NATIVE_EARLY=0`` turns this off).  The trees are walked and rebuilt in C++
-(``_native.TreeSpec``).
-
-Per leaf, Adam is::
+``compile_step(opt)`` runs Adam, AdamW, Lion, momentum (``nestedfn.optim.optimizers``) and
+``nested`` tiers of them (``nested_adam``) through ``_native.fused_update`` (``csrc/``, built
+by ``pip install``): every param, gradient and state leaf is read where it lies, the whole
+update is one pass over memory on all cores (vectorised for AVX-512, AVX2 or the baseline,
+picked at load time), and each new leaf is written into the buffer of the leaf it replaces
+when nothing else refers to that one any more (``state = step(state, grads)``; MLX's own
+donation test).  Per leaf, Adam is::
 
     m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g²
     p' = p + (-lr) * ((m' c1) / (sqrt(v') c2 + eps) [+ wd p]),   c1 = 1/(1 - b1^t), c2 = 1/sqrt(1 - b2^t)
 
 with every operation rounded as the eager ``apply_gradients`` rounds it (the scalars are
-computed in Python from the integer step, exactly as eagerly): results are bit-identical to
-``apply_gradients`` for float32, bfloat16 and float16 leaves.  A nested tier between its
-updates adds its gradients to its chunk sum (``acc' = acc + g``, float32); at its update the
-kernel reads ``(acc + g) / C_k`` as the gradient and writes ``acc' = 0``.
+computed here from the integer step, as eagerly): bit-identical results for float32,
+bfloat16 and float16 leaves.  A nested tier between its updates adds its gradients to its
+chunk sum (``acc' = acc + g``, float32); at its update the kernel reads ``(acc + g) / C_k``
+as the gradient and writes ``acc' = 0``.
 
-The state stays the tree layout ``opt.init(params)`` makes (checkpoints, ``tier_stats`` and
-resume see nothing new).  The native step serves only when it can give the eager result:
-CPU default device, a recognised optimizer, each gradient of its parameter's dtype and
-moments of the parameter's dtype or float32; anything else (a mask, a GPU, other dtypes)
-takes the compiled MLX graph as before.  ``NESTEDFN_NATIVE_MODE`` (``auto``, ``lazy``,
-``eager``, below) says when the kernel runs.  ``NESTEDFN_NATIVE=0`` turns the native step off;
-a native module built against another MLX than the one running is not loaded (a one-time
-warning says so) and the MLX graph serves.
+The kernel runs lazily (an MLX graph, evaluated with the caller's eval, writing into donated
+buffers) unless the tree's leaves average fewer than 4,096 elements: then it runs in the
+call, into fresh buffers, sparing MLX's per-array graph work (docs/native_step.md has the
+benchmark rows).  The state keeps the tree layout ``opt.init(params)`` makes.  Whatever the
+kernel cannot reproduce exactly (a mask, a GPU, other dtypes) takes the MLX graph;
+``NESTEDFN_NATIVE=0`` turns the native step off, and a module built against another MLX is
+not loaded (warned once).
 """
 
 from __future__ import annotations
@@ -58,31 +40,13 @@ import mlx.core as mx
 from nestedfn.optim.core import Grads, Optimizer, TrainState, static_step
 from nestedfn.optim.fused import ADAM, ElementwiseSpec, NestedSpec, describe
 from nestedfn.optim.transforms import _bias_correction
-from nestedfn.tree import TreeDef, TreeMismatchError, flatten
+from nestedfn.tree import TreeDef, flatten
 from nestedfn.tree.codegen import leaf_getter, tree_builder
 
-__all__ = ["NativeStep", "available", "native_module"]
+__all__ = ["NativeStep", "native_module"]
 
-# How the kernel runs (``NESTEDFN_NATIVE_MODE``): "auto" (default) is "eager" for a tree
-# whose leaves average fewer than ``_AUTO_EAGER`` elements (MLX's per-array graph work would
-# dominate; the extra copy is small) and "lazy" otherwise.
-# - "lazy": the graph above (one FusedUpdate per kernel: per step, or per tier of a nested
-#   step), evaluated when the caller evaluates: by then ``state = step(state, grads)`` has
-#   dropped the old state and the kernel writes into its buffers (MLX donation): no second
-#   copy of params and moments, no fresh pages to fault in.
-# - "eager": computed during the call, on all cores, the new leaves handed back evaluated:
-#   no MLX graph work (cheapest on trees of many tiny arrays), but the caller still holds the
-#   old state during the call, so the new state goes to fresh buffers (one more copy at the
-#   peak; large fresh buffers come from the kernel as new pages on every step).
-_MODE = os.environ.get("NESTEDFN_NATIVE_MODE", "auto").strip().lower()
-_AUTO_EAGER = 1 << 12
-_LAZY = _MODE != "eager"
-_SHAPE = lambda x: x.shape  # noqa: E731
-_DTYPE = lambda x: x.dtype  # noqa: E731
-
-
-# -- the module ------------------------------------------------------------------------------
-
+_EAGER_BELOW = 1 << 12  # mean elements per leaf under which the kernel runs in the call
+_LAZY: bool | None = None  # None: by the tree (above); True/False forces a way (benchmarks)
 _MODULE: list[Any] = []  # [module or None] once loaded
 _WARNED: set[str] = set()
 
@@ -94,7 +58,7 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def native_module() -> Any:
-    """The compiled ``nestedfn._native`` module, or None: not built, turned off with
+    """The compiled ``nestedfn.fast._native`` module, or None: not built, turned off with
     ``NESTEDFN_NATIVE=0``, or built against another MLX (warned once)."""
     if os.environ.get("NESTEDFN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -110,47 +74,25 @@ def native_module() -> Any:
                     "step serves (reinstall nestedfn to rebuild it)",
                 )
             mod = None
-        if mod is not None:
-            runtime = mx.__version__.split(".dev")[0].split("+")[0]
-            if mod.MLX_VERSION != runtime:
-                _warn_once(
-                    "abi",
-                    f"nestedfn: the native step was built against MLX {mod.MLX_VERSION} but MLX "
-                    f"{mx.__version__} is running; it is not used (the pure-MLX step serves). "
-                    "Reinstall nestedfn (pip install -e .) to rebuild it for this MLX.",
-                )
-                mod = None
+        runtime = mx.__version__.split(".dev")[0].split("+")[0]
+        if mod is not None and (mod.MLX_VERSION != runtime or not hasattr(mod, "Hyper")):
+            _warn_once(  # another MLX, or an older nestedfn's module (no Hyper): not this ABI
+                "abi",
+                f"nestedfn: the native step was built against MLX {mod.MLX_VERSION} (MLX "
+                f"{mx.__version__} runs) or by another nestedfn; it is not used (the pure-MLX "
+                "step serves). Reinstall nestedfn (pip install -e .) to rebuild it.",
+            )
+            mod = None
         _MODULE.append(mod)
     return _MODULE[0]
-
-
-def available() -> bool:
-    """Whether the native step can run here (module loaded; the default device is the CPU)."""
-    return native_module() is not None and mx.default_device() == mx.cpu
-
-
-def _threads() -> int:
-    try:
-        return max(0, int(os.environ.get("NESTEDFN_NATIVE_THREADS", "0")))
-    except ValueError:
-        return 0
 
 
 class _NotNative(Exception):
     """This call cannot take the native step: the caller runs the MLX graph."""
 
 
-class _BadShape(Exception):
-    """The kernel found a leaf shaped unlike its parameter: a user error, named by path."""
-
-
-def _kernel_error(e: Exception) -> Exception:
-    return _BadShape() if isinstance(e, ValueError) and "shape" in str(e) else _NotNative()
-
-
 def _scalar(x: Any) -> float:
-    """A learning-rate value as a Python float: a Python number, or a float32 ``mx.array``
-    (read back: a tiny graph of the step only)."""
+    """A learning-rate value as a Python float: a number, or a float32 one-element array."""
     if isinstance(x, mx.array):
         if x.size != 1 or x.dtype != mx.float32:
             raise _NotNative
@@ -158,33 +100,21 @@ def _scalar(x: Any) -> float:
     return float(x)
 
 
-def _kernel_args(spec: ElementwiseSpec, step: int) -> tuple:
-    """The scalars of ``FusedUpdate`` for ``spec`` at the integer ``step``, computed as the
-    eager transforms compute them."""
+def _hyper(mod: Any, spec: ElementwiseSpec, step: int, post: float | None, f: float | None) -> Any:
+    """The kernel's scalars (``_native.Hyper``) for ``spec`` at the integer ``step``, computed
+    as the eager transforms compute them; ``f``: a tier's chunk divisor (its acc is read)."""
     lr = spec.learning_rate(step) if callable(spec.learning_rate) else spec.learning_rate
-    if isinstance(lr, mx.array) and lr.dtype != mx.float32:
-        raise _NotNative
-    neg = -_scalar(lr)
-    c1 = c2 = 1.0
+    h = mod.Hyper()
+    h.algo = getattr(mod.Algo, spec.algo)
+    h.b1, h.b2, h.eps = float(spec.b1), float(spec.b2), float(spec.eps)
     if spec.algo == ADAM and spec.bias_correction:
-        c1 = 1.0 / _bias_correction(spec.b1, step)
-        c2 = 1.0 / math.sqrt(_bias_correction(spec.b2, step))
-    wd = float(spec.weight_decay)
-    return (spec.algo, spec.b1, spec.b2, spec.eps, c1, c2, spec.nesterov, spec.has_wd, wd, neg)
-
-
-def _encode(td: TreeDef) -> Any:
-    """``td`` as the nested tuples ``_native.TreeSpec`` reads (see csrc/tree_spec.cpp)."""
-    if td.kind == "leaf":
-        return None
-    if td.kind == "none":
-        return ("none",)
-    kids = tuple(_encode(c) for c in td.children)
-    if td.kind == "dict":
-        return ("dict", tuple(td.meta), kids)
-    if td.kind in ("list", "tuple"):
-        return (td.kind, kids)
-    return ("nt", td.meta, kids)
+        h.c1 = 1.0 / _bias_correction(spec.b1, step)
+        h.c2 = 1.0 / math.sqrt(_bias_correction(spec.b2, step))
+    h.nesterov, h.has_wd, h.wd = spec.nesterov, spec.has_wd, float(spec.weight_decay)
+    h.neg_lr = -_scalar(lr)
+    h.post = 1.0 if post is None else post
+    h.with_acc, h.f = f is not None, 1.0 if f is None else f
+    return h
 
 
 def _plain_dicts(td: TreeDef) -> bool:
@@ -194,29 +124,14 @@ def _plain_dicts(td: TreeDef) -> bool:
 @lru_cache(maxsize=256)
 def _walkers(td: TreeDef) -> tuple[Callable[[Any], list | None], Callable[[list], Any]]:
     """``(leaves, build)`` for trees shaped as ``td``: ``leaves(tree)`` is the leaves in
-    flatten order or None for a tree shaped otherwise, without a type test per leaf (the
-    kernel's binding refuses anything but an ``mx.array``: a TypeError, then the MLX graph
-    runs and names the path); ``build(leaves)`` the tree over a list of leaves.  Walked in C++
-    (``_native.TreeSpec``) where the native module has it and no dict node is an
-    ``OrderedDict``/``defaultdict``, else the generated Python of ``nestedfn.tree.codegen``."""
+    flatten order or None for a tree shaped otherwise (no type test per leaf: the binding
+    refuses anything but an ``mx.array``); ``build(leaves)`` the tree over a list of leaves.
+    The leaves are read in C++ (``_native.TreeSpec``: a tenth of the generated Python's time
+    on a LoRA tree) unless a dict node is an ``OrderedDict``/``defaultdict``; the tree is
+    built by the generated Python of ``nestedfn.tree.codegen``."""
     mod = native_module()
-    if mod is not None and hasattr(mod, "TreeSpec") and _plain_dicts(td):
-        spec = mod.TreeSpec(_encode(td))
-        return spec.leaves, spec.build
-    return leaf_getter(td, check_leaves=False), tree_builder(td)
-
-
-def _getter(td: TreeDef) -> Callable[[Any], list | None]:
-    return _walkers(td)[0]
-
-
-def _builder(td: TreeDef) -> Callable[[list], Any]:
-    return _walkers(td)[1]
-
-
-def _mean_size(params: Any) -> float:
-    leaves = [x for x in flatten(params)[0] if isinstance(x, mx.array)]
-    return sum(x.size for x in leaves) / max(1, len(leaves))
+    get = mod.TreeSpec(td).leaves if mod is not None and _plain_dicts(td) else None
+    return get or leaf_getter(td, check_leaves=False), tree_builder(td)
 
 
 class _Tier(NamedTuple):
@@ -227,103 +142,81 @@ class _Tier(NamedTuple):
     build: Callable[[list], Any]
 
 
+class _Plan(NamedTuple):
+    build: Callable[[list], Any]  # the params tree over its leaves
+    get: Callable[[Any], list | None]  # leaves of a params-shaped tree
+    tiers: list[_Tier]
+    lazy: bool
+
+
 class NativeStep:
     """``(state, grads) -> state | None``: the native step of ``opt`` (``describe(opt)`` not
     None), or None for a call it cannot serve exactly (the caller runs the MLX graph).
 
-    ``plans`` counts the step plans made (one per params structure, as ``compile_step``
-    counts graphs per structure and phase)."""
+    ``keys`` holds the (structure, shapes, dtypes, phase) served, as ``compile_step`` counts
+    graphs."""
 
     def __init__(self, opt: Optimizer, spec: ElementwiseSpec | NestedSpec):
         self.opt = opt
         self.spec = spec
-        self._plans: dict[Any, Any] = {}
-        self.keys: set[Any] = set()  # (plan, shapes, dtypes, phase) served: "graphs"
+        self._plans: dict[TreeDef, _Plan] = {}
+        self.keys: set[Any] = set()
         self._seen: set[Any] = set()
-        self._lazy = _LAZY
-        self._last: Any = None  # (params getter, plan) of the last structure
+        self._last: tuple[Callable[[Any], list | None], _Plan] | None = None
 
     def supported(self) -> bool:
         """Whether the spec is one the native step runs (checked once per optimizer)."""
-        spec = self.spec
-        if isinstance(spec, NestedSpec):
-            return all(isinstance(describe(o), ElementwiseSpec) for o in spec.inners)
-        return isinstance(spec, ElementwiseSpec)
+        if isinstance(self.spec, NestedSpec):
+            return all(isinstance(describe(o), ElementwiseSpec) for o in self.spec.inners)
+        return isinstance(self.spec, ElementwiseSpec)
 
-    # -- plans -----------------------------------------------------------------------------
-
-    def _plan(self, params: Any) -> tuple[Any, list]:
-        last = self._last
-        if last is not None:
-            leaves = last[0](params)
+    def _plan(self, params: Any) -> tuple[_Plan, list]:
+        if self._last is not None:
+            leaves = self._last[0](params)
             if leaves is not None:
-                return last[1], leaves
+                return self._last[1], leaves
         leaves, td = flatten(params)
         plan = self._plans.get(td)
         if plan is None:
             plan = self._plans[td] = self._make_plan(params, td)
-        self._last = (_getter(td), plan)
+        self._last = (plan.get, plan)
         return plan, leaves
 
-    def _make_plan(self, params: Any, td: TreeDef) -> Any:
+    def _make_plan(self, params: Any, td: TreeDef) -> _Plan:
         spec = self.spec
+        get, build = _walkers(td)
         if isinstance(spec, ElementwiseSpec):
-            tier = _Tier(None, 1, spec, _getter(td), _builder(td))
-            return (td, _builder(td), [tier], _getter(td), _mean_size(params))
-        plan, _ = spec.plan_for(params)
-        tiers = [
-            _Tier(idx, f, describe(o), _getter(sub), _builder(sub))
-            for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
-        ]
-        return (td, _builder(td), tiers, _getter(td), _mean_size(params))
-
-    # -- the step --------------------------------------------------------------------------
+            tiers = [_Tier(None, 1, spec, get, build)]
+        else:
+            plan, _ = spec.plan_for(params)
+            tiers = [
+                _Tier(idx, f, describe(o), *_walkers(sub))
+                for idx, f, o, sub in zip(plan.index, spec.freqs, spec.inners, plan.subdefs)
+            ]
+        sizes = [x.size for x in flatten(params)[0] if isinstance(x, mx.array)]
+        lazy = sum(sizes) >= _EAGER_BELOW * len(sizes) if _LAZY is None else _LAZY
+        return _Plan(build, get, tiers, lazy)
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState | None:
         mod = native_module()
         if mod is None or mx.default_device() != mx.cpu:
             return None
-        step = state.step
-        s = step if isinstance(step, int) else static_step(step)
+        s = state.step if isinstance(state.step, int) else static_step(state.step)
         try:
             return self._step(mod, state, grads, int(s))
-        except _NotNative:
+        except _NotNative:  # the MLX graph serves, or names what is wrong (a shape, a path)
             return None
-        except _BadShape:
-            self._raise_shapes(state, grads)
-            return None  # not reached unless only the state is off: the MLX graph names it
 
-    def _raise_shapes(self, state: TrainState, grads: Grads) -> None:
-        """Raise ``TreeMismatchError`` naming every gradient leaf shaped unlike its param."""
-        p_leaves, td = flatten(state.params)
-        g_leaves = flatten(grads)[0]
-        problems = [
-            (path, f"grads {tuple(g.shape)} vs params {tuple(p.shape)}")
-            for path, p, g in zip(td.paths(), p_leaves, g_leaves)
-            if getattr(g, "shape", None) != p.shape
-        ]
-        if problems:
-            raise TreeMismatchError(problems, "compile_step: grads shaped unlike params")
-
-    def _moments(self, tier: _Tier, inner_state: Any) -> list[list]:
-        spec = tier.spec
-        if (
-            type(inner_state) is not tuple
-            or len(inner_state) != spec.n_items
-            or type(inner_state[0]) is not spec.state_cls
-        ):
-            raise _NotNative
-        out = []
-        for tree in inner_state[0]:
-            leaves = tier.get(tree)
-            if leaves is None:
-                raise _NotNative
-            out.append(leaves)
-        return out
+    def _kernel(self, mod: Any, plan: _Plan, *args: Any) -> list:
+        try:
+            return mod.fused_update(*args, plan.lazy)
+        except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
+            raise _NotNative from e
 
     def _run(
         self,
         mod: Any,
+        plan: _Plan,
         tier: _Tier,
         p: list,
         g: list,
@@ -333,118 +226,78 @@ class NativeStep:
         post: float | None,
     ) -> tuple[list, Any, list | None]:
         """One kernel over a tier: new param leaves, new inner state, new acc leaves."""
-        moments = self._moments(tier, inner_state)
-        args = _kernel_args(tier.spec, step)
-        n = len(g)
-        f = float(tier.freq) if (acc is not None and self.spec.reduce == "mean") else 1.0
-        try:
-            out = mod.fused_update(
-                p,
-                g,
-                moments,
-                acc if acc is not None else [],
-                *args,
-                post is not None,
-                1.0 if post is None else post,
-                acc is not None,
-                f,
-                _threads(),
-                self._lazy,
-            )
-        except (ValueError, TypeError) as e:  # a dtype the kernel does not reproduce, ...
-            raise _kernel_error(e) from e
-        k = len(moments)
+        spec = tier.spec
+        if (
+            type(inner_state) is not tuple
+            or len(inner_state) != spec.n_items
+            or type(inner_state[0]) is not spec.state_cls
+        ):
+            raise _NotNative
+        moments = [tier.get(tree) for tree in inner_state[0]]
+        if any(m is None for m in moments):
+            raise _NotNative
+        f = None
+        if acc is not None:
+            f = float(tier.freq) if self.spec.reduce == "mean" else 1.0
+        h = _hyper(mod, spec, step, post, f)
+        out = self._kernel(mod, plan, p, g, moments, acc if acc is not None else [], h)
+        n, k = len(g), len(moments)
         new_m = [tier.build(out[n * (1 + j) : n * (2 + j)]) for j in range(k)]
         new_inner = (type(inner_state[0])(*new_m),) + inner_state[1:]
-        new_acc = out[n * (1 + k) :] if acc is not None else None
-        return out[:n], new_inner, new_acc
+        return out[:n], new_inner, (out[n * (1 + k) :] if acc is not None else None)
 
     def _step(self, mod: Any, state: TrainState, grads: Grads, s: int) -> TrainState:
         plan, p_leaves = self._plan(state.params)
-        td, build, tiers, get, mean_size = plan
-        g_leaves = get(grads)
-        small = _MODE == "eager" or (_MODE == "auto" and mean_size < _AUTO_EAGER)
-        self._lazy = not small and _LAZY
+        g_leaves = plan.get(grads)
         if g_leaves is None:
             raise _NotNative  # the MLX graph names what differs
         # leaf types, shapes and dtypes are checked by the kernel (a ValueError or TypeError
         # there: the MLX graph runs and names the path)
-        spec = self.spec
-        if isinstance(spec, ElementwiseSpec):
-            new_p, new_state, _ = self._run(
-                mod, tiers[0], p_leaves, g_leaves, state.opt_state, s, None, None
-            )
-            new = TrainState(build(new_p), new_state, state.step + 1)
+        if isinstance(self.spec, ElementwiseSpec):
+            tier = plan.tiers[0]
+            args = (p_leaves, g_leaves, state.opt_state, s, None, None)
+            new_p, new_state, _ = self._run(mod, plan, tier, *args)
+            new = TrainState(plan.build(new_p), new_state, state.step + 1)
         else:
-            new = self._nested_step(mod, state, p_leaves, g_leaves, s, plan)
-        # served: count it as a compiled graph would be counted (structure, shapes, dtypes,
-        # phase)
+            new = self._nested_step(mod, plan, state, p_leaves, g_leaves, s)
+        # counted as a compiled graph is counted: structure, shapes, dtypes, phase
         phase = self.opt.phase(s)
-        if (id(plan), phase) not in self._seen:  # shapes and dtypes: once per plan and phase
+        if (id(plan), phase) not in self._seen:
             self._seen.add((id(plan), phase))
-            key = (id(plan), tuple(map(_SHAPE, p_leaves)), tuple(map(_DTYPE, p_leaves)))
+            key = (id(plan), tuple(x.shape for x in p_leaves), tuple(x.dtype for x in p_leaves))
             self.keys.add((key, phase))
         return new
 
     def _nested_step(
-        self, mod: Any, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: Any
+        self, mod: Any, plan: _Plan, state: TrainState, p_leaves: list, g_leaves: list, s: int
     ) -> TrainState:
         spec = self.spec
-        td, build, tiers, _, _ = plan
-        ost = state.opt_state
-        post = None
+        ost, post = state.opt_state, None
+        nst = ost
         if spec.post is not None:  # nested_adam with a schedule: (NestedState, ())
             if type(ost) is not tuple or len(ost) != 2 or ost[1] != ():
                 raise _NotNative
             lr = spec.post(s)
             if isinstance(lr, mx.array) and any(p.dtype != mx.float32 for p in p_leaves):
                 raise _NotNative  # u * lr promotes to float32 eagerly: not this kernel
-            post = _scalar(lr)
-            nst = ost[0]
-        else:
-            nst = ost
-        if type(nst) is not spec.state_cls or len(nst.inner) != len(tiers):
+            post, nst = _scalar(lr), ost[0]
+        if type(nst) is not spec.state_cls or len(nst.inner) != len(plan.tiers):
             raise _NotNative
         new_p = list(p_leaves)
         inner, accs, counts = list(nst.inner), list(nst.acc), list(nst.count)
-        for k, tier in enumerate(tiers):
-            f = tier.freq
-            p = [p_leaves[i] for i in tier.idx]
+        for k, tier in enumerate(plan.tiers):
             g = [g_leaves[i] for i in tier.idx]
-            acc = None
-            if f > 1:
-                acc = tier.get(nst.acc[k])
-                if acc is None:
-                    raise _NotNative
-            if (s + 1) % f != 0:  # inactive: add to the chunk sum; params stay as they are
-                try:
-                    out = mod.fused_update(
-                        [],
-                        g,
-                        [],
-                        acc,
-                        3,
-                        0.0,
-                        0.0,
-                        0.0,
-                        1.0,
-                        1.0,
-                        False,
-                        False,
-                        0.0,
-                        0.0,
-                        False,
-                        1.0,
-                        False,
-                        1.0,
-                        _threads(),
-                        self._lazy,
-                    )
-                except (ValueError, TypeError) as e:
-                    raise _kernel_error(e) from e
-                accs[k] = tier.build(out)
+            acc = tier.get(nst.acc[k]) if tier.freq > 1 else None
+            if tier.freq > 1 and acc is None:
+                raise _NotNative
+            if (s + 1) % tier.freq != 0:  # inactive: add to the chunk sum; params stay
+                h = mod.Hyper()
+                h.algo = mod.Algo.ACCUM
+                accs[k] = tier.build(self._kernel(mod, plan, [], g, [], acc, h))
                 continue
-            upd, inner[k], new_acc = self._run(mod, tier, p, g, nst.inner[k], s // f, acc, post)
+            p = [p_leaves[i] for i in tier.idx]
+            args = (p, g, nst.inner[k], s // tier.freq, acc, post)
+            upd, inner[k], new_acc = self._run(mod, plan, tier, *args)
             for i, x in zip(tier.idx, upd):
                 new_p[i] = x
             if new_acc is not None:
@@ -452,4 +305,4 @@ class NativeStep:
             counts[k] = nst.count[k] + 1
         new_nst = nst._replace(inner=tuple(inner), acc=tuple(accs), count=tuple(counts))
         new_state = (new_nst, ost[1]) if spec.post is not None else new_nst
-        return TrainState(build(new_p), new_state, state.step + 1)
+        return TrainState(plan.build(new_p), new_state, state.step + 1)

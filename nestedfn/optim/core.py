@@ -97,7 +97,10 @@ class Optimizer(NamedTuple):
     branches (so a graph traced at one serves the other).  ``None`` means ``s % period``.
     Read it through ``opt.phase(step)``.  ``pack_groups``: ``params -> PackGroups`` for an
     optimizer whose leaves fall into groups that packed buffers must not mix (``None``: the
-    optimizer is the same for every leaf).
+    optimizer is the same for every leaf).  ``learning_rate``: the rate (a float or a
+    schedule of the global step) its updates are scaled by, when known (``learning_rate_of``).
+    ``fused``: what the native step needs to run it as one kernel
+    (``nestedfn.optim.fused``), when it can.
     """
 
     init: Callable[[Params], OptState]
@@ -105,6 +108,8 @@ class Optimizer(NamedTuple):
     period: int = 1
     phase_key: Callable[[int], Hashable] | None = None
     pack_groups: Callable[[Params], PackGroups] | None = None
+    learning_rate: float | Schedule | None = None
+    fused: Any = None
 
     def phase(self, step: int) -> Hashable:
         """The phase of the Python-int ``step``: what a compiled graph is cached by."""
@@ -178,17 +183,10 @@ def branching_on(step: Step) -> bool:
     return isinstance(step, int) or not _BRANCH_FREE.get()
 
 
-# the learning rate an optimizer applies, by its update function (weak: dies with it); what
-# ``as_mlx_optimizer`` reports as ``optimizer.learning_rate``
-_LEARNING_RATE: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
-
-
 def with_learning_rate(opt: Optimizer, learning_rate: float | Schedule | None) -> Optimizer:
-    """Record that ``opt`` scales its updates by ``learning_rate`` (a float or a schedule of
-    the step), for ``learning_rate_of``; returns ``opt``.  ``None`` records nothing."""
-    if learning_rate is not None:
-        _LEARNING_RATE[opt.update] = learning_rate
-    return opt
+    """``opt`` with its ``learning_rate`` field set (a float or a schedule of the step), for
+    ``learning_rate_of``; ``None`` leaves ``opt`` as it is."""
+    return opt if learning_rate is None else opt._replace(learning_rate=learning_rate)
 
 
 def learning_rate_of(opt: Optimizer) -> float | Schedule | None:
@@ -196,7 +194,7 @@ def learning_rate_of(opt: Optimizer) -> float | Schedule | None:
     recorded by the optimizers that scale by one (``scale_by_learning_rate`` and the recipes,
     ``chain`` as the product of its members', ``nested``, ``accumulate``, ...); ``None`` when
     unknown."""
-    return _LEARNING_RATE.get(opt.update)
+    return getattr(opt, "learning_rate", None)
 
 
 def _product(rates: list[Any]) -> Any:

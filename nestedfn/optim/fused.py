@@ -1,10 +1,9 @@
-"""What the fused (native) optimizer step needs to know of an optimizer: its spec.
+"""What the native optimizer step needs to know of an optimizer: its spec.
 
-An ``Optimizer`` is a pair of closures, so nothing can be read back from it; the optimizers
-that ``nestedfn.fast.native`` can run as one multi-tensor kernel declare what they are when
-they are made (``register(opt, spec)``), and ``describe(opt)`` gives it back (None for any
-other optimizer: a mask, a custom chain, ...).  The registry is keyed weakly by the
-optimizer's update function, so a spec lives as long as its optimizer.
+An ``Optimizer`` is a pair of closures, so nothing can be read back from them; the optimizers
+that ``nestedfn.fast.native`` runs as one multi-tensor kernel carry a spec in their
+``Optimizer.fused`` field (``register(opt, spec)`` returns the optimizer with it), and
+``describe(opt)`` reads it (None for any other optimizer: a mask, a custom chain, ...).
 
 - ``ElementwiseSpec``: Adam/AdamW (``ADAM``), Lion (``LION``), momentum (``MOMENTUM``), with
   their hyperparameters and learning rate (a float or a schedule ``step -> value``);
@@ -14,7 +13,6 @@ optimizer's update function, so a spec lives as long as its optimizer.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +20,8 @@ from nestedfn.optim.core import Optimizer
 
 __all__ = ["ADAM", "LION", "MOMENTUM", "ElementwiseSpec", "NestedSpec", "describe", "register"]
 
-ADAM, LION, MOMENTUM = 0, 1, 2
+# the kernel's algorithms, by their names in ``_native.Algo`` (csrc/fused_step.h: its numbers)
+ADAM, LION, MOMENTUM = "ADAM", "LION", "MOMENTUM"
 
 
 class ElementwiseSpec(NamedTuple):
@@ -34,7 +33,7 @@ class ElementwiseSpec(NamedTuple):
     decay for ``MOMENTUM``.  ``weight_decay`` 0 means none (a mask is not supported).
     """
 
-    algo: int
+    algo: str  # ADAM, LION or MOMENTUM
     learning_rate: float | Callable[[Any], Any]
     state_cls: type
     n_items: int  # len of the chain's state tuple
@@ -63,20 +62,11 @@ class NestedSpec(NamedTuple):
     post: Callable[[Any], Any] | None = None
 
 
-# optimizer -> spec, keyed by its update function (an Optimizer is a NamedTuple: not weak-
-# referenceable, but its functions are, and each optimizer made by nestedfn has its own)
-_SPECS: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
-
-
 def register(opt: Optimizer, spec: ElementwiseSpec | NestedSpec) -> Optimizer:
-    """Declare that ``opt`` is the optimizer ``spec`` describes; returns ``opt``."""
-    _SPECS[opt.update] = spec
-    return opt
+    """``opt`` declared as the optimizer ``spec`` describes (a new ``Optimizer``)."""
+    return opt._replace(fused=spec)
 
 
 def describe(opt: Optimizer) -> ElementwiseSpec | NestedSpec | None:
     """The native spec of ``opt``, or None when the native step does not know it."""
-    try:
-        return _SPECS.get(opt.update)
-    except TypeError:
-        return None
+    return getattr(opt, "fused", None)

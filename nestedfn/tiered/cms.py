@@ -10,8 +10,8 @@
     else:
         u_k = no_update(θ_k)                               θ_k comes back as it is
 
-so a slow tier does not throw away the gradients of the steps it skips (the seed app's bug):
-it applies the whole chunk at once (``shared/NESTED_LEARNING.md`` §2).  ``n_k = i // C_k`` is
+so a slow tier does not throw away the gradients of the steps it skips: it applies the whole
+chunk at once.  ``n_k = i // C_k`` is
 the tier's own clock: the inner optimizer sees only its tier's leaves and counts only its
 tier's updates (Adam's bias correction included).
 
@@ -217,9 +217,9 @@ def nested(
     Args:
       inner: one ``Optimizer`` used by every tier (each tier gets its own state over its own
         leaves) or a sequence with one per tier.
-      tiers: a tree of ints shaped like params (see ``nestedfn.tiers``), a function
+      tiers: a tree of ints shaped like params (see ``nestedfn.tiered.tiers``), a function
         ``(path, leaf) -> int`` over dotted paths (``nestedfn.tree.to_flat``'s keys), a
-        ``nestedfn.tiers.TierRule``, or ``"depth"``: ``by_depth(params, len(frequencies))``
+        ``nestedfn.tiered.tiers.TierRule``, or ``"depth"``: ``by_depth(params, len(frequencies))``
         computed at ``init``.
       frequencies: positive ints; tier ``k`` updates on 0-based steps ``i`` with
         ``(i + 1) % frequencies[k] == 0``.
@@ -249,6 +249,106 @@ def _resolver(tiers: Any, n_tiers: int, order: str, who: str) -> Callable[[Param
     return lambda params: tiers
 
 
+def _inners(inner: Optimizer | Sequence[Optimizer], freqs: tuple[int, ...]) -> tuple:
+    """One inner optimizer per tier."""
+    if isinstance(inner, Optimizer):
+        return (inner,) * len(freqs)
+    inners = tuple(inner)
+    if len(inners) != len(freqs) or not all(isinstance(o, Optimizer) for o in inners):
+        raise ValueError(
+            f"nested: inner must be one Optimizer or {len(freqs)} (one per frequency "
+            f"{freqs}), got {len(inners)} item(s)"
+        )
+    return inners
+
+
+def _check_grads_like(plan: _Plan, gtd: TreeDef, params: Params, grads: Any) -> None:
+    """Raise ``TreeMismatchError`` naming where ``grads`` differs from ``params``."""
+    if gtd == plan.treedef:
+        return
+    try:
+        tree_map(lambda a, b: None, params, grads)
+    except TreeMismatchError as e:
+        raise TreeMismatchError(
+            _rename(e.problems, "grads"), "nested: grads shaped unlike params"
+        ) from None
+    raise TreeMismatchError([("", f"{gtd!r} vs {plan.treedef!r}")], "nested: grads")
+
+
+def _chunk(summed: list[Any], grads_k: list[Any], f: int, reduce: str) -> list[Any]:
+    """The gradient an active tier's inner optimizer reads: the chunk sum (/ C_k for "mean"),
+    in each gradient's dtype."""
+    chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
+    return [c if c.dtype == g.dtype else c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
+
+
+def _inner_update(
+    opt: Optimizer, k: int, sub: TreeDef, chunk: list[Any], inner_state: Any, params_k: Params,
+    step: Step,
+) -> tuple[list[Any], Any]:  # fmt: skip
+    """Tier ``k``'s inner update over its sub-tree: the update leaves and the inner state."""
+    updates_k, new_inner = opt.update(unflatten(sub, chunk), inner_state, params_k, step)
+    u_leaves, utd = flatten(updates_k)
+    if utd != sub:
+        raise TreeMismatchError(
+            [("", f"inner optimizer of tier {k} returned updates shaped {utd!r}")],
+            "nested: inner updates shaped unlike the tier's params",
+        )
+    return u_leaves, new_inner
+
+
+def _active_tier(
+    opt: Optimizer, f: int, reduce: str, summed: list[Any], grads_k: list[Any],
+    state: NestedState, k: int, sub: TreeDef, params_k: Params, step: Step, s: int,
+) -> tuple[list[Any], Any, Any, Any]:  # fmt: skip
+    """Tier ``k`` at one of its updates: the inner optimizer on the chunk at the tier's clock
+    ``s // f``, then a fresh chunk sum and count + 1."""
+    chunk = _chunk(summed, grads_k, f, reduce)
+    inner_step = s // f if isinstance(step, int) else step // f
+    with tracing_step(s // f):
+        u_leaves, inner = _inner_update(opt, k, sub, chunk, state.inner[k], params_k, inner_step)
+    acc = unflatten(sub, [mx.zeros_like(a) for a in summed]) if f > 1 else state.acc[k]
+    return u_leaves, inner, acc, state.count[k] + 1
+
+
+def _init_state(
+    plan: _Plan, leaves: list[Any], inners: tuple[Optimizer, ...], freqs: tuple[int, ...]
+) -> NestedState:
+    """Per tier: the inner optimizer's state over its sub-tree, a zero chunk sum (C_k > 1),
+    count 0; and the layout ``tier_stats`` reads."""
+    inner_states, accs, layout = [], [], []
+    for k, (opt, idx, sub) in enumerate(zip(inners, plan.index, plan.subdefs)):
+        inner_states.append(opt.init(unflatten(sub, [leaves[i] for i in idx])))
+        accs.append(None if freqs[k] == 1 else unflatten(sub, [_acc_zeros(leaves[i]) for i in idx]))
+        size = sum(int(leaves[i].size) if isinstance(leaves[i], mx.array) else 1 for i in idx)
+        layout.append([freqs[k], len(idx), size])
+    counts = tuple(mx.array(0, dtype=mx.int32) for _ in freqs)
+    return NestedState(tuple(inner_states), tuple(accs), counts, mx.array(layout, dtype=mx.int64))
+
+
+def _pack_groups(
+    plan: _Plan,
+    leaves: list[Any],
+    inners: tuple[Optimizer, ...],
+    freqs: tuple[int, ...],
+    reduce: str,
+) -> PackGroups:
+    """Packed buffers hold one tier each: the tier-local inner states and chunk sums then map
+    tier by tier between the params' sub-trees and the tier's buffers."""
+    labels = [0] * len(leaves)
+    for k, idx in enumerate(plan.index):
+        for i in idx:
+            labels[i] = k
+
+    def rebind(buffer_tiers: list[int]) -> tuple[Optimizer, tuple[TreeDef, ...]]:
+        tiers = list(buffer_tiers)
+        opt = _nested(inners, lambda p: tiers, freqs, reduce)
+        bufs = [mx.zeros((1,)) for _ in tiers]
+        return opt, _make_plan(bufs, tiers, freqs).subdefs
+
+    return PackGroups(tuple(labels), plan.subdefs, rebind)
+
+
 def _nested(
     inner: Optimizer | Sequence[Optimizer],
     resolve: Callable[[Params], TierSpec],
@@ -256,18 +356,9 @@ def _nested(
     reduce: str,
 ) -> Optimizer:
     """``nested`` with the tier spec computed from params (``nested_adam``'s ``"depth"``)."""
-    n_tiers = len(freqs)
     if reduce not in ("mean", "sum"):
         raise ValueError(f"nested: reduce must be 'mean' or 'sum', got {reduce!r}")
-    if isinstance(inner, Optimizer):
-        inners = (inner,) * n_tiers
-    else:
-        inners = tuple(inner)
-        if len(inners) != n_tiers or not all(isinstance(o, Optimizer) for o in inners):
-            raise ValueError(
-                f"nested: inner must be one Optimizer or {n_tiers} (one per frequency "
-                f"{freqs}), got {len(inners)} item(s)"
-            )
+    inners = _inners(inner, freqs)
     plans: dict[TreeDef, _Plan] = {}
 
     def plan_for(params: Params) -> tuple[_Plan, list[Any]]:
@@ -279,86 +370,42 @@ def _nested(
         return plan, leaves
 
     def init_fn(params: Params) -> NestedState:
-        plan, leaves = plan_for(params)
-        inner_states, accs, layout = [], [], []
-        for k, (opt, idx, sub) in enumerate(zip(inners, plan.index, plan.subdefs)):
-            sub_params = unflatten(sub, [leaves[i] for i in idx])
-            inner_states.append(opt.init(sub_params))
-            accs.append(
-                None if freqs[k] == 1 else unflatten(sub, [_acc_zeros(leaves[i]) for i in idx])
-            )
-            size = sum(int(leaves[i].size) if isinstance(leaves[i], mx.array) else 1 for i in idx)
-            layout.append([freqs[k], len(idx), size])
-        counts = tuple(mx.array(0, dtype=mx.int32) for _ in range(n_tiers))
-        return NestedState(
-            tuple(inner_states), tuple(accs), counts, mx.array(layout, dtype=mx.int64)
-        )
+        return _init_state(*plan_for(params), inners, freqs)
 
     def update_fn(
         grads: Any, state: NestedState, params: Params, step: Step
     ) -> tuple[Any, NestedState]:
-        if not isinstance(state, NestedState) or len(state.inner) != n_tiers:
-            raise ValueError(f"nested: expected a NestedState of {n_tiers} tiers, got {state!r}")
+        if not isinstance(state, NestedState) or len(state.inner) != len(freqs):
+            raise ValueError(f"nested: expected a NestedState of {len(freqs)} tiers, got {state!r}")
         plan, p_leaves = plan_for(params)
         g_leaves, gtd = flatten(grads)
-        if gtd != plan.treedef:
-            try:
-                tree_map(lambda a, b: None, params, grads)
-            except TreeMismatchError as e:
-                raise TreeMismatchError(
-                    _rename(e.problems, "grads"), "nested: grads shaped unlike params"
-                ) from None
-            raise TreeMismatchError([("", f"{gtd!r} vs {plan.treedef!r}")], "nested: grads")
+        _check_grads_like(plan, gtd, params, grads)
         branching = branching_on(step)
         s = static_step(step) if branching else 0
         out: list[Any] = [None] * len(g_leaves)
-        inner_states, accs, counts = list(state.inner), list(state.acc), list(state.count)
+        tiers: list[tuple[Any, Any, Any]] = []  # per tier: inner state, chunk sum, count
         for k, (opt, f, idx, sub) in enumerate(zip(inners, freqs, plan.index, plan.subdefs)):
             grads_k = [g_leaves[i] for i in idx]
-            if f > 1:
-                acc_leaves = flatten(state.acc[k])[0]
+            summed = grads_k
+            if f > 1:  # the chunk sum so far, this step's gradients included (float32)
                 summed = [
                     a + (g if g.dtype == a.dtype else g.astype(a.dtype))
-                    for a, g in zip(acc_leaves, grads_k)
+                    for a, g in zip(flatten(state.acc[k])[0], grads_k)
                 ]
-            else:
-                summed = grads_k
-            if not branching:
-                params_k = unflatten(sub, [p_leaves[i] for i in idx])
-                u_leaves, inner_states[k], accs[k], counts[k] = _gated_tier(
-                    opt, f, reduce, summed, grads_k, state, k, sub, params_k, step
-                )
+            if branching and (s + 1) % f != 0:  # inactive: the parameters stay as they are
+                u_leaves = [no_update(p_leaves[i]) for i in idx]
+                tiers.append((state.inner[k], unflatten(sub, summed), state.count[k]))
                 for i, u in zip(idx, u_leaves):
                     out[i] = u
                 continue
-            if (s + 1) % f != 0:
-                for i in idx:
-                    out[i] = no_update(p_leaves[i])
-                accs[k] = unflatten(sub, summed)
-                continue
-            chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
-            chunk = [c if c.dtype == g.dtype else c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
-            inner_step = s // f if isinstance(step, int) else step // f
-            with tracing_step(s // f):
-                updates_k, inner_states[k] = opt.update(
-                    unflatten(sub, chunk),
-                    state.inner[k],
-                    unflatten(sub, [p_leaves[i] for i in idx]),
-                    inner_step,
-                )
-            u_leaves, utd = flatten(updates_k)
-            if utd != sub:
-                raise TreeMismatchError(
-                    [("", f"inner optimizer of tier {k} returned updates shaped {utd!r}")],
-                    "nested: inner updates shaped unlike the tier's params",
-                )
+            params_k = unflatten(sub, [p_leaves[i] for i in idx])
+            args = (opt, f, reduce, summed, grads_k, state, k, sub, params_k, step)
+            u_leaves, *rest = _active_tier(*args, s) if branching else _gated_tier(*args)
+            tiers.append(tuple(rest))
             for i, u in zip(idx, u_leaves):
                 out[i] = u
-            if f > 1:
-                accs[k] = unflatten(sub, [mx.zeros_like(a) for a in acc_leaves])
-            counts[k] = state.count[k] + 1
-        new_state = NestedState(tuple(inner_states), tuple(accs), tuple(counts), state.layout)
-        return unflatten(plan.treedef, out), new_state
+        inner_states, accs, counts = (tuple(t) for t in zip(*tiers))
+        return unflatten(plan.treedef, out), NestedState(inner_states, accs, counts, state.layout)
 
     def phase_key(step: int) -> tuple:
         # the graph depends on which tiers are active and, inside an active tier, on the inner
@@ -368,21 +415,7 @@ def _nested(
         )
 
     def pack_groups(params: Params) -> PackGroups:
-        # packed buffers hold one tier each: the tier-local inner states and chunk sums then
-        # map tier by tier between the params' sub-trees and the tier's buffers
-        plan, leaves = plan_for(params)
-        labels = [0] * len(leaves)
-        for k, idx in enumerate(plan.index):
-            for i in idx:
-                labels[i] = k
-
-        def rebind(buffer_tiers: list[int]) -> tuple[Optimizer, tuple[TreeDef, ...]]:
-            tiers = list(buffer_tiers)
-            opt = _nested(inners, lambda p: tiers, freqs, reduce)
-            bufs = [mx.zeros((1,)) for _ in tiers]
-            return opt, _make_plan(bufs, tiers, freqs).subdefs
-
-        return PackGroups(tuple(labels), plan.subdefs, rebind)
+        return _pack_groups(*plan_for(params), inners, freqs, reduce)
 
     period = math.lcm(*(f * o.period for f, o in zip(freqs, inners)))
     rates = {id(r): r for r in (learning_rate_of(o) for o in inners)}
@@ -429,15 +462,8 @@ def _gated_tier(
     The kept values are the ones the branching form computes, so the two agree bit for bit.
 
     Returns the tier's update leaves, inner state, chunk sum and count."""
-    chunk = summed if (f == 1 or reduce == "sum") else [a / f for a in summed]
-    chunk = [c if c.dtype == g.dtype else c.astype(g.dtype) for c, g in zip(chunk, grads_k)]
-    updates_k, new_inner = opt.update(unflatten(sub, chunk), state.inner[k], params_k, step // f)
-    u_leaves, utd = flatten(updates_k)
-    if utd != sub:
-        raise TreeMismatchError(
-            [("", f"inner optimizer of tier {k} returned updates shaped {utd!r}")],
-            "nested: inner updates shaped unlike the tier's params",
-        )
+    chunk = _chunk(summed, grads_k, f, reduce)
+    u_leaves, new_inner = _inner_update(opt, k, sub, chunk, state.inner[k], params_k, step // f)
     if f == 1:
         return u_leaves, new_inner, state.acc[k], state.count[k] + 1
     active = ((step + 1) % f) == 0
@@ -478,7 +504,7 @@ def tier_stats(opt_state: OptState) -> list[TierStats]:
 
 # ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
-# nested_adam: the seed app's optimizer in one call
+# nested_adam: Adam in multi-frequency tiers in one call
 # ---------------------------------------------------------------------------------------------
 
 
@@ -508,10 +534,9 @@ def nested_adam(
     order: str = "shallow_fast",
     state_dtype: mx.Dtype | None = None,
 ) -> Optimizer:
-    """Adam (AdamW when ``weight_decay > 0``) in multi-frequency tiers: the seed app's
-    optimizer, done right.
+    """Adam (AdamW when ``weight_decay > 0``) in multi-frequency tiers.
 
-    ``tiers="depth"`` splits the params at ``init`` with ``nestedfn.tiers.by_depth(params,
+    ``tiers="depth"`` splits the params at ``init`` with ``nestedfn.tiered.tiers.by_depth(params,
     len(frequencies), order)`` (contiguous blocks of ``layers.N``); any other value is a tier
     spec for ``nested``.  Each tier keeps its own Adam moments and bias correction counted in
     its own updates, and feeds Adam the mean (``reduce``) of its chunk's gradients.

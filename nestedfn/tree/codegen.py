@@ -1,21 +1,17 @@
 """Straight-line code for one tree structure: leaf extraction and rebuild without recursion.
 
-Why: a training step walks the same structure every call (a LoRA adapter: 336 leaves under
-about 240 dicts and lists).  The recursive ``flatten``/``unflatten`` cost about a
-microsecond per node in Python, which is most of a GPU step's budget.  For a fixed
-``TreeDef`` the walk can be written out once as plain Python -- a chain of subscripts and
-type checks, one literal expression for the rebuild -- and compiled with ``exec``; calling it
-costs a fraction of the walk.
+A training step walks the same structure every call; for a fixed ``TreeDef`` the walk is
+written out once as plain Python (a chain of subscripts and type checks, one literal
+expression for the rebuild) and compiled with ``exec``, a fraction of the recursive
+``flatten``/``unflatten``.  (The native step walks in C++ instead: ``_native.TreeSpec``.)
 
 - ``leaf_getter(td)(tree)``: the leaves of ``tree`` in ``flatten`` order when ``tree`` has
-  exactly the structure ``td`` (node types, dict keys in order, lengths, NamedTuple classes;
-  a leaf is anything that is not a dict, list, tuple or None), else ``None``.  Callers use
-  ``None`` to fall back to the general path, which gives the full error.
-- ``tree_builder(td)(leaves)``: ``unflatten(td, leaves)`` for a list of exactly
-  ``td.num_leaves`` leaves.
+  exactly the structure ``td`` (node types, dict keys in order, lengths, NamedTuple classes),
+  else ``None`` (callers then take the general path, which gives the full error).
+- ``tree_builder(td)(leaves)``: ``unflatten(td, leaves)`` for exactly ``td.num_leaves`` leaves.
 
-Both are cached per ``TreeDef`` (hashable).  Structures too deep for one Python expression,
-or holding an ``OrderedDict``/``defaultdict``, get the general functions instead.
+Both are cached per ``TreeDef``.  Structures too deep for one Python expression, or holding an
+``OrderedDict``/``defaultdict``, get the general functions.
 """
 
 from __future__ import annotations
@@ -45,6 +41,16 @@ def _simple(td: TreeDef) -> bool:
     return _depth(td) <= _MAX_DEPTH and plain(td)
 
 
+def _namer(consts: dict[str, Any]) -> Callable[[Any], str]:
+    """``const(value)``: a fresh name bound to ``value`` in ``consts`` (the code's scope)."""
+
+    def const(value: Any) -> str:
+        consts[f"_c{len(consts)}"] = value
+        return f"_c{len(consts) - 1}"
+
+    return const
+
+
 def _general_getter(td: TreeDef) -> Callable[[Any], list | None]:
     def get(tree: Any) -> list | None:
         try:
@@ -70,10 +76,7 @@ def leaf_getter(td: TreeDef, check_leaves: bool = True) -> Callable[[Any], list 
     leaves: list[str] = []
     counter = [0]
 
-    def const(value: Any) -> str:
-        name = f"_c{len(consts)}"
-        consts[name] = value
-        return name
+    const = _namer(consts)
 
     def walk(node: TreeDef, var: str) -> None:
         kind = node.kind
@@ -113,7 +116,7 @@ def leaf_getter(td: TreeDef, check_leaves: bool = True) -> Callable[[Any], list 
     body = "\n    ".join(lines + [f"return [{', '.join(leaves)}]"])
     src = f"def get(t):\n    {body}\n"
     scope: dict[str, Any] = {"_NODES": (dict, list, tuple), **consts}
-    exec(compile(src, "<nestedfn.treecode.leaf_getter>", "exec"), scope)
+    exec(compile(src, "<nestedfn.tree.codegen.leaf_getter>", "exec"), scope)
     return scope["get"]
 
 
@@ -126,10 +129,7 @@ def tree_builder(td: TreeDef) -> Callable[[list], Any]:
     consts: dict[str, Any] = {}
     pos = [0]
 
-    def const(value: Any) -> str:
-        name = f"_c{len(consts)}"
-        consts[name] = value
-        return name
+    const = _namer(consts)
 
     def expr(node: TreeDef) -> str:
         kind = node.kind
@@ -149,5 +149,5 @@ def tree_builder(td: TreeDef) -> Callable[[list], Any]:
 
     src = f"def build(L):\n    return {expr(td)}\n"
     scope: dict[str, Any] = dict(consts)
-    exec(compile(src, "<nestedfn.treecode.tree_builder>", "exec"), scope)
+    exec(compile(src, "<nestedfn.tree.codegen.tree_builder>", "exec"), scope)
     return scope["build"]

@@ -3,7 +3,6 @@ keeps the tree-layout state, and falls back to the MLX graph wherever it cannot 
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import mlx.core as mx
@@ -265,7 +264,7 @@ def test_state_is_the_tree_layout_for_checkpoints():
 @pytest.mark.parametrize("name", ["adamw", "lion_wd", "nesterov"])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_both_modes_equal_eager(monkeypatch, name, lazy):
-    """``NESTEDFN_NATIVE_MODE=eager`` (computed in the call) and the lazy default (evaluated
+    """The kernel computed in the call (trees of tiny leaves) and the lazy default (evaluated
     later, writing into the buffers of a state nothing refers to any more, and only then)."""
     monkeypatch.setattr(native, "_LAZY", lazy)
     _run(OPTIMIZERS[name](), _tree(17), 5)
@@ -301,10 +300,11 @@ def _lazy_leaves(n: int, size: int, seed: int):
     return [mx.array(rng.standard_normal(size).astype(np.float32)) for _ in range(n)]
 
 
-_ADAM = dict(  # the binding's keywords: Adam, lr 1e-3, no bias correction, lazy
-    algo=0, b1=0.9, b2=0.999, eps=1e-8, c1=1.0, c2=1.0, nesterov=False, has_wd=False, wd=0.0,
-    neg_lr=-1e-3, has_post=False, post=1.0, with_acc=False, f=1.0, threads=0, lazy=True,
-)  # fmt: skip
+def _adam(mod):
+    """The kernel's scalars for Adam, lr 1e-3, no bias correction."""
+    h = mod.Hyper()
+    h.algo, h.b1, h.b2, h.eps, h.neg_lr = mod.Algo.ADAM, 0.9, 0.999, 1e-8, -1e-3
+    return h
 
 
 def _adam_reference(p, g, m, v):
@@ -331,7 +331,7 @@ def test_a_dropped_state_is_updated_in_its_own_buffers(n):
     mod = native.native_module()
     p, g, m, v, expected = _adam_case(n, 33, 1)
     before = [_address(x) for x in p + m + v]
-    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+    out = mod.fused_update(p, g, [m, v], [], _adam(mod))
     del p, m, v
     mx.eval(out)
     assert [_address(x) for x in out] == before
@@ -347,7 +347,7 @@ def test_a_kept_state_is_left_as_it_was():
     mx.eval(p, g, m, v)
     copies = [np.array(x) for x in p + g + m + v]
     addresses = {_address(x) for x in p + g + m + v}
-    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+    out = mod.fused_update(p, g, [m, v], [], _adam(mod))
     mx.eval(out)
     assert not addresses & {_address(x) for x in out}
     for x, c in zip(p + g + m + v, copies):
@@ -362,7 +362,7 @@ def test_leaves_evaluated_in_parts_and_out_of_order():
     v = [mx.abs(x) for x in v]
     mx.eval(p, g, m, v)
     expected = [_adam_reference(*a) for a in zip(p, g, m, v)]
-    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+    out = mod.fused_update(p, g, [m, v], [], _adam(mod))
     mx.eval(out[:3])
     mx.eval(out[-1])
     for k in reversed(range(len(out))):
@@ -383,74 +383,29 @@ def test_lazy_operands_and_chained_steps(size):
     lazy_g = [x * 0.5 for x in g]
     ref1 = [_adam_reference(*a) for a in zip(p, lazy_g, m, v)]
     ref2 = [_adam_reference(a[0], gg, a[1], a[2]) for a, gg in zip(ref1, lazy_g)]
-    out1 = mod.fused_update(p, lazy_g, [m, v], [], **_ADAM)
-    out2 = mod.fused_update(out1[:70], lazy_g, [out1[70:140], out1[140:]], [], **_ADAM)
+    out1 = mod.fused_update(p, lazy_g, [m, v], [], _adam(mod))
+    out2 = mod.fused_update(out1[:70], lazy_g, [out1[70:140], out1[140:]], [], _adam(mod))
     del out1, p, m, v
     mx.eval(out2)
     for k, x in enumerate(out2):
         assert mx.array_equal(x, ref2[k % 70][k // 70]).item(), k
 
 
-def _wait_for_early_start(mod, before: int, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if mod.early_starts() > before:
-            return True
-        time.sleep(1e-4)
-    return False
-
-
-@pytest.mark.parametrize("n", [1, 300])
-def test_the_kernel_starts_once_the_caller_drops_the_state(n):
-    """With every operand computed, the kernel starts as soon as nothing but the step refers
-    to the previous params and moments (before any eval), in their own buffers; the new
-    leaves, evaluated later in any order, hold the eager values."""
-    mod = native.native_module()
-    p, g, m, v, expected = _adam_case(n, 33, 41)
-    before_addr = [_address(x) for x in p + m + v]
-    before = mod.early_starts()
-    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
-    del p, m, v  # the gradients stay referenced: they are only read
-    assert _wait_for_early_start(mod, before)
-    for k in reversed(range(len(out))):
-        assert mx.array_equal(out[k], expected[k % n][k // n]).item(), k
-    assert [_address(x) for x in out] == before_addr
-
-
-def test_no_early_start_while_the_caller_keeps_the_state():
-    mod = native.native_module()
-    p, g, m, v = (_lazy_leaves(20, 9, s) for s in (45, 46, 47, 48))
-    v = [mx.abs(x) for x in v]
-    mx.eval(p, g, m, v)
-    copies = [np.array(x) for x in p + m + v]
-    before = mod.early_starts()
-    out = mod.fused_update(p, g, [m, v], [], **_ADAM)
-    keep_one = p[3]  # one leaf still referred to: the whole step waits for its eval
-    del p
-    assert not _wait_for_early_start(mod, before, timeout=0.05)
-    mx.eval(out)
-    assert mod.early_starts() == before
-    np.testing.assert_array_equal(np.array(keep_one), copies[3])
-    for x, c in zip(m + v, copies[20:]):
-        np.testing.assert_array_equal(np.array(x), c)
-
-
-def test_an_early_step_dropped_unevaluated_and_steps_in_a_loop():
-    """A step whose new leaves are never evaluated (its kernel may have started) is harmless,
-    and a loop of steps, each evaluated right after the caller drops the old state (the
-    watcher and the eval race for it), gives the eager result bit for bit."""
+def test_a_step_dropped_unevaluated_and_steps_in_a_loop():
+    """A step whose new leaves are never evaluated is harmless, and a loop of steps, each
+    evaluated right after the caller drops the old state, gives the eager result bit for bit."""
     mod = native.native_module()
     p, g, m, v = (_lazy_leaves(8, 1000, s) for s in (49, 50, 51, 52))
     v = [mx.abs(x) for x in v]
     mx.eval(p, g, m, v)
-    dropped = mod.fused_update([x + 0 for x in p], g, [m, v], [], **_ADAM)
+    dropped = mod.fused_update([x + 0 for x in p], g, [m, v], [], _adam(mod))
     del dropped
     ref = [list(a) for a in zip(p, m, v)]
     for _ in range(30):
         ref = [list(_adam_reference(rp, gg, rm, rv)) for (rp, rm, rv), gg in zip(ref, g)]
         mx.eval(ref)
     for _ in range(30):
-        out = mod.fused_update(p, g, [m, v], [], **_ADAM)
+        out = mod.fused_update(p, g, [m, v], [], _adam(mod))
         p, m, v = out[:8], out[8:16], out[16:]
         del out
         mx.eval(p, m, v)
@@ -528,3 +483,24 @@ def test_tree_spec_named_tuples_none_and_equal_but_distinct_keys():
     assert get(TrainState({"a": mx.zeros(2), "b": 0, "c": tree.params["c"]}, (), 0)) is None
     back = build(list(leaves))
     assert type(back) is TrainState and back.params["b"] is None and back.step is leaves[-1]
+
+
+def test_the_kernel_scalars_are_one_typed_struct():
+    """``_native.Hyper`` refuses a value of the wrong type (no positional argument lists), and
+    its algorithms are the names ``nestedfn.optim.fused`` uses."""
+    mod = native.native_module()
+    h = mod.Hyper()
+    with pytest.raises(TypeError):
+        h.b1 = "0.9"
+    with pytest.raises(TypeError):
+        h.algo = 7
+    for opt in (adam(1e-2), lion(1e-3), momentum(1e-2)):
+        assert isinstance(getattr(mod.Algo, describe(opt).algo), mod.Algo)
+
+
+def test_the_optimizer_carries_its_spec_and_learning_rate():
+    sched = warmup_cosine(1e-2, warmup_steps=3, decay_steps=20)
+    for opt, lr in ((adam(1e-2), 1e-2), (adamw(sched), sched)):
+        assert describe(opt) is opt.fused and describe(opt).learning_rate is lr
+        assert nf.learning_rate_of(opt) is lr
+    assert describe(opt._replace(fused=None)) is None
