@@ -188,12 +188,10 @@ DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nestedfn.lm.mlxlm_compat import NETWORK_KEYS
+    from nestedfn.lm.mlxlm_compat import warn_reporting
     from nestedfn.lm.trainer import train
 
-    for key in ("report_to", "project_name"):
-        if getattr(args, key) is not None:
-            raise _UsageError(f"--{key.replace('_', '-')} {NETWORK_KEYS[key]}")
+    warn_reporting([k for k in ("report_to", "project_name") if getattr(args, k) is not None])
     resume = bool(args.resume)
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
@@ -359,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--force", action="store_true", help="replace a run in --out")
     for flag in ("--report-to", "--project-name"):
-        train.add_argument(flag, default=None, help="mlx-lm's; refused: it needs the network")
+        train.add_argument(flag, default=None, help="mlx-lm's; ignored with a warning (offline)")
     train.add_argument(
         "--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step"
     )

@@ -10,13 +10,16 @@ nestedfn's names or a mix into ``TrainConfig`` field names, so the same file run
   ``val_batches`` -> ``eval_batches``, ``grad_accumulation_steps`` -> ``grad_accumulation``);
 * ``lora_parameters`` -> ``lora_rank``, ``lora_scale``, ``lora_dropout``, ``lora_keys``;
 * ``optimizer_config`` -> ``optimizer_args``: the entry of the chosen optimizer (mlx-lm
-  ignores the others, so a file listing all five names is fine), with MLX's keyword names
-  translated to nestedfn's (``betas: [b1, b2]`` -> ``b1``, ``b2``; Muon's ``momentum`` ->
-  ``beta``);
+  ignores the others, so a file listing all five names is fine); ``betas: [b1, b2]`` of
+  ``adam``/``adamw`` becomes nestedfn's ``b1``, ``b2`` (those run on nestedfn's Adam, with
+  ``mlx.optimizers.Adam``'s defaults), the other optimizers take MLX's keywords as they are;
 * ``training_mode: normal`` (newer mlx-lm) is accepted, other modes (preference training)
   are an error;
-* keys that need the network (``hf_dataset``, ``report_to`` and its ``project_name``) are an
-  error saying so; ``config`` (mlx-lm's own ``-c``) is accepted when empty.
+* keys that only report to a network service (``report_to``, its ``project_name``, older
+  mlx-lm's ``wandb``) print one warning and the run goes on (its metrics are in
+  ``metrics.jsonl``; a ``training_callback`` logs to any tracker); ``hf_dataset`` (the run
+  cannot go on without the download) is an error; ``config`` (mlx-lm's own ``-c``) is
+  accepted when empty.
 
 Giving one option under both names is an error unless the values agree.  The documented face
 is mlx-lm's names (``FACE``: the saved ``config.yaml`` and ``--help`` use them): the people
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from typing import Any
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "FACE",
     "LORA_PARAMETERS",
     "NETWORK_KEYS",
+    "REPORTING_KEYS",
     "NormalizeError",
     "accepted_keys",
     "closest",
@@ -65,18 +70,25 @@ NETWORK_KEYS: dict[str, str] = {
         "downloads a Hugging Face dataset; nestedfn trains offline from a local directory: "
         "save the splits as train.jsonl, valid.jsonl (and test.jsonl) and set data: DIR"
     ),
-    "report_to": (
-        "uploads the logs (wandb, swanlab); nestedfn runs offline: the run's metrics are in "
-        "RUN_DIR/metrics.jsonl and `nestedfn plot RUN_DIR` draws them"
-    ),
-    "project_name": (
-        "names the project for report_to, which uploads the logs; nestedfn runs offline "
-        "(RUN_DIR/metrics.jsonl, `nestedfn plot RUN_DIR`)"
-    ),
 }
-# Keyword names of MLX's optimizers -> nestedfn's, per optimizer.
+# Keys that only send the logs to a service: one warning, the run goes on.
+REPORTING_KEYS = ("report_to", "project_name", "wandb")
+REPORTING_WARNING = (
+    "{keys} ignored: nestedfn uploads nothing; the run's metrics are in RUN_DIR/metrics.jsonl "
+    "(`nestedfn plot RUN_DIR`), and nestedfn.lm.fine_tune(..., training_callback=...) logs to "
+    "any tracker"
+)
+# Optimizers whose optimizer_config `betas` become nestedfn's b1, b2.
 _BETAS = ("nested_adam", "adam", "adamw", "lion")
-_DEFAULT_OPTIMIZER = "nested_adam"
+_DEFAULT_OPTIMIZER = "adam"  # mlx-lm's
+
+
+def warn_reporting(keys: list[str]) -> None:
+    """The one warning for ``REPORTING_KEYS`` given (``keys``), on stderr."""
+    if keys:
+        print(
+            f"nestedfn: warning: {REPORTING_WARNING.format(keys=', '.join(keys))}", file=sys.stderr
+        )
 
 
 class NormalizeError(ValueError):
@@ -112,8 +124,6 @@ def _optimizer_args(name: str, kwargs: Any, source: str) -> dict[str, Any]:
             raise NormalizeError(f"{source}: optimizer_config.{name}.betas must be [b1, b2]")
         out.setdefault("b1", betas[0])
         out.setdefault("b2", betas[1])
-    if name == "muon" and "momentum" in out:
-        out.setdefault("beta", out.pop("momentum"))
     return out
 
 
@@ -124,7 +134,11 @@ def normalize(data: dict[str, Any], source: str) -> dict[str, Any]:
     conflicting duplicates and keys that need the network raise ``NormalizeError``."""
     out: dict[str, Any] = {"__names__": {}}
     optimizer_config = None
+    reporting = [k for k in REPORTING_KEYS if data.get(k) not in (None, False, "", [], {})]
+    warn_reporting(reporting)
     for key, value in data.items():
+        if key in REPORTING_KEYS:
+            continue
         if key in NETWORK_KEYS:
             if value in (None, False, "", [], {}):
                 continue
