@@ -14,3 +14,19 @@ run); only the CLI stands on it.
 
 Kept import-light: submodules are imported where used.
 """
+
+from typing import Any
+
+__all__ = ["TrainingCallback", "fine_tune", "test_adapters"]
+
+
+def __getattr__(name: str) -> Any:  # the trainer's Python entry, imported when first used
+    if name in ("TrainingCallback", "fine_tune"):
+        from nestedfn.lm import api
+
+        return getattr(api, name)
+    if name == "test_adapters":
+        from nestedfn.lm.testset import test_adapters
+
+        return test_adapters
+    raise AttributeError(f"module 'nestedfn.lm' has no attribute {name!r}")

@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "is_tiered",
     "untiered_reason",
+    "from_mapping",
     "load_config",
     "parse_yaml",
     "resolve",
@@ -411,7 +412,9 @@ def _check_keys(data: dict[str, Any], source: str) -> None:
         )
 
 
-def _build(data: dict[str, Any], source: str) -> TrainConfig:
+def from_mapping(data: dict[str, Any], source: str) -> TrainConfig:
+    """The ``TrainConfig`` of a mapping in mlx-lm's or nestedfn's key names; ``source`` names
+    it in errors."""
     try:
         data = normalize(data, source)
     except NormalizeError as e:
@@ -442,13 +445,13 @@ def load_config(path: str | Path, optimizer: str | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     if optimizer is not None:
         data = {**data, "optimizer": optimizer}
-    return _build(data, str(path))
+    return from_mapping(data, str(path))
 
 
 def resolve(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """``base`` with the options in ``overrides`` that are not ``None`` replaced."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return _build({**base.to_dict(), **given}, "command line")
+    return from_mapping({**base.to_dict(), **given}, "command line")
 
 
 def save_config(config: TrainConfig, directory: str | Path) -> Path:
