@@ -404,30 +404,8 @@ class _UsageError(Exception):
     pass
 
 
-def _version() -> str:
-    import nestedfn
-
-    return str(getattr(nestedfn, "__version__", "unknown"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="nestedfn", description="Nested Learning optimizers for MLX: LoRA fine-tuning."
-    )
-    parser.add_argument("--version", action="version", version=f"nestedfn {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "lora",
-        help="python -m mlx_lm lora's command line and meaning (nestedfn lora --help)",
-        add_help=False,
-    )
-
-    demo = sub.add_parser("demo", help="train the built-in tiny model on built-in data")
-    demo.add_argument("--out", help="run directory (default nestedfn-runs/demo-TIME)")
-    demo.add_argument("--steps", type=int, default=None, help=f"default {DEMO_STEPS}")
-    demo.add_argument("--force", action="store_true", help="replace a run in --out")
-    demo.set_defaults(fn=_demo)
-
+def _add_train_parser(sub: Any) -> None:
+    """``nestedfn train``: its run flags, then one flag per ``TrainConfig`` option."""
     train = sub.add_parser("train", help="fine-tune LoRA adapters of an mlx-lm model")
     train.add_argument("--model", help="mlx-lm model directory")
     train.add_argument(
@@ -461,6 +439,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(train)
     train.set_defaults(fn=_train)
+
+
+def _version() -> str:
+    import nestedfn
+
+    return str(getattr(nestedfn, "__version__", "unknown"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nestedfn", description="Nested Learning optimizers for MLX: LoRA fine-tuning."
+    )
+    parser.add_argument("--version", action="version", version=f"nestedfn {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "lora",
+        help="python -m mlx_lm lora's command line and meaning (nestedfn lora --help)",
+        add_help=False,
+    )
+
+    demo = sub.add_parser("demo", help="train the built-in tiny model on built-in data")
+    demo.add_argument("--out", help="run directory (default nestedfn-runs/demo-TIME)")
+    demo.add_argument("--steps", type=int, default=None, help=f"default {DEMO_STEPS}")
+    demo.add_argument("--force", action="store_true", help="replace a run in --out")
+    demo.set_defaults(fn=_demo)
+
+    _add_train_parser(sub)
 
     insp = sub.add_parser("inspect", help="print the tier table a run would start from")
     insp.add_argument("--model", help="mlx-lm model directory")

@@ -449,8 +449,14 @@ def load_config(path: str | Path, optimizer: str | None = None) -> TrainConfig:
 
 
 def resolve(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """``base`` with the options in ``overrides`` that are not ``None`` replaced."""
+    """``base`` with the options in ``overrides`` (mlx-lm's names or nestedfn's) that are not
+    ``None`` replaced."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        # optimizer_config's entry is the optimizer that runs: the override's, else the base's
+        given = normalize({"optimizer": base.optimizer, **given}, "command line")
+    except NormalizeError as e:
+        raise ConfigError(str(e)) from None
     return from_mapping({**base.to_dict(), **given}, "command line")
 
 

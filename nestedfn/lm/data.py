@@ -15,7 +15,9 @@ use one format):
 ``TokenDataset`` keeps, per example, the token list and ``offset`` = the number of leading
 prompt tokens (0 for ``text``) so the loss can leave the prompt out.
 
-Batches: the examples are read as one endless stream, epoch after epoch, each epoch in its own
+Batches: the trainer takes mlx-lm's (``nestedfn.lm.batches``).  ``batch_at`` is nestedfn's
+own stream, kept for the benchmarks that evaluate fixed batches: the examples are read as one
+endless stream, epoch after epoch, each epoch in its own
 order ``permutation(n)`` drawn from ``numpy.random.default_rng([seed, epoch])``.  Global batch
 ``index`` is stream positions ``index*B ... index*B + B - 1`` (position ``p`` is example
 ``perm_{p // n}[p % n]``), so every example appears exactly once per epoch, a batch may straddle
