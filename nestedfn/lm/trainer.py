@@ -3,8 +3,7 @@
 The step is pure: ``TrainState(params, opt_state, step)`` and a batch go in, a new
 ``TrainState`` comes out.  ``params`` is the LoRA tree only; it enters the model through
 ``nestedfn.tree.update_module`` (``lora.bind``) inside the loss, so the model never holds
-state the trainer does not know about.  The loss is mlx-lm's: the mean cross entropy over the
-target tokens the mask selects (``Σ mask·CE / Σ mask``).
+state the trainer does not know about.
 
 What it computes is ``mlx_lm lora``'s: mlx-lm's batches in mlx-lm's order
 (``nestedfn.lm.batches`` replays its seeded draws), mlx-lm's ``default_loss`` and ``evaluate``
@@ -21,7 +20,8 @@ Everything that decides the trajectory is a function of the ``TrainState`` and t
 * the batch of step ``i + 1`` is ``RunBatches.train(i)`` (the data position *is* ``step``),
 * gradient accumulation and the slow tiers' chunk sums live in ``opt_state`` (``accumulate``
   and ``nested`` keep them there),
-* LoRA dropout draws from ``mx.random.seed(hash(seed, step))``.
+* LoRA dropout draws from ``mx.random.seed(seed * 1_000_003 + step)`` (mlx-lm continues one
+  stream instead: the same distribution, other draws).
 
 So a checkpoint of the ``TrainState`` (plus the best-loss bookkeeping) is all ``--resume``
 needs to continue the identical trajectory, bit for bit.
@@ -31,18 +31,19 @@ state and bookkeeping of the last *completed* step (its metrics written, its eva
 writes a checkpoint of it (unless one is there already) and ``train`` raises ``Interrupted``
 (a ``KeyboardInterrupt``) saying how to resume; the CLI exits with status 130 (SIGTERM is
 turned into the same interrupt by the CLI, status 143).  The checkpoint named is the one a
-resume takes: when the interrupt comes in a save after the checkpoint was complete, that one.  A step that
-was cut off half way is simply done again on resume.  With several processes the handler
-does no collective (a peer may already have left, and a barrier would wait forever): every
+resume takes: when the interrupt comes in a save after the checkpoint was complete, that
+one.  A step that was cut off half way is simply done again on resume.  With several
+processes the handler does no collective (a peer may already have left, and a barrier would wait forever): every
 rank stops, rank 0 writes the checkpoint of the last step *it* completed (every completed step
 is identical on all ranks), the others write nothing.  Under ``mlx.launch`` a rank blocked in a
 collective sees the interrupt only when that collective returns or fails; ``mlx.launch`` may
 also terminate rank 0 while it is writing, because another rank already exited non-zero: the
 checkpoint is written atomically, so the run then resumes from the one before.
 
-With several processes (``mlx.launch``) each rank reads its slice of the global batch, the
-gradients are averaged (token-weighted) before the optimizer, and only rank 0 writes files or
-draws the progress bar.
+With several processes (``mlx.launch``) each rank reads its slice of the global batch (mlx-lm's
+``comm_group`` slicing), the gradients are averaged (token-weighted, where mlx-lm takes the
+plain mean over ranks) before the optimizer, and only rank 0 writes files, draws the progress
+bar and calls the callback.
 
 Faults (``benchmarks/faults.py`` runs the matrix): rank 0 holds the run directory's lock for
 the whole run (``lm.lock``); a resume takes the newest checkpoint whose checksums hold and the
