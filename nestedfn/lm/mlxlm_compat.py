@@ -127,66 +127,74 @@ def _optimizer_args(name: str, kwargs: Any, source: str) -> dict[str, Any]:
     return out
 
 
+def _skipped(key: str, value: Any, source: str) -> bool:
+    """Whether ``key`` is one of mlx-lm's keys nestedfn reads as nothing (reporting keys, an
+    empty ``config``, ``training_mode: normal``); raises for the values it cannot run."""
+    if key in REPORTING_KEYS:
+        return True
+    if key in NETWORK_KEYS:
+        if value in (None, False, "", [], {}):
+            return True
+        raise NormalizeError(f"{source}: {key} {NETWORK_KEYS[key]}")
+    if key == "training_mode":  # newer mlx-lm: "normal", or preference training
+        if value in (None, "normal"):
+            return True
+        raise NormalizeError(
+            f"{source}: training_mode {value!r}: nestedfn trains the language-model loss "
+            "(training_mode: normal) only"
+        )
+    if key == "config":
+        if value not in (None, ""):
+            raise NormalizeError(
+                f"{source}: config: a config file cannot name another one; merge them"
+            )
+        return True
+    return key == "lora_parameters" and value is None
+
+
+def _lora_parameters(out: dict[str, Any], value: Any, source: str) -> None:
+    if not isinstance(value, dict):
+        raise NormalizeError(
+            f"{source}: lora_parameters must be a mapping of rank, scale, dropout, keys; got "
+            f"{value!r}"
+        )
+    for sub, v in value.items():
+        if sub not in LORA_PARAMETERS:
+            hint = (
+                " (mlx-lm's LoRA uses scale, not alpha)"
+                if sub == "alpha"
+                else closest(sub, list(LORA_PARAMETERS))
+            )
+            raise NormalizeError(
+                f"{source}: unknown lora_parameters key {sub!r}{hint}; valid keys: "
+                f"{', '.join(LORA_PARAMETERS)}"
+            )
+        _set(out, LORA_PARAMETERS[sub], v, f"lora_parameters.{sub}", source)
+
+
 def normalize(data: dict[str, Any], source: str) -> dict[str, Any]:
     """``data`` (mlx-lm's keys, nestedfn's or both) with ``TrainConfig`` field names.
 
     Unknown keys are left in place for the caller's check (which names the valid ones);
-    conflicting duplicates and keys that need the network raise ``NormalizeError``."""
+    conflicting duplicates and keys that need the network raise ``NormalizeError``; keys that
+    only report to a service print one warning."""
     out: dict[str, Any] = {"__names__": {}}
     optimizer_config = None
-    reporting = [k for k in REPORTING_KEYS if data.get(k) not in (None, False, "", [], {})]
-    warn_reporting(reporting)
+    warn_reporting([k for k in REPORTING_KEYS if data.get(k) not in (None, False, "", [], {})])
     for key, value in data.items():
-        if key in REPORTING_KEYS:
-            continue
-        if key in NETWORK_KEYS:
-            if value in (None, False, "", [], {}):
-                continue
-            raise NormalizeError(f"{source}: {key} {NETWORK_KEYS[key]}")
-        if key == "training_mode":  # newer mlx-lm: "normal", or preference training
-            if value in (None, "normal"):
-                continue
-            raise NormalizeError(
-                f"{source}: training_mode {value!r}: nestedfn trains the language-model loss "
-                "(training_mode: normal) only"
-            )
-        if key == "config":
-            if value not in (None, ""):
-                raise NormalizeError(
-                    f"{source}: config: a config file cannot name another one; merge them"
-                )
+        if _skipped(key, value, source):
             continue
         if key == "lora_parameters":
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise NormalizeError(
-                    f"{source}: lora_parameters must be a mapping of rank, scale, dropout, "
-                    f"keys; got {value!r}"
-                )
-            for sub, v in value.items():
-                if sub not in LORA_PARAMETERS:
-                    hint = (
-                        " (mlx-lm's LoRA uses scale, not alpha)"
-                        if sub == "alpha"
-                        else closest(sub, list(LORA_PARAMETERS))
-                    )
-                    raise NormalizeError(
-                        f"{source}: unknown lora_parameters key {sub!r}{hint}; valid keys: "
-                        f"{', '.join(LORA_PARAMETERS)}"
-                    )
-                _set(out, LORA_PARAMETERS[sub], v, f"lora_parameters.{sub}", source)
-            continue
-        if key == "optimizer_config":
+            _lora_parameters(out, value, source)
+        elif key == "optimizer_config":
             if value is not None and not isinstance(value, dict):
                 raise NormalizeError(
                     f"{source}: optimizer_config must be a mapping {{optimizer: {{keyword: "
                     f"value}}}}, got {value!r}"
                 )
             optimizer_config = value or {}
-            continue
-        field = ALIASES.get(key, key)
-        _set(out, field, value, key, source)
+        else:
+            _set(out, ALIASES.get(key, key), value, key, source)
     if optimizer_config is not None:
         name = out.get("optimizer", _DEFAULT_OPTIMIZER)
         if name in optimizer_config and optimizer_config[name] is not None:
