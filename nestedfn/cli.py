@@ -243,12 +243,14 @@ def _report(summary: Any) -> None:
         print(f"train loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
     if summary.valid_losses:
         (s0, v0), (s1, v1) = summary.valid_losses[0], summary.valid_losses[-1]
-        print(
-            f"valid loss {v0:.3f} (after step {s0}) -> {v1:.3f} (after step {s1}), best "
-            f"{summary.best_valid:.3f}"
-        )
-        if s1 != summary.steps:
-            print(f"no evaluation after step {summary.steps}, where the run ended")
+        line = f"valid loss {v0:.3f} (after step {s0})"
+        if len(summary.valid_losses) > 1:
+            line += f" -> {v1:.3f} (after step {s1}), best {summary.best_valid:.3f}"
+        print(line)
+        if s1 == summary.steps - 1:
+            print("(as in mlx-lm, the last evaluation comes before the last step)")
+        elif s1 != summary.steps:
+            print(f"no evaluation at the stop (step {summary.steps})")
     if summary.tokens_per_sec:
         print(f"{summary.tokens_per_sec:,.0f} tokens/s over {summary.steps} steps")
     if summary.stopped_early:
@@ -373,7 +375,9 @@ def _lora(argv: list[str]) -> int:
     if resume:
         from nestedfn.lm.mlxlm_compat import normalize
 
-        keep = {k: v for k, v in normalize(given, "command line").items() if k != "train"}
+        # the run names its model and data (absolute paths); the rest is held against the run
+        skip = ("train", "model", "data", "adapter_path")
+        keep = {k: v for k, v in normalize(given, "command line").items() if k not in skip}
         summary = fine_tune(out=out, resume=True, stop_at=stop_at, **keep)
     elif config.test and not config.train:
         return _test_only(config, out)

@@ -244,13 +244,13 @@ def test_stop_at_says_where_it_evaluated_and_resume_covers_the_whole_run(assets,
     out = capsys.readouterr().out
     # mlx-lm's evaluations: after steps 0 and 2 (before iterations 1 and 3), none at the stop
     assert "(after step 0) ->" in out and "(after step 2)" in out
-    assert "no evaluation after step 4" in out
+    assert "no evaluation at the stop (step 4)" in out
     first = float(out.split("train loss ")[1].split(" ")[0])
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "resumed at step 4" in out
     assert out.split("train loss ")[1].startswith(f"{first:.3f} -> ")  # from step 1, not step 5
-    assert "(after step 5)" in out and "no evaluation after step 6" in out
+    assert "(after step 5)" in out and "the last evaluation comes before the last step" in out
 
 
 def test_plot_draws_a_test_point_and_refuses_bad_metrics_in_one_line(assets, tmp_path, capsys):
