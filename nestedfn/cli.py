@@ -1,4 +1,10 @@
-"""The ``nestedfn`` command: ``demo``, ``train``, ``inspect``, ``plot`` (flat, like mlx-lm).
+"""The ``nestedfn`` command: ``lora``, ``demo``, ``train``, ``inspect``, ``plot`` (flat, like
+mlx-lm).
+
+``nestedfn lora ...`` is ``python -m mlx_lm lora ...``: mlx-lm's own parser, its config merge
+and ``CONFIG_DEFAULTS`` (``--train`` off unless given; ``--test`` alone evaluates the adapters
+in ``--adapter-path``), trained by nestedfn (``nestedfn.lm.fine_tune``), plus nestedfn's
+``--resume``, ``--force``, ``--stop-at``.
 
 Every ``TrainConfig`` option is also a flag of ``train``/``inspect`` (``--learning-rate``,
 ``--frequencies 1 2 4``, ``--tiers '{mlp: 1, .*: 0}'``...); flags override ``--config
