@@ -1,4 +1,10 @@
-"""The ``nestedfn`` command: ``demo``, ``train``, ``inspect``, ``plot`` (flat, like mlx-lm).
+"""The ``nestedfn`` command: ``lora``, ``demo``, ``train``, ``inspect``, ``plot`` (flat, like
+mlx-lm).
+
+``nestedfn lora ...`` is ``python -m mlx_lm lora ...``: mlx-lm's own parser, its config merge
+and ``CONFIG_DEFAULTS`` (``--train`` off unless given; ``--test`` alone evaluates the adapters
+in ``--adapter-path``), trained by nestedfn (``nestedfn.lm.fine_tune``), plus nestedfn's
+``--resume``, ``--force``, ``--stop-at``.
 
 Every ``TrainConfig`` option is also a flag of ``train``/``inspect`` (``--learning-rate``,
 ``--frequencies 1 2 4``, ``--tiers '{mlp: 1, .*: 0}'``...); flags override ``--config
@@ -188,34 +194,27 @@ DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nestedfn.lm.mlxlm_compat import NETWORK_KEYS
-    from nestedfn.lm.trainer import train
+    from nestedfn.lm.api import fine_tune
+    from nestedfn.lm.mlxlm_compat import warn_reporting
 
-    for key in ("report_to", "project_name"):
-        if getattr(args, key) is not None:
-            raise _UsageError(f"--{key.replace('_', '-')} {NETWORK_KEYS[key]}")
-    resume = bool(args.resume)
+    warn_reporting([k for k in ("report_to", "project_name") if getattr(args, k) is not None])
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
             f"--resume {args.resume} and --adapter-path/--out {args.out} name different runs"
         )
-    if resume:
+    if args.resume:
         if args.config:
             raise _UsageError("--config cannot be combined with --resume (the run keeps its own)")
-        from nestedfn.lm.config import TrainConfig
-
         out = args.resume if isinstance(args.resume, str) else args.out
         if out is None:
             raise _UsageError("--resume needs the run: --resume RUN_DIR")
-        config, overrides = TrainConfig(), _overrides(args)
+        summary = fine_tune(out=out, resume=True, stop_at=args.stop_at, **_overrides(args))
     else:
-        config, overrides = _config(args), None
+        config = _config(args)
         out = args.out or config.adapter_path or DEFAULT_OUT
         if not config.train:
             return _test_only(config, out)
-    summary = train(
-        config, out, resume=resume, force=args.force, overrides=overrides, stop_at=args.stop_at
-    )
+        summary = fine_tune(config, out=out, force=args.force, stop_at=args.stop_at)
     _report(summary)
     return 0
 
@@ -238,16 +237,26 @@ def _test_line(loss: float) -> str:
 
 
 def _report(summary: Any) -> None:
-    """The run's summary lines, printed by rank 0 only (every rank has the same numbers)."""
+    """The run's summary lines, printed by rank 0 only (every rank has the same numbers): the
+    whole run's, a resumed one included."""
     from nestedfn.run import distributed
 
     if not distributed.is_main():
         return
+    if summary.resumed_at is not None:
+        print(f"resumed at step {summary.resumed_at}; the lines below cover the whole run")
     if summary.first_loss is not None:
         print(f"train loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
     if summary.valid_losses:
-        v0, v1 = summary.valid_losses[0][1], summary.valid_losses[-1][1]
-        print(f"valid loss {v0:.3f} -> {v1:.3f} (best {summary.best_valid:.3f})")
+        (s0, v0), (s1, v1) = summary.valid_losses[0], summary.valid_losses[-1]
+        line = f"valid loss {v0:.3f} (after step {s0})"
+        if len(summary.valid_losses) > 1:
+            line += f" -> {v1:.3f} (after step {s1}), best {summary.best_valid:.3f}"
+        print(line)
+        if s1 == summary.steps - 1:
+            print("(as in mlx-lm, the last evaluation comes before the last step)")
+        elif s1 != summary.steps:
+            print(f"no evaluation at the stop (step {summary.steps})")
     if summary.tokens_per_sec:
         print(f"{summary.tokens_per_sec:,.0f} tokens/s over {summary.steps} steps")
     if summary.stopped_early:
@@ -259,11 +268,20 @@ def _report(summary: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from nestedfn.lm.config import TrainConfig
     from nestedfn.lm.demo import build_demo_model, write_demo_dataset
+    from nestedfn.lm.errors import RunError
     from nestedfn.lm.rundir import check_out_dir
     from nestedfn.lm.trainer import train
 
     out = Path(args.out or Path("nestedfn-runs") / time.strftime("demo-%Y%m%d-%H%M%S")).absolute()
-    check_out_dir(out, resume=False, force=args.force)
+    try:
+        check_out_dir(out, resume=False, force=args.force)
+    except RunError:
+        if not out.is_dir():
+            raise
+        raise _UsageError(
+            f"{out} already holds a run (an earlier demo?): `nestedfn demo --out {out} --force` "
+            f"starts the demo again; `nestedfn train --resume {out}` continues that run"
+        ) from None
     print(f"nestedfn demo: a tiny Llama with random weights, templated sentences, into {out}")
     model_dir = build_demo_model(out / "model", seed=0)
     data_dir = write_demo_dataset(out / "data", seed=0)
@@ -284,7 +302,8 @@ def _demo(args: argparse.Namespace) -> int:
         eval_batches=4,
         save_every=max(steps // 2, 1),
     )
-    summary = train(config, out, force=args.force)
+    hint = "nestedfn train --resume {out} (the demo itself starts again with --force)"
+    summary = train(config, out, force=args.force, resume_hint=hint)
     _report(summary)
     print(
         f"next: nestedfn plot {out}\n      python -m mlx_lm generate --model {model_dir} "
@@ -297,6 +316,81 @@ def _demo(args: argparse.Namespace) -> int:
             f"{steps} may be too few)"
         )
     )
+    return 0
+
+
+def _lora_parser() -> argparse.ArgumentParser:
+    """``mlx_lm.lora``'s own parser (its flags, choices and help), its errors one line, with
+    nestedfn's optimizers among ``--optimizer``'s choices and nestedfn's run flags added."""
+    from mlx_lm.lora import build_parser as mlx_lm_parser
+
+    from nestedfn.lm.config import OPTIMIZERS
+
+    parser = mlx_lm_parser()
+    parser.prog = "nestedfn lora"
+    parser.description = (
+        "python -m mlx_lm lora's command line, trained by nestedfn: the same options, defaults "
+        "and numbers (--train off unless given; --test alone evaluates --adapter-path)"
+    )
+    parser.error = _Parser.error.__get__(parser)  # type: ignore[method-assign]
+    for action in parser._actions:
+        if action.dest == "optimizer":
+            action.choices = list(OPTIMIZERS)
+    parser.add_argument("--resume", action="store_true", help="nestedfn: continue the run")
+    parser.add_argument("--force", action="store_true", help="nestedfn: replace a run there")
+    parser.add_argument("--stop-at", type=int, default=None, help="nestedfn: stop at this step")
+    return parser
+
+
+def _lora_options(args: dict[str, Any]) -> dict[str, Any]:
+    """``python -m mlx_lm lora``'s merge: the flags given, then the config file's keys for the
+    rest, then mlx-lm's ``CONFIG_DEFAULTS``."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from nestedfn.lm.config import ConfigError, parse_yaml
+
+    path = args.pop("config")
+    if path:
+        try:
+            data = parse_yaml(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of options")
+        for k, v in data.items():
+            if args.get(k) is None:
+                args[k] = v
+    for k, v in CONFIG_DEFAULTS.items():
+        if args.get(k) is None:
+            args[k] = v
+    args.pop("config", None)
+    return args
+
+
+def _lora(argv: list[str]) -> int:
+    """``nestedfn lora ...``: ``python -m mlx_lm lora ...``'s meaning (module docstring)."""
+    from nestedfn.lm.api import fine_tune
+    from nestedfn.lm.config import from_mapping
+
+    args = vars(_lora_parser().parse_args(argv))
+    resume, force, stop_at = args.pop("resume"), args.pop("force"), args.pop("stop_at")
+    source = args["config"] or "command line"
+    given = {k: v for k, v in args.items() if v is not None and k != "config"}
+    config = from_mapping(_lora_options(args), source)
+    out = config.adapter_path if config.adapter_path is not None else DEFAULT_OUT
+    if resume:
+        from nestedfn.lm.mlxlm_compat import normalize
+
+        # the run names its model and data (absolute paths); the rest is held against the run
+        skip = ("train", "model", "data", "adapter_path")
+        keep = {k: v for k, v in normalize(given, "command line").items() if k not in skip}
+        summary = fine_tune(out=out, resume=True, stop_at=stop_at, **keep)
+    elif config.test and not config.train:
+        return _test_only(config, out)
+    else:
+        hint = "nestedfn lora --resume --adapter-path {out}"
+        summary = fine_tune(config, out=out, force=force, stop_at=stop_at, resume_hint=hint)
+    _report(summary)
     return 0
 
 
@@ -320,18 +414,8 @@ class _UsageError(Exception):
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="nestedfn", description="Nested Learning optimizers for MLX: LoRA fine-tuning."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="train the built-in tiny model on built-in data")
-    demo.add_argument("--out", help="run directory (default nestedfn-runs/demo-TIME)")
-    demo.add_argument("--steps", type=int, default=None, help=f"default {DEMO_STEPS}")
-    demo.add_argument("--force", action="store_true", help="replace a run in --out")
-    demo.set_defaults(fn=_demo)
-
+def _add_train_parser(sub: Any) -> None:
+    """``nestedfn train``: its run flags, then one flag per ``TrainConfig`` option."""
     train = sub.add_parser("train", help="fine-tune LoRA adapters of an mlx-lm model")
     train.add_argument("--model", help="mlx-lm model directory")
     train.add_argument(
@@ -359,12 +443,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--force", action="store_true", help="replace a run in --out")
     for flag in ("--report-to", "--project-name"):
-        train.add_argument(flag, default=None, help="mlx-lm's; refused: it needs the network")
+        train.add_argument(flag, default=None, help="mlx-lm's; ignored with a warning (offline)")
     train.add_argument(
         "--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step"
     )
     _add_config_flags(train)
     train.set_defaults(fn=_train)
+
+
+def _version() -> str:
+    import nestedfn
+
+    return str(getattr(nestedfn, "__version__", "unknown"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nestedfn", description="Nested Learning optimizers for MLX: LoRA fine-tuning."
+    )
+    parser.add_argument("--version", action="version", version=f"nestedfn {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "lora",
+        help="python -m mlx_lm lora's command line and meaning (nestedfn lora --help)",
+        add_help=False,
+    )
+
+    demo = sub.add_parser("demo", help="train the built-in tiny model on built-in data")
+    demo.add_argument("--out", help="run directory (default nestedfn-runs/demo-TIME)")
+    demo.add_argument("--steps", type=int, default=None, help=f"default {DEMO_STEPS}")
+    demo.add_argument("--force", action="store_true", help="replace a run in --out")
+    demo.set_defaults(fn=_demo)
+
+    _add_train_parser(sub)
 
     insp = sub.add_parser("inspect", help="print the tier table a run would start from")
     insp.add_argument("--model", help="mlx-lm model directory")
@@ -395,12 +506,16 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (argv is None or argv[:1] in (["train"], ["demo"])) and not _launched():
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["demo"], ["lora"]) and not _launched():
         _SIGNAL["received"] = signal.SIGINT
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # Ctrl-C or SIGTERM while the modules load (seconds): no traceback either
         parser = build_parser()
-        args = _parse(parser, argv)
+        if argv[:1] == ["lora"]:  # mlx-lm's own parser reads the rest
+            args = argparse.Namespace(command="lora", fn=lambda _: _lora(argv[1:]))
+        else:
+            args = _parse(parser, argv)
         from nestedfn.lm.config import ConfigError
         from nestedfn.lm.data import DataError
         from nestedfn.lm.errors import RunError
@@ -410,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         term = _SIGNAL["received"] == signal.SIGTERM
         print(f"nestedfn: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
         return EXIT_SIGTERM if term else EXIT_SIGINT
-    if args.command not in ("train", "demo"):
+    if args.command not in ("train", "demo", "lora"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return int(args.fn(args))

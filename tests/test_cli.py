@@ -217,3 +217,102 @@ def test_train_with_an_mlx_optimizer_name_runs_through_from_mlx(assets, tmp_path
     assert main(args + ["--max-seq-len", "24", "--eval-every", "0"]) == 0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+
+
+def _tiny(assets, out, *extra: str) -> list[str]:
+    model, data = assets
+    return [
+        "train", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--batch-size", "2", "--max-seq-length", "32", "--num-layers", "2", "--lora-rank", "2",
+        "--learning-rate", "3e-3", "--steps-per-eval", "3", "--val-batches", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_version(capsys):
+    import nestedfn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert (
+        e.value.code == 0 and capsys.readouterr().out.strip() == f"nestedfn {nestedfn.__version__}"
+    )
+
+
+def test_stop_at_says_where_it_evaluated_and_resume_covers_the_whole_run(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_tiny(assets, run, "--iters", "6", "--stop-at", "4")) == 0
+    out = capsys.readouterr().out
+    # mlx-lm's evaluations: after steps 0 and 2 (before iterations 1 and 3), none at the stop
+    assert "(after step 0) ->" in out and "(after step 2)" in out
+    assert "no evaluation at the stop (step 4)" in out
+    first = float(out.split("train loss ")[1].split(" ")[0])
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 4" in out
+    assert out.split("train loss ")[1].startswith(f"{first:.3f} -> ")  # from step 1, not step 5
+    assert "(after step 5)" in out and "the last evaluation comes before the last step" in out
+
+
+def test_plot_draws_a_test_point_and_refuses_bad_metrics_in_one_line(assets, tmp_path, capsys):
+    model, data = assets
+    run = tmp_path / "run"
+    (data / "test.jsonl").write_text((data / "valid.jsonl").read_text())
+    assert main(_tiny(assets, run, "--iters", "2", "--test")) == 0
+    assert '"type": "test"' in (run / "metrics.jsonl").read_text()
+    assert main(["plot", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(run), "--out", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.txt" in err and "png" in err
+    good = (run / "metrics.jsonl").read_bytes()
+    for bad, says in [
+        (b'{"type": "train", "step": 1, "loss": 1.0}\n\xff\xfe\n', ":2: not UTF-8"),
+        (b"[1, 2]\n", ":1: a JSON list, not a metrics record"),
+        (b'{"type": "eval", "valid_loss": 2.0}\n', ":1: a record without an int step"),
+    ]:
+        (run / "metrics.jsonl").write_bytes(bad)
+        assert main(["plot", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+    (run / "metrics.jsonl").write_bytes(good)
+
+
+def test_a_dataset_smaller_than_the_batch_is_refused_as_mlx_lm_does(assets, tmp_path, capsys):
+    model, data = assets
+    small = tmp_path / "data"
+    small.mkdir()
+    (small / "train.jsonl").write_text(
+        "\n".join((data / "train.jsonl").read_text().split("\n")[:3])
+    )
+    (small / "valid.jsonl").write_text((data / "valid.jsonl").read_text())
+    args = _tiny(assets, tmp_path / "run", "--iters", "2", "--batch-size", "4")
+    args[args.index("--data") + 1] = str(small)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl: 3 example(s), fewer than batch_size 4" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_demo_into_its_directory_says_what_demo_takes(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", "--out", str(run), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--out", str(run), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"nestedfn demo --out {run.absolute()} --force" in err and "pass --resume" not in err
+
+
+def test_lora_takes_mlx_lm_s_command_line(assets, tmp_path, capsys):
+    model, data = assets
+    base = ["lora", "--model", str(model), "--data", str(data)]
+    assert main(base) == 2  # --train is off unless given, as in mlx-lm
+    assert "at least one of --train or --test" in capsys.readouterr().err
+    run = tmp_path / "run"
+    args = [*base, "--train", "--adapter-path", str(run), "--iters", "3", "--batch-size", "2"]
+    args += ["--num-layers", "2", "--max-seq-length", "32", "--report-to", "wandb"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning") == 1 and "report_to ignored" in err
+    saved = (run / "config.yaml").read_text()
+    assert "optimizer: adam\n" in saved and "iters: 3" in saved
+    assert (run / "adapters.safetensors").is_file() and "train loss" in out

@@ -17,12 +17,19 @@ and the errors a caller catches; the trainer and the modules that import mlx-lm 
 where used.
 """
 
+from typing import Any
+
 from nestedfn.lm.config import ConfigError, TrainConfig, load_config
 from nestedfn.lm.data import DataError
 from nestedfn.lm.errors import LoraError, RunError
 
+# ``fine_tune``, ``TrainingCallback`` (``api``) and ``test_adapters`` (``testset``) import
+# mlx-lm, so they are loaded on first use; ``__all__`` names their modules, which the API
+# reference documents.
 __all__ = [
+    "api",
     "config",
+    "testset",
     "trainer",
     "ConfigError",
     "DataError",
@@ -31,3 +38,15 @@ __all__ = [
     "TrainConfig",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:  # the trainer's Python entry, imported when first used
+    if name in ("TrainingCallback", "fine_tune"):
+        from nestedfn.lm import api
+
+        return getattr(api, name)
+    if name == "test_adapters":
+        from nestedfn.lm.testset import test_adapters
+
+        return test_adapters
+    raise AttributeError(f"module 'nestedfn.lm' has no attribute {name!r}")

@@ -19,6 +19,16 @@ from typing import Any
 
 import yaml
 
+from nestedfn.lm.lr_schedule import check_lr_schedule
+from nestedfn.lm.mlxlm_compat import (
+    NormalizeError,
+    accepted_keys,
+    closest,
+    normalize,
+    to_face,
+)
+from nestedfn.run.checkpoint import atomic_write_text
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
@@ -27,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "is_tiered",
     "untiered_reason",
+    "from_mapping",
     "load_config",
     "parse_yaml",
     "resolve",
@@ -43,6 +54,7 @@ SCHEDULES = ("constant", "cosine")
 TIER_ORDERS = ("shallow_fast", "deep_fast")
 TIER_REDUCES = ("mean", "sum")
 RUN_CONFIG = "config.yaml"
+NESTED_ADAM_FREQUENCIES = (1, 2, 4)  # nested_adam's tiers when frequencies is not given
 MAX_SEED = 2**32  # seeds are in [0, 2**32): a step's dropout seed is seed * 1_000_003 + step
 
 
@@ -79,15 +91,19 @@ class TrainConfig:
     ``config.yaml`` show.  The options mlx-lm has take mlx-lm's defaults (learning rate 1e-5,
     1000 iterations, ...), so a config that leaves one out means what it means there;
     ``lora_layers`` unset is mlx-lm's 16, or every block of a model with fewer (where mlx-lm
-    stops with an error); the optimizer defaults to ``nested_adam`` (the Nested Learning on
-    top).
+    stops with an error).  The optimizer is mlx-lm's default, ``adam`` (``mlx.optimizers.Adam``:
+    no bias correction); Nested Learning runs only when asked for: ``optimizer: nested_adam``
+    (tiers ``[1, 2, 4]`` unless ``frequencies`` says otherwise), ``multiscale_momentum``, or
+    ``frequencies`` with more than one tier (the chosen optimizer, in tiers).
 
     Model/data: ``model`` (mlx-lm model directory), ``data`` (directory with train.jsonl and
     valid.jsonl), ``max_seq_len`` (longer examples are truncated), ``batch_size``.
     LoRA: ``lora_rank``, ``lora_scale``, ``lora_dropout``, ``lora_layers`` (last N blocks,
     -1 all), ``lora_keys`` (module paths inside a block, ``None``: every linear).
-    Optimizer: ``optimizer`` (one of ``OPTIMIZERS``), ``learning_rate``, ``weight_decay``,
-    ``optimizer_args`` (extra keyword arguments for the optimizer), ``frequencies`` and
+    Optimizer: ``optimizer`` (one of ``OPTIMIZERS``; mlx-lm's names mean ``mlx.optimizers``'
+    classes with their defaults), ``learning_rate``, ``weight_decay`` (``None``: the
+    optimizer's own default, e.g. AdamW's 0.01), ``optimizer_args`` (keyword arguments of the
+    optimizer, mlx-lm's ``optimizer_config`` entry), ``frequencies`` and
     ``tiers`` (``"depth"`` or ``{regex: tier}``) and ``tier_order``/``tier_reduce`` for the
     nested optimizers, ``schedule`` (``constant`` or ``cosine`` decay to ``min_lr_ratio``)
     with ``warmup_steps`` of linear warmup (both counted in optimizer updates; the cosine ends at
@@ -107,6 +123,9 @@ class TrainConfig:
     ``clear_cache_threshold`` (bytes; clear MLX's cache when it grows past it, 0 off),
     ``trust_remote_code`` (for the tokenizer), ``prompt_feature``/``completion_feature``/
     ``text_feature``/``chat_feature`` (the record keys of the data formats).
+    ``pad_target`` (nestedfn's): ``true`` (default) is mlx-lm's ``default_loss``, whose mask runs
+    one target past each sequence (the padding token after it, when the batch is padded);
+    ``false`` counts only the sequence's own targets (docs/mlx_lm.md gives the difference).
     """
 
     model: str | None = None
@@ -118,11 +137,11 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_layers: int | None = None
     lora_keys: list[str] | None = None
-    optimizer: str = "nested_adam"
+    optimizer: str = "adam"
     learning_rate: float = 1e-5
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     optimizer_args: dict[str, Any] = field(default_factory=dict)
-    frequencies: list[int] = field(default_factory=lambda: [1, 2, 4])
+    frequencies: list[int] | None = None
     tiers: Any = "depth"
     tier_order: str = "shallow_fast"
     tier_reduce: str = "mean"
@@ -156,6 +175,7 @@ class TrainConfig:
     completion_feature: str = "completion"
     text_feature: str = "text"
     chat_feature: str = "messages"
+    pad_target: bool = True
 
     def __post_init__(self) -> None:
         for name in _PATHS:  # a Path is fine, but the saved YAML needs a str
@@ -169,6 +189,8 @@ class TrainConfig:
                     object.__setattr__(self, name, float(v))
                 except OverflowError:
                     raise ConfigError(f"{name} must be a finite number, got {v!r}") from None
+        if self.frequencies is None and self.optimizer == "nested_adam":
+            object.__setattr__(self, "frequencies", list(NESTED_ADAM_FREQUENCIES))
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +246,16 @@ def _validate(c: TrainConfig) -> None:
     """Every option's type and range, so that a bad value is a ``ConfigError`` naming it before
     a run starts (never a traceback in the first forward pass, after the run directory was
     cleared)."""
+    _check_counts(c)
+    _check_numbers(c)
+    _check_lora(c)
+    _check_optimizer(c)
+    _check_tiers(c)
+    _check_switches(c)
+    _check_schedule(c)
+
+
+def _check_counts(c: TrainConfig) -> None:
     for name in _PATHS:
         v = getattr(c, name)
         if v is not None and not isinstance(v, str):
@@ -236,12 +268,30 @@ def _validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         if not _is_int(v) or v < 0:
             raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
-    for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+    for name in ("eval_batches", "test_batches"):
+        v = getattr(c, name)
+        if not _is_int(v) or (v != -1 and v < 1):
+            raise ConfigError(f"{name} must be -1 (all) or >= 1, got {v!r}")
+    if c.decay_steps is not None and (not _is_int(c.decay_steps) or c.decay_steps < 1):
+        raise ConfigError(f"decay_steps must be a positive int or null, got {c.decay_steps!r}")
+    if not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED:
+        raise ConfigError(f"seed must be an int in [0, 2**32), got {c.seed!r}")
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    for name in ("grad_clip", "min_lr_ratio"):
         v = getattr(c, name)
         if not _is_finite(v) or v < 0:
             raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+    if c.weight_decay is not None and (not _is_finite(c.weight_decay) or c.weight_decay < 0):
+        raise ConfigError(
+            f"weight_decay must be a finite number >= 0 or null, got {c.weight_decay!r}"
+        )
     if not _is_finite(c.learning_rate) or c.learning_rate <= 0:
         raise ConfigError(f"learning_rate must be a finite number > 0, got {c.learning_rate!r}")
+
+
+def _check_lora(c: TrainConfig) -> None:
     if not _is_finite(c.lora_scale):
         raise ConfigError(f"lora_scale must be a finite number, got {c.lora_scale!r}")
     if not _is_finite(c.lora_dropout) or not 0.0 <= c.lora_dropout < 1.0:
@@ -257,10 +307,14 @@ def _validate(c: TrainConfig) -> None:
         isinstance(c.lora_keys, (list, tuple)) and all(isinstance(k, str) for k in c.lora_keys)
     ):
         raise ConfigError(f"lora_keys must be a list of module paths, got {c.lora_keys!r}")
+    _one_of("fine_tune_type", c.fine_tune_type, FINE_TUNE_TYPES)
+    for name in FEATURES:
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            raise ConfigError(f"{name} must be a record key, got {getattr(c, name)!r}")
+
+
+def _check_optimizer(c: TrainConfig) -> None:
     _one_of("optimizer", c.optimizer, OPTIMIZERS)
-    _one_of("schedule", c.schedule, SCHEDULES)
-    _one_of("tier_order", c.tier_order, TIER_ORDERS)
-    _one_of("tier_reduce", c.tier_reduce, TIER_REDUCES)
     if not isinstance(c.optimizer_args, dict) or not all(
         isinstance(k, str) for k in c.optimizer_args
     ):
@@ -268,12 +322,19 @@ def _validate(c: TrainConfig) -> None:
             f"optimizer_args must be a mapping of keyword arguments, got {c.optimizer_args!r}"
         )
     freqs = c.frequencies
-    if (
+    if freqs is not None and (
         not isinstance(freqs, (list, tuple))
         or not freqs
         or any(not _is_int(f) or f < 1 for f in freqs)
     ):
-        raise ConfigError(f"frequencies must be a non-empty list of positive ints, got {freqs!r}")
+        raise ConfigError(
+            f"frequencies must be a non-empty list of positive ints or null, got {freqs!r}"
+        )
+
+
+def _check_tiers(c: TrainConfig) -> None:
+    _one_of("tier_order", c.tier_order, TIER_ORDERS)
+    _one_of("tier_reduce", c.tier_reduce, TIER_REDUCES)
     if not (
         c.tiers == "depth"
         or isinstance(c.tiers, dict)
@@ -288,47 +349,46 @@ def _validate(c: TrainConfig) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"tiers: {pattern!r} is not a regular expression ({e})") from None
-    if isinstance(c.tiers, dict) and not is_tiered(c):
-        raise ConfigError(
-            f"tiers {c.tiers!r} would be ignored: {untiered_reason(c)}; drop tiers or give the tiers' "
-            "frequencies (e.g. frequencies: [1, 4])"
-        )
-    if c.decay_steps is not None and (not _is_int(c.decay_steps) or c.decay_steps < 1):
-        raise ConfigError(f"decay_steps must be a positive int or null, got {c.decay_steps!r}")
-    if not _is_int(c.eval_batches) or (c.eval_batches != -1 and c.eval_batches < 1):
-        raise ConfigError(f"eval_batches must be -1 (all) or >= 1, got {c.eval_batches!r}")
-    if not _is_int(c.seed) or not 0 <= c.seed < MAX_SEED:
-        raise ConfigError(f"seed must be an int in [0, 2**32), got {c.seed!r}")
-    for name in ("compile", "mask_prompt", "grad_checkpoint", "train", "test", "trust_remote_code"):
+        if not is_tiered(c):
+            raise ConfigError(
+                f"tiers {c.tiers!r} would be ignored: {untiered_reason(c)}; drop tiers or give "
+                "the tiers' frequencies (e.g. frequencies: [1, 4])"
+            )
+
+
+def _check_switches(c: TrainConfig) -> None:
+    switches = ("compile", "mask_prompt", "grad_checkpoint", "train", "test", "trust_remote_code")
+    for name in (*switches, "pad_target"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(c, name)!r}")
-    _one_of("fine_tune_type", c.fine_tune_type, FINE_TUNE_TYPES)
-    for name in FEATURES:
-        if not isinstance(getattr(c, name), str) or not getattr(c, name):
-            raise ConfigError(f"{name} must be a record key, got {getattr(c, name)!r}")
-    if not _is_int(c.test_batches) or (c.test_batches != -1 and c.test_batches < 1):
-        raise ConfigError(f"test_batches must be -1 (all) or >= 1, got {c.test_batches!r}")
     if not c.train and not c.test:
-        raise ConfigError("train: false needs test: true (nothing to do otherwise)")
-    if c.lr_schedule is not None:
-        from nestedfn.lm.lr_schedule import check_lr_schedule
+        raise ConfigError(
+            "train: false needs test: true (nothing to do otherwise; mlx-lm: 'Must provide at "
+            "least one of --train or --test')"
+        )
 
-        try:
-            check_lr_schedule(c.lr_schedule)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if c.schedule != "constant" or c.warmup_steps:
-            raise ConfigError(
-                "lr_schedule (mlx-lm's) and schedule/warmup_steps (nestedfn's) both describe "
-                "the learning rate schedule; keep one"
-            )
+
+def _check_schedule(c: TrainConfig) -> None:
+    _one_of("schedule", c.schedule, SCHEDULES)
+    if c.lr_schedule is None:
+        return
+    try:
+        check_lr_schedule(c.lr_schedule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c.schedule != "constant" or c.warmup_steps:
+        raise ConfigError(
+            "lr_schedule (mlx-lm's) and schedule/warmup_steps (nestedfn's) both describe "
+            "the learning rate schedule; keep one"
+        )
 
 
 def is_tiered(config: TrainConfig) -> bool:
     """Whether the optimizer runs in ``frequencies`` tiers (``multiscale_momentum`` has its own
-    timescales; one frequency ``[1]`` means a plain optimizer): where ``tiers``,
-    ``tier_order`` and ``tier_reduce`` apply."""
-    return config.optimizer != "multiscale_momentum" and tuple(config.frequencies) != (1,)
+    timescales; no frequencies or one frequency ``[1]`` means a plain optimizer): where
+    ``tiers``, ``tier_order`` and ``tier_reduce`` apply."""
+    freqs = config.frequencies
+    return config.optimizer != "multiscale_momentum" and freqs is not None and len(freqs) > 1
 
 
 def untiered_reason(config: TrainConfig) -> str:
@@ -336,12 +396,12 @@ def untiered_reason(config: TrainConfig) -> str:
     errors about tier options it would ignore."""
     if config.optimizer == "multiscale_momentum":
         return "multiscale_momentum has its own timescales"
+    if config.frequencies is None:
+        return f"{config.optimizer} runs untiered unless frequencies gives more than one tier"
     return f"frequencies {list(config.frequencies)} is a single tier"
 
 
 def _check_keys(data: dict[str, Any], source: str) -> None:
-    from nestedfn.lm.mlxlm_compat import accepted_keys, closest
-
     valid = _names()
     unknown = [k for k in data if k not in valid]
     if unknown:
@@ -352,9 +412,9 @@ def _check_keys(data: dict[str, Any], source: str) -> None:
         )
 
 
-def _build(data: dict[str, Any], source: str) -> TrainConfig:
-    from nestedfn.lm.mlxlm_compat import NormalizeError, normalize
-
+def from_mapping(data: dict[str, Any], source: str) -> TrainConfig:
+    """The ``TrainConfig`` of a mapping in mlx-lm's or nestedfn's key names; ``source`` names
+    it in errors."""
     try:
         data = normalize(data, source)
     except NormalizeError as e:
@@ -385,21 +445,24 @@ def load_config(path: str | Path, optimizer: str | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     if optimizer is not None:
         data = {**data, "optimizer": optimizer}
-    return _build(data, str(path))
+    return from_mapping(data, str(path))
 
 
 def resolve(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """``base`` with the options in ``overrides`` that are not ``None`` replaced."""
+    """``base`` with the options in ``overrides`` (mlx-lm's names or nestedfn's) that are not
+    ``None`` replaced."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return _build({**base.to_dict(), **given}, "command line")
+    try:
+        # optimizer_config's entry is the optimizer that runs: the override's, else the base's
+        given = normalize({"optimizer": base.optimizer, **given}, "command line")
+    except NormalizeError as e:
+        raise ConfigError(str(e)) from None
+    return from_mapping({**base.to_dict(), **given}, "command line")
 
 
 def save_config(config: TrainConfig, directory: str | Path) -> Path:
     """Write the resolved config as ``directory/config.yaml`` (read back by ``load_config``),
     atomically: a resume that rewrites it leaves the old one or the new one, never a part."""
-    from nestedfn.lm.mlxlm_compat import to_face
-    from nestedfn.run.checkpoint import atomic_write_text
-
     return atomic_write_text(
         Path(directory) / RUN_CONFIG, yaml.safe_dump(to_face(config.to_dict()), sort_keys=False)
     )

@@ -15,7 +15,9 @@ use one format):
 ``TokenDataset`` keeps, per example, the token list and ``offset`` = the number of leading
 prompt tokens (0 for ``text``) so the loss can leave the prompt out.
 
-Batches: the examples are read as one endless stream, epoch after epoch, each epoch in its own
+Batches: the trainer takes mlx-lm's (``nestedfn.lm.batches``).  ``batch_at`` is nestedfn's
+own stream, kept for the benchmarks that evaluate fixed batches: the examples are read as one
+endless stream, epoch after epoch, each epoch in its own
 order ``permutation(n)`` drawn from ``numpy.random.default_rng([seed, epoch])``.  Global batch
 ``index`` is stream positions ``index*B ... index*B + B - 1`` (position ``p`` is example
 ``perm_{p // n}[p % n]``), so every example appears exactly once per epoch, a batch may straddle
@@ -114,6 +116,7 @@ class TokenDataset:
     path: Path
     format: str
     lines: list[int] = field(default_factory=list)
+    record_sizes: list[int] = field(default_factory=list)  # len(record): mlx-lm's batch sort key
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -164,12 +167,21 @@ def _bounded_encode(tokenizer: Any, text: str, max_tokens: int | None) -> list[i
     return _as_ids(tokenizer.encode(text))
 
 
+# The roles of the chat format mlx-lm's data docs and chat templates use (OpenAI's messages).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of messages")
     for k, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
             raise DataError(f"{where}: messages[{k}] must be an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: messages[{k}] has role {m['role']!r}; chat roles are "
+                f"{', '.join(CHAT_ROLES)}"
+            )
 
 
 def _chat(tokenizer: Any, messages: list, where: str, **kw: Any) -> list[int]:
@@ -245,7 +257,7 @@ def load_dataset(
             f"{path}:{first_line}: mask_prompt needs prompt/completion or chat records (text "
             "records have no prompt; mlx-lm refuses them too); set mask_prompt: false"
         )
-    tokens, offsets, lines = [], [], []
+    tokens, offsets, lines, sizes = [], [], [], []
     for lineno, rec in records:
         where = f"{path}:{lineno}"
         f = detect_format(rec)
@@ -277,7 +289,8 @@ def load_dataset(
         tokens.append(ids)
         offsets.append(offset)
         lines.append(lineno)
-    return TokenDataset(tokens=tokens, offsets=offsets, path=path, format=fmt, lines=lines)
+        sizes.append(len(rec))
+    return TokenDataset(tokens, offsets, path, fmt, lines, sizes)
 
 
 @lru_cache(maxsize=8)

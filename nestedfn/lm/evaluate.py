@@ -1,42 +1,32 @@
-"""Evaluation during training: the mean token loss over fixed batches of a held-out set."""
+"""Evaluation as mlx-lm evaluates: the valid loss during training, the test loss after it.
+
+``mlx_lm.tuner.trainer.evaluate`` computes the loss (``Σ loss·tokens / Σ tokens`` over the
+first ``val_batches``/``test_batches`` batches, summed over processes) on the batches
+``nestedfn.lm.batches`` replays in mlx-lm's order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import mlx.core as mx
+import mlx.nn as nn
 
-from nestedfn.lm.config import TrainConfig
+from nestedfn.lm.batches import RunBatches
+from nestedfn.lm.loss import Loss, evaluate_batches
 from nestedfn.optim.core import Params
-from nestedfn.run import distributed
 
-__all__ = ["evaluate"]
+__all__ = ["test_loss", "valid_loss"]
 
 
-def evaluate(
-    eval_fn: Callable,
-    params: Params,
-    dataset: Any,
-    config: TrainConfig,
-    batches: int | None = None,
+def valid_loss(
+    model: nn.Module, params: Params, batches: RunBatches, done: int, config: Any, loss: Loss
 ) -> float:
-    """Mean token loss over the first ``batches`` (default ``eval_batches``) batches of
-    ``dataset`` (the same batches every time; all of them with -1), summed over processes."""
-    from nestedfn.lm.data import batch_at
+    """The valid loss of ``params`` in the evaluation after ``done`` steps."""
+    return evaluate_batches(model, params, batches.valid(done), config.eval_batches, loss)
 
-    batches = config.eval_batches if batches is None else batches
-    n = -(-len(dataset) // config.batch_size)
-    if batches != -1:
-        n = min(n, batches)
-    rank, world = distributed.rank(), distributed.world_size()
-    total, ntoks = mx.array(0.0), mx.array(0.0)
-    for i in range(n):
-        batch = batch_at(
-            dataset, i, config.batch_size, config.seed, config.max_seq_len, rank, world
-        )
-        s, t = eval_fn(params, *batch)
-        total, ntoks = total + s, ntoks + t
-    if world > 1:
-        total, ntoks = distributed.all_sum([total, ntoks])
-    return float((total / ntoks).item())
+
+def test_loss(
+    model: nn.Module, params: Params, batches: RunBatches, config: Any, loss: Loss
+) -> float:
+    """The test loss of ``params`` after training."""
+    return evaluate_batches(model, params, batches.test(), config.test_batches, loss)

@@ -27,6 +27,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from nestedfn.lm.errors import LoraError
 from nestedfn.tree import to_flat, update_module
@@ -102,8 +103,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> dict[str, Any
     mixture-of-experts layers) or anything but the adapter leaves ends up trainable.
     """
     n = _check_spec(model, spec)
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model.freeze()
     mx.random.seed(seed)
     kind = spec.fine_tune_type

@@ -1,37 +1,49 @@
-"""The pure core of LoRA training: mlx-lm's masked loss, its gradients, its evaluation.
+"""The pure core of LoRA training: mlx-lm's loss, its gradients and its evaluation.
 
-The loss is mlx-lm's: the mean cross entropy over the target tokens the mask selects
-(``Σ mask·CE / Σ mask``).  ``params`` is the LoRA tree only; it enters the model through
+The loss is mlx-lm's ``default_loss(model, batch, lengths)``: the mean cross entropy over the
+targets whose position ``t`` (1-based) satisfies ``offset <= t <= length``.  That mask runs one
+target past each sequence (target ``length`` is the padding token after the last one, whenever
+the batch is padded), so mlx-lm learns and reports "predict padding after the end" as well;
+``pad_target=False`` (nestedfn's option) passes ``length - 1`` instead, which counts only the
+sequence's own targets.  ``params`` is the LoRA tree only; it enters the model through
 ``nestedfn.tree.update_module`` (``lora.bind``) inside the loss, so the model never holds
 state the trainer does not know about.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.trainer import default_loss
+from mlx_lm.tuner.trainer import evaluate as mlx_lm_evaluate
 
 from nestedfn.lm.lora import bind
 from nestedfn.optim.core import Params
 from nestedfn.tree import flatten, unflatten
 
-__all__ = ["make_eval_fn", "make_grad_fn", "masked_cross_entropy"]
+__all__ = ["evaluate_batches", "loss_fn", "make_grad_fn"]
+
+Loss = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, mx.array]]
+_LAST_TARGET = mx.array([0, 1], dtype=mx.int32)
 
 
-def masked_cross_entropy(
-    logits: mx.array, targets: mx.array, mask: mx.array
-) -> tuple[mx.array, mx.array]:
-    """``(Σ mask·CE, Σ mask)`` in float32: the summed token loss and the number of tokens."""
-    ce = nn.losses.cross_entropy(logits, targets) * mask
-    return ce.astype(mx.float32).sum(), mask.astype(mx.float32).sum()
+def _real_targets_loss(model: nn.Module, batch: mx.array, lengths: mx.array) -> Any:
+    """``default_loss`` over each sequence's own targets (its mask ends at ``length - 1``)."""
+    return default_loss(model, batch, lengths - _LAST_TARGET.astype(lengths.dtype))
+
+
+def loss_fn(pad_target: bool = True) -> Loss:
+    """mlx-lm's ``default_loss`` (``pad_target=True``) or its real-targets variant."""
+    return default_loss if pad_target else _real_targets_loss
 
 
 def make_grad_fn(
-    model: nn.Module, params: Params, compile: bool = True
+    model: nn.Module, params: Params, compile: bool = True, loss: Loss = default_loss
 ) -> Callable[..., tuple[mx.array, mx.array, Params]]:
-    """``fn(params, inputs, targets, mask) -> (mean loss, tokens, grads)`` for the LoRA tree.
+    """``fn(params, batch, lengths) -> (mean loss, tokens, grads)`` for the LoRA tree.
 
     ``params`` fixes the tree structure; the model's frozen weights are constants of the
     (compiled) graph.  The global random state is an input and output of the compiled graph so
@@ -39,47 +51,47 @@ def make_grad_fn(
     """
     _, td = flatten(params)
 
-    def loss_fn(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
+    def loss_of(leaves: list[mx.array], batch: mx.array, lengths: mx.array) -> Any:
         bind(model, unflatten(td, leaves))
         model.train(True)
-        total, ntoks = masked_cross_entropy(model(inputs), targets, mask)
-        return total / ntoks, ntoks
+        return loss(model, batch, lengths)
 
-    value_and_grad = mx.value_and_grad(loss_fn)
+    value_and_grad = mx.value_and_grad(loss_of)
 
-    def step(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
-        (loss, ntoks), grads = value_and_grad(leaves, inputs, targets, mask)
-        return loss, ntoks, grads
+    def step(leaves: list[mx.array], batch: mx.array, lengths: mx.array) -> Any:
+        (mean, ntoks), grads = value_and_grad(leaves, batch, lengths)
+        # (a cast of ntoks inside the differentiated function fails under mx.compile)
+        return mean, ntoks.astype(mx.float32), grads
 
     if compile:
         state = [mx.random.state]
         step = mx.compile(step, inputs=state, outputs=state)
 
-    def grad_fn(params: Params, inputs: mx.array, targets: mx.array, mask: mx.array):
+    def grad_fn(params: Params, batch: mx.array, lengths: mx.array) -> Any:
         leaves, got = flatten(params)
         if got != td:
             raise ValueError("grad_fn: params are not shaped like the tree it was built for")
-        loss, ntoks, grads = step(leaves, inputs, targets, mask)
-        return loss, ntoks, unflatten(td, grads)
+        mean, ntoks, grads = step(leaves, batch, lengths)
+        return mean, ntoks, unflatten(td, grads)
 
     return grad_fn
 
 
-def make_eval_fn(
-    model: nn.Module, params: Params, compile: bool = True
-) -> Callable[..., tuple[mx.array, mx.array]]:
-    """``fn(params, inputs, targets, mask) -> (Σ mask·CE, Σ mask)`` with dropout off."""
-    _, td = flatten(params)
+def evaluate_batches(
+    model: nn.Module,
+    params: Params | None,
+    batches: Iterable[tuple[mx.array, mx.array]],
+    num_batches: int,
+    loss: Loss = default_loss,
+) -> float:
+    """mlx-lm's ``evaluate``: ``Σ loss·tokens / Σ tokens`` over the first ``num_batches`` of
+    ``batches`` (-1: all), summed over processes, with ``params`` bound (``None``: the model as
+    it is) and dropout off."""
+    if params is not None:
+        bind(model, params)
 
-    def fn(leaves: list[mx.array], inputs: mx.array, targets: mx.array, mask: mx.array):
-        bind(model, unflatten(td, leaves))
-        model.train(False)
-        return masked_cross_entropy(model(inputs), targets, mask)
+    def given(**_: Any) -> Iterable[tuple[mx.array, mx.array]]:
+        return iter(batches)
 
-    if compile:
-        fn = mx.compile(fn)
-
-    def eval_fn(params: Params, inputs: mx.array, targets: mx.array, mask: mx.array):
-        return fn(flatten(params)[0], inputs, targets, mask)
-
-    return eval_fn
+    result = mlx_lm_evaluate(model, None, 0, num_batches, loss=loss, iterate_batches=given)
+    return float(result)

@@ -10,13 +10,16 @@ nestedfn's names or a mix into ``TrainConfig`` field names, so the same file run
   ``val_batches`` -> ``eval_batches``, ``grad_accumulation_steps`` -> ``grad_accumulation``);
 * ``lora_parameters`` -> ``lora_rank``, ``lora_scale``, ``lora_dropout``, ``lora_keys``;
 * ``optimizer_config`` -> ``optimizer_args``: the entry of the chosen optimizer (mlx-lm
-  ignores the others, so a file listing all five names is fine), with MLX's keyword names
-  translated to nestedfn's (``betas: [b1, b2]`` -> ``b1``, ``b2``; Muon's ``momentum`` ->
-  ``beta``);
+  ignores the others, so a file listing all five names is fine); ``betas: [b1, b2]`` of
+  ``adam``/``adamw`` becomes nestedfn's ``b1``, ``b2`` (those run on nestedfn's Adam, with
+  ``mlx.optimizers.Adam``'s defaults), the other optimizers take MLX's keywords as they are;
 * ``training_mode: normal`` (newer mlx-lm) is accepted, other modes (preference training)
   are an error;
-* keys that need the network (``hf_dataset``, ``report_to`` and its ``project_name``) are an
-  error saying so; ``config`` (mlx-lm's own ``-c``) is accepted when empty.
+* keys that only report to a network service (``report_to``, its ``project_name``, older
+  mlx-lm's ``wandb``) print one warning and the run goes on (its metrics are in
+  ``metrics.jsonl``; a ``training_callback`` logs to any tracker); ``hf_dataset`` (the run
+  cannot go on without the download) is an error; ``config`` (mlx-lm's own ``-c``) is
+  accepted when empty.
 
 Giving one option under both names is an error unless the values agree.  The documented face
 is mlx-lm's names (``FACE``: the saved ``config.yaml`` and ``--help`` use them): the people
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from typing import Any
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "FACE",
     "LORA_PARAMETERS",
     "NETWORK_KEYS",
+    "REPORTING_KEYS",
     "NormalizeError",
     "accepted_keys",
     "closest",
@@ -65,18 +70,25 @@ NETWORK_KEYS: dict[str, str] = {
         "downloads a Hugging Face dataset; nestedfn trains offline from a local directory: "
         "save the splits as train.jsonl, valid.jsonl (and test.jsonl) and set data: DIR"
     ),
-    "report_to": (
-        "uploads the logs (wandb, swanlab); nestedfn runs offline: the run's metrics are in "
-        "RUN_DIR/metrics.jsonl and `nestedfn plot RUN_DIR` draws them"
-    ),
-    "project_name": (
-        "names the project for report_to, which uploads the logs; nestedfn runs offline "
-        "(RUN_DIR/metrics.jsonl, `nestedfn plot RUN_DIR`)"
-    ),
 }
-# Keyword names of MLX's optimizers -> nestedfn's, per optimizer.
+# Keys that only send the logs to a service: one warning, the run goes on.
+REPORTING_KEYS = ("report_to", "project_name", "wandb")
+REPORTING_WARNING = (
+    "{keys} ignored: nestedfn uploads nothing; the run's metrics are in RUN_DIR/metrics.jsonl "
+    "(`nestedfn plot RUN_DIR`), and nestedfn.lm.fine_tune(..., training_callback=...) logs to "
+    "any tracker"
+)
+# Optimizers whose optimizer_config `betas` become nestedfn's b1, b2.
 _BETAS = ("nested_adam", "adam", "adamw", "lion")
-_DEFAULT_OPTIMIZER = "nested_adam"
+_DEFAULT_OPTIMIZER = "adam"  # mlx-lm's
+
+
+def warn_reporting(keys: list[str]) -> None:
+    """The one warning for ``REPORTING_KEYS`` given (``keys``), on stderr."""
+    if keys:
+        print(
+            f"nestedfn: warning: {REPORTING_WARNING.format(keys=', '.join(keys))}", file=sys.stderr
+        )
 
 
 class NormalizeError(ValueError):
@@ -112,67 +124,77 @@ def _optimizer_args(name: str, kwargs: Any, source: str) -> dict[str, Any]:
             raise NormalizeError(f"{source}: optimizer_config.{name}.betas must be [b1, b2]")
         out.setdefault("b1", betas[0])
         out.setdefault("b2", betas[1])
-    if name == "muon" and "momentum" in out:
-        out.setdefault("beta", out.pop("momentum"))
     return out
+
+
+def _skipped(key: str, value: Any, source: str) -> bool:
+    """Whether ``key`` is one of mlx-lm's keys nestedfn reads as nothing (reporting keys, an
+    empty ``config``, ``training_mode: normal``); raises for the values it cannot run."""
+    if key in REPORTING_KEYS:
+        return True
+    if key in NETWORK_KEYS:
+        if value in (None, False, "", [], {}):
+            return True
+        raise NormalizeError(f"{source}: {key} {NETWORK_KEYS[key]}")
+    if key == "training_mode":  # newer mlx-lm: "normal", or preference training
+        if value in (None, "normal"):
+            return True
+        raise NormalizeError(
+            f"{source}: training_mode {value!r}: nestedfn trains the language-model loss "
+            "(training_mode: normal) only"
+        )
+    if key == "config":
+        if value not in (None, ""):
+            raise NormalizeError(
+                f"{source}: config: a config file cannot name another one; merge them"
+            )
+        return True
+    return key == "lora_parameters" and value is None
+
+
+def _lora_parameters(out: dict[str, Any], value: Any, source: str) -> None:
+    if not isinstance(value, dict):
+        raise NormalizeError(
+            f"{source}: lora_parameters must be a mapping of rank, scale, dropout, keys; got "
+            f"{value!r}"
+        )
+    for sub, v in value.items():
+        if sub not in LORA_PARAMETERS:
+            hint = (
+                " (mlx-lm's LoRA uses scale, not alpha)"
+                if sub == "alpha"
+                else closest(sub, list(LORA_PARAMETERS))
+            )
+            raise NormalizeError(
+                f"{source}: unknown lora_parameters key {sub!r}{hint}; valid keys: "
+                f"{', '.join(LORA_PARAMETERS)}"
+            )
+        _set(out, LORA_PARAMETERS[sub], v, f"lora_parameters.{sub}", source)
 
 
 def normalize(data: dict[str, Any], source: str) -> dict[str, Any]:
     """``data`` (mlx-lm's keys, nestedfn's or both) with ``TrainConfig`` field names.
 
     Unknown keys are left in place for the caller's check (which names the valid ones);
-    conflicting duplicates and keys that need the network raise ``NormalizeError``."""
+    conflicting duplicates and keys that need the network raise ``NormalizeError``; keys that
+    only report to a service print one warning."""
     out: dict[str, Any] = {"__names__": {}}
     optimizer_config = None
+    warn_reporting([k for k in REPORTING_KEYS if data.get(k) not in (None, False, "", [], {})])
     for key, value in data.items():
-        if key in NETWORK_KEYS:
-            if value in (None, False, "", [], {}):
-                continue
-            raise NormalizeError(f"{source}: {key} {NETWORK_KEYS[key]}")
-        if key == "training_mode":  # newer mlx-lm: "normal", or preference training
-            if value in (None, "normal"):
-                continue
-            raise NormalizeError(
-                f"{source}: training_mode {value!r}: nestedfn trains the language-model loss "
-                "(training_mode: normal) only"
-            )
-        if key == "config":
-            if value not in (None, ""):
-                raise NormalizeError(
-                    f"{source}: config: a config file cannot name another one; merge them"
-                )
+        if _skipped(key, value, source):
             continue
         if key == "lora_parameters":
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise NormalizeError(
-                    f"{source}: lora_parameters must be a mapping of rank, scale, dropout, "
-                    f"keys; got {value!r}"
-                )
-            for sub, v in value.items():
-                if sub not in LORA_PARAMETERS:
-                    hint = (
-                        " (mlx-lm's LoRA uses scale, not alpha)"
-                        if sub == "alpha"
-                        else closest(sub, list(LORA_PARAMETERS))
-                    )
-                    raise NormalizeError(
-                        f"{source}: unknown lora_parameters key {sub!r}{hint}; valid keys: "
-                        f"{', '.join(LORA_PARAMETERS)}"
-                    )
-                _set(out, LORA_PARAMETERS[sub], v, f"lora_parameters.{sub}", source)
-            continue
-        if key == "optimizer_config":
+            _lora_parameters(out, value, source)
+        elif key == "optimizer_config":
             if value is not None and not isinstance(value, dict):
                 raise NormalizeError(
                     f"{source}: optimizer_config must be a mapping {{optimizer: {{keyword: "
                     f"value}}}}, got {value!r}"
                 )
             optimizer_config = value or {}
-            continue
-        field = ALIASES.get(key, key)
-        _set(out, field, value, key, source)
+        else:
+            _set(out, ALIASES.get(key, key), value, key, source)
     if optimizer_config is not None:
         name = out.get("optimizer", _DEFAULT_OPTIMIZER)
         if name in optimizer_config and optimizer_config[name] is not None:

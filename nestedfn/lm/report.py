@@ -8,7 +8,8 @@ returns would make an unreadable file, so the trainer prints instead one line ev
     step 20/200: loss 1.234, lr 1.000e-03, 2,345 tokens/s, 0.12 GB peak memory, tier updates 20/10/5
 
 ``loss`` is the mean of the steps since the last line and tokens/s their tokens over their
-time, as mlx-lm reports them.  Validation lines (``step 50: valid loss 1.2345``) print in both
+time, as mlx-lm reports them; the same window is what a ``training_callback``'s
+``on_train_loss_report`` receives (mlx-lm's fields, plus ``tier_updates``).  Validation lines (``step 50: valid loss 1.2345``) print in both
 modes.
 """
 
@@ -40,7 +41,10 @@ def report_line(
 
 
 class Reporter:
-    """The bar or the lines of one run (``enabled=False``: rank > 0, silent)."""
+    """The bar or the lines of one run (``enabled=False``: rank > 0, silent), and the report
+    windows: every ``every`` steps (and at the last step) ``step`` returns mlx-lm's
+    ``on_train_loss_report`` fields for the steps since the last report, printed as a line
+    when the output is not a terminal."""
 
     def __init__(
         self,
@@ -50,9 +54,11 @@ class Reporter:
         enabled: bool,
         log: Callable[[str], None] = print,
         terminal: bool | None = None,
+        trained_tokens: float = 0.0,
     ):
         self.total, self.every, self.enabled, self.log = total, every, enabled, log
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.trained_tokens = trained_tokens
         self._losses: list[float] = []
         self._tokens = self._time = 0.0
         self._bar: Any = None
@@ -70,9 +76,7 @@ class Reporter:
         seconds: float,
         peak_gb: float,
         tiers: list[int] | None,
-    ) -> None:
-        if not self.enabled:
-            return
+    ) -> dict[str, Any] | None:
         self._losses.append(loss)
         self._tokens += tokens
         self._time += seconds
@@ -83,15 +87,24 @@ class Reporter:
                 post += "  tier updates " + "/".join(map(str, tiers))
             self._bar.set_postfix_str(post, refresh=False)
             self._bar.update(1)
-            if step % self.every == 0:
-                self._reset()
-        elif step % self.every == 0 or step == self.total:
-            mean = sum(self._losses) / len(self._losses)
+        if step % self.every and step != self.total:
+            return None
+        mean = sum(self._losses) / len(self._losses)
+        self.trained_tokens += self._tokens
+        info = {
+            "iteration": step,
+            "train_loss": mean,
+            "learning_rate": lr,
+            "iterations_per_second": len(self._losses) / self._time if self._time else 0.0,
+            "tokens_per_second": tps,
+            "trained_tokens": self.trained_tokens,
+            "peak_memory": peak_gb,
+            "tier_updates": tiers,
+        }
+        if self.enabled and self._bar is None:
             self.log(report_line(step, self.total, mean, lr, tps, peak_gb, tiers))
-            self._reset()
-
-    def _reset(self) -> None:
         self._losses, self._tokens, self._time = [], 0.0, 0.0
+        return info
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -3,16 +3,25 @@
 The step is pure: ``TrainState(params, opt_state, step)`` and a batch go in, a new
 ``TrainState`` comes out.  ``params`` is the LoRA tree only; it enters the model through
 ``nestedfn.tree.update_module`` (``lora.bind``) inside the loss, so the model never holds
-state the trainer does not know about.  The loss is mlx-lm's: the mean cross entropy over the
-target tokens the mask selects (``Σ mask·CE / Σ mask``).
+state the trainer does not know about.
+
+What it computes is ``mlx_lm lora``'s: mlx-lm's batches in mlx-lm's order
+(``nestedfn.lm.batches`` replays its seeded draws), mlx-lm's ``default_loss`` and ``evaluate``
+(``nestedfn.lm.loss``), evaluations where mlx-lm makes them (after step 0, before every
+``steps_per_eval``-th iteration and before the last), report windows with mlx-lm's fields.
+``train(..., training_callback=cb)`` calls ``cb.on_train_loss_report(info)`` and
+``cb.on_val_loss_report(info)`` with mlx-lm's fields (``iteration``, ``train_loss``,
+``learning_rate``, ``tokens_per_second``, ``trained_tokens``, ``peak_memory``, ...; ``val_loss``,
+``val_time``) plus ``tier_updates``, and, where the object has them, ``on_checkpoint(info)``
+(``iteration``, ``path``) and ``on_test_loss_report(info)`` (``iteration``, ``test_loss``).
 
 Everything that decides the trajectory is a function of the ``TrainState`` and the config:
 
-* the batch of micro-step ``i`` is ``data.batch_at(train, i, ...)`` (the data position *is*
-  ``step``),
+* the batch of step ``i + 1`` is ``RunBatches.train(i)`` (the data position *is* ``step``),
 * gradient accumulation and the slow tiers' chunk sums live in ``opt_state`` (``accumulate``
   and ``nested`` keep them there),
-* LoRA dropout draws from ``mx.random.seed(hash(seed, step))``.
+* LoRA dropout draws from ``mx.random.seed(seed * 1_000_003 + step)`` (mlx-lm continues one
+  stream instead: the same distribution, other draws).
 
 So a checkpoint of the ``TrainState`` (plus the best-loss bookkeeping) is all ``--resume``
 needs to continue the identical trajectory, bit for bit.
@@ -22,18 +31,19 @@ state and bookkeeping of the last *completed* step (its metrics written, its eva
 writes a checkpoint of it (unless one is there already) and ``train`` raises ``Interrupted``
 (a ``KeyboardInterrupt``) saying how to resume; the CLI exits with status 130 (SIGTERM is
 turned into the same interrupt by the CLI, status 143).  The checkpoint named is the one a
-resume takes: when the interrupt comes in a save after the checkpoint was complete, that one.  A step that
-was cut off half way is simply done again on resume.  With several processes the handler
-does no collective (a peer may already have left, and a barrier would wait forever): every
+resume takes: when the interrupt comes in a save after the checkpoint was complete, that
+one.  A step that was cut off half way is simply done again on resume.  With several
+processes the handler does no collective (a peer may already have left, and a barrier would wait forever): every
 rank stops, rank 0 writes the checkpoint of the last step *it* completed (every completed step
 is identical on all ranks), the others write nothing.  Under ``mlx.launch`` a rank blocked in a
 collective sees the interrupt only when that collective returns or fails; ``mlx.launch`` may
 also terminate rank 0 while it is writing, because another rank already exited non-zero: the
 checkpoint is written atomically, so the run then resumes from the one before.
 
-With several processes (``mlx.launch``) each rank reads its slice of the global batch, the
-gradients are averaged (token-weighted) before the optimizer, and only rank 0 writes files or
-draws the progress bar.
+With several processes (``mlx.launch``) each rank reads its slice of the global batch (mlx-lm's
+``comm_group`` slicing), the gradients are averaged (token-weighted, where mlx-lm takes the
+plain mean over ranks) before the optimizer, and only rank 0 writes files, draws the progress
+bar and calls the callback.
 
 Faults (``benchmarks/faults.py`` runs the matrix): rank 0 holds the run directory's lock for
 the whole run (``lm.lock``); a resume takes the newest checkpoint whose checksums hold and the
@@ -53,20 +63,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from nestedfn.fast.compile import compile_step
 from nestedfn.lm.adapters import ADAPTER_FILE, check_adapters, save_adapters
+from nestedfn.lm.batches import RunBatches, eval_due
 from nestedfn.lm.config import RUN_CONFIG, TrainConfig, load_config, save_config
 from nestedfn.lm.errors import RunError
-from nestedfn.lm.evaluate import evaluate
+from nestedfn.lm.evaluate import test_loss, valid_loss
 from nestedfn.lm.lock import RunDirLock
 from nestedfn.lm.lora import bind
-from nestedfn.lm.loss import make_eval_fn, make_grad_fn
+from nestedfn.lm.loss import Loss, loss_fn, make_grad_fn
 from nestedfn.lm.manifest import (
     MANIFEST,
     clean_temporaries,
@@ -74,7 +86,10 @@ from nestedfn.lm.manifest import (
     read_manifest,
     write_manifest,
 )
+from nestedfn.lm.mlxlm_compat import FACE
 from nestedfn.lm.prepare import Prepared, overview, prepare
+from nestedfn.lm.report import Reporter
+from nestedfn.lm.resume import pick_checkpoint, set_damaged_aside, started_config
 from nestedfn.lm.rundir import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -86,7 +101,18 @@ from nestedfn.lm.rundir import (
 )
 from nestedfn.optim.core import Params, TrainState, apply_gradients
 from nestedfn.run import distributed
-from nestedfn.run.checkpoint import atomic_write_text, file_sha256
+from nestedfn.run.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    file_sha256,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir_name,
+)
+from nestedfn.tiered.cms import _find_nested, tier_stats
+from nestedfn.tree import TreeMismatchError, to_flat
 
 __all__ = ["Interrupted", "Summary", "train"]
 
@@ -96,9 +122,16 @@ class Interrupted(KeyboardInterrupt):
 
     ``checkpoint`` is the checkpoint of that step (rank 0 wrote it, or it was there already)
     and ``out`` the run, so ``train(..., resume=True)`` continues the identical trajectory;
-    ``checkpoint`` is ``None`` when no step completed in a new run (nothing to resume)."""
+    ``checkpoint`` is ``None`` when no step completed in a new run (nothing to resume).
+    ``resume_hint`` is the command that continues it (the demo's differs)."""
 
-    def __init__(self, out: Path, step: int, checkpoint: Path | None):
+    def __init__(
+        self,
+        out: Path,
+        step: int,
+        checkpoint: Path | None,
+        resume_hint: str = "nestedfn train --resume {out}",
+    ):
         self.out, self.step, self.checkpoint = out, step, checkpoint
         if checkpoint is None:
             msg = (
@@ -108,15 +141,17 @@ class Interrupted(KeyboardInterrupt):
         else:
             msg = (
                 f"interrupted: {step} steps done, checkpoint {checkpoint}; continue with: "
-                f"nestedfn train --resume {out}"
+                + resume_hint.format(out=out)
             )
         super().__init__(msg)
 
 
 @dataclass
 class Summary:
-    """What a run did: steps done, first/last training loss of this process's part, evals,
-    the final ``TrainState`` and the model with the final adapters bound (in eval mode)."""
+    """What a run did, from its first step (a resumed run included): steps done, first/last
+    training loss of this process's part, the evaluations ``(step, loss)``, the final
+    ``TrainState`` and the model with the final adapters bound (in eval mode);
+    ``resumed_at`` is the step this process started from (``None``: a new run)."""
 
     out: Path
     steps: int
@@ -129,11 +164,10 @@ class Summary:
     state: TrainState
     model: nn.Module
     test_loss: float | None = None
+    resumed_at: int | None = None
 
 
 def _tier_updates(opt_state: Any) -> list[int] | None:
-    from nestedfn.tiered.cms import _find_nested, tier_stats
-
     if _find_nested(opt_state) is None:
         return None
     return [t.updates for t in tier_stats(opt_state)]
@@ -161,6 +195,8 @@ def train(
     log: Callable[[str], None] = print,
     stop_at: int | None = None,
     warn: Callable[[str], None] | None = None,
+    training_callback: Any = None,
+    resume_hint: str = "nestedfn train --resume {out}",
 ) -> Summary:
     """Train LoRA adapters as ``config`` says, writing the run into ``out``.
 
@@ -171,6 +207,7 @@ def train(
     checkpoint there.  Rank 0 holds an exclusive lock on ``out`` for the whole run
     (``nestedfn.lm.lock``).  User errors raise ``RunError``/``ConfigError`` before anything in
     ``out`` is touched; ``warn`` gets one-line warnings (default: stderr).
+    ``training_callback`` gets mlx-lm's reports (module docstring) on rank 0.
     """
     out = Path(out).absolute()
     warn = warn or _warn
@@ -181,15 +218,13 @@ def train(
     lock = RunDirLock(out).acquire() if distributed.is_main() else None
     started = False
     try:
-        prep, fns, state, extra, setup = _start(
-            config, out, resume, force, overrides, log, warn, stop_at
-        )
+        run, setup = _start(config, out, resume, force, overrides, log, warn, stop_at)
         started = True
         if distributed.is_main():
             setup()
-        return _loop(
-            prep, fns, state, extra, out, progress and distributed.is_main(), log, resume, stop_at
-        )
+        run.show = progress and run.main
+        run.callback, run.resume_hint = training_callback, resume_hint
+        return run.loop()
     finally:
         if lock is not None:
             lock.release(keep_dir=started)
@@ -208,89 +243,115 @@ def _start(
     log: Callable[[str], None],
     warn: Callable[[str], None],
     stop_at: int | None,
-) -> tuple[Prepared, _StepFns, TrainState, dict, Callable[[], None]]:
-    """Everything checked and read before anything is written; returns the run's start and
-    the function that writes the run directory's first files (rank 0 calls it)."""
-    from nestedfn.lm.resume import pick_checkpoint, set_damaged_aside, started_config
-    from nestedfn.run.checkpoint import CheckpointError, load_checkpoint
-    from nestedfn.tree import TreeMismatchError
-
+) -> tuple[_Run, Callable[[], None]]:
+    """Everything checked and read before anything is written; returns the run and the
+    function that writes the run directory's first files (rank 0 calls it)."""
     check_out_dir(out, resume, force)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    overrides.pop("adapter_path", None)  # names the run, which is `out`
     ckpt, damaged = None, []
     if resume:
-        saved = load_config(out / RUN_CONFIG)
-        changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
-        bad = [k for k in changed if k not in RESUMABLE]
-        if bad:
-            from nestedfn.lm.mlxlm_compat import FACE
+        config, ckpt, damaged = _resumed_config(out, overrides, warn)
+    config = _pinned(config, out)
+    prep = prepare(config)
+    batches = RunBatches.for_run(prep.config, prep.train_set, prep.valid_set, prep.test_set)
+    if distributed.is_main():
+        log(overview(prep))
+    state, extra = _load_state(prep, ckpt, stop_at)
+    metrics = _kept_records(out, state, extra, warn) if resume else None
+    fns = _step_fns(prep)
+    _dry_run(prep, batches, state, fns)
+    _check_ranks(state)
+    run = _Run(prep, fns, batches, state, extra, out, log, stop_at, resumed=resume)
+    run.seed_from(metrics)
 
-            def names(keys: Any) -> str:
-                return ", ".join(FACE.get(k, k) for k in keys)
+    def setup() -> None:
+        _write_start(out, prep.config, resume, force, damaged, metrics)
 
-            raise RunError(
-                f"cannot change {names(bad)} when resuming {out} (the run's options are "
-                f"in {out / RUN_CONFIG}); only {names(RESUMABLE)} may change"
-            )
-        ckpt, meta, damaged = pick_checkpoint(out / CHECKPOINT_DIR, warn)
-        edited = config_changed(out)
-        config = started_config(out / RUN_CONFIG, saved, meta, RESUMABLE, edited)
-        config = replace(config, **changed)
-        for where in (out, out / BEST_DIR):
-            problem = check_adapters(where)
-            if problem is not None:
-                warn(
-                    f"{problem}; it is rewritten at the next save (best/: at the next better eval)"
-                )
-        if read_manifest(out) is None:
-            warn(f"{out / MANIFEST} is missing or damaged; it is written again")
+    return run, setup
+
+
+def _resumed_config(
+    out: Path, overrides: dict[str, Any] | None, warn: Callable[[str], None]
+) -> tuple[TrainConfig, Path, list[Path]]:
+    """The options of the run in ``out`` (those its checkpoint recorded), with the
+    ``RESUMABLE`` ``overrides``; the checkpoint to resume and the damaged ones to set aside."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides.pop("adapter_path", None)  # names the run, which is `out`
+    saved = load_config(out / RUN_CONFIG)
+    changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
+    bad = [k for k in changed if k not in RESUMABLE]
+    if bad:
+
+        def names(keys: Any) -> str:
+            return ", ".join(FACE.get(k, k) for k in keys)
+
+        raise RunError(
+            f"cannot change {names(bad)} when resuming {out} (the run's options are "
+            f"in {out / RUN_CONFIG}); only {names(RESUMABLE)} may change"
+        )
+    ckpt, meta, damaged = pick_checkpoint(out / CHECKPOINT_DIR, warn)
+    config = started_config(out / RUN_CONFIG, saved, meta, RESUMABLE, config_changed(out))
+    for where in (out, out / BEST_DIR):
+        problem = check_adapters(where)
+        if problem is not None:
+            warn(f"{problem}; it is rewritten at the next save (best/: at the next better eval)")
+    if read_manifest(out) is None:
+        warn(f"{out / MANIFEST} is missing or damaged; it is written again")
+    return replace(config, **changed), ckpt, damaged
+
+
+def _pinned(config: TrainConfig, out: Path) -> TrainConfig:
+    """``config`` as the run records it: absolute paths, the cosine horizon pinned (a resume
+    with more steps keeps the same schedule), and checked to be recordable."""
     config = _absolute(config, out)
     if config.schedule == "cosine" and config.decay_steps is None:
-        # pin the horizon so that a resume with more steps keeps the same schedule
         config = replace(config, decay_steps=max(config.steps // config.grad_accumulation, 1))
     try:
         json.dumps(config.to_dict(), allow_nan=False)  # every checkpoint records it
     except (TypeError, ValueError) as e:
         raise RunError(f"the options cannot be recorded in a checkpoint ({e})") from None
-    prep = prepare(config)
-    if distributed.is_main():
-        log(overview(prep))
+    return config
+
+
+def _load_state(
+    prep: Prepared, ckpt: Path | None, stop_at: int | None
+) -> tuple[TrainState, dict[str, Any]]:
+    """The start: the prepared state, or the checkpoint's state and bookkeeping."""
     state, extra = prep.state, {"best_loss": None, "best_step": None, "bad_evals": 0}
-    if ckpt is not None:
-        try:
-            state, saved_extra = load_checkpoint(ckpt, like=state)
-        except CheckpointError as e:
-            raise RunError(f"cannot resume: {e}") from None
-        except TreeMismatchError as e:
-            msg = " ".join(str(e).split())
-            raise RunError(f"cannot resume: {msg}; the model or LoRA options differ") from None
-        extra.update({k: v for k, v in saved_extra.items() if k != "config"})
-        if stop_at is not None and stop_at <= int(state.step):
-            raise RunError(
-                f"--stop-at {stop_at} is not past the checkpoint's step {int(state.step)}"
-            )
-    metrics = None
-    if resume:
-        recorded = extra.get("metrics_sha256")
-        metrics = kept_metrics(
-            out / METRICS_FILE, int(state.step), warn if recorded is None else None
+    if ckpt is None:
+        return state, extra
+    try:
+        state, saved_extra = load_checkpoint(ckpt, like=state)
+    except CheckpointError as e:
+        raise RunError(f"cannot resume: {e}") from None
+    except TreeMismatchError as e:
+        msg = " ".join(str(e).split())
+        raise RunError(f"cannot resume: {msg}; the model or LoRA options differ") from None
+    extra.update({k: v for k, v in saved_extra.items() if k != "config"})
+    if stop_at is not None and stop_at <= int(state.step):
+        raise RunError(f"--stop-at {stop_at} is not past the checkpoint's step {int(state.step)}")
+    return state, extra
+
+
+def _kept_records(out: Path, state: TrainState, extra: dict, warn: Callable[[str], None]) -> Any:
+    """The metrics a resume keeps (those up to the checkpoint's step), held against the
+    checksum the checkpoint recorded."""
+    step = int(state.step)
+    recorded = extra.get("metrics_sha256")
+    metrics = kept_metrics(out / METRICS_FILE, step, warn if recorded is None else None)
+    if metrics is None and recorded is not None:
+        warn(f"{out / METRICS_FILE} is missing: the records up to step {step} are lost")
+    elif recorded is not None and hashlib.sha256(metrics.encode()).hexdigest() != recorded:
+        raise RunError(
+            f"{out / METRICS_FILE} differs from what the run wrote up to step {step} (damaged "
+            "or edited); restore it, or move it away to continue without its records"
         )
-        if metrics is None and recorded is not None:
-            warn(
-                f"{out / METRICS_FILE} is missing: the records up to step {int(state.step)} are lost"
-            )
-        elif recorded is not None and hashlib.sha256(metrics.encode()).hexdigest() != recorded:
-            raise RunError(
-                f"{out / METRICS_FILE} differs from what the run wrote up to step "
-                f"{int(state.step)} (damaged or edited); restore it, or move it away to continue "
-                "without its records"
-            )
-    fns = _step_fns(prep)
-    _dry_run(prep, state, fns)
-    # Every rank has checked and read `out` before rank 0 writes into it (no rank may see a
-    # half-written run), and all ranks start from a bit-identical state (parameters and
-    # optimizer state: with --resume across machines each reads its own copy of the run).
+    return metrics
+
+
+def _check_ranks(state: TrainState) -> None:
+    """Every rank has checked and read ``out`` before rank 0 writes into it (no rank may see a
+    half-written run), and all ranks start from a bit-identical state (with --resume across
+    machines each reads its own copy of the run)."""
     distributed.barrier()
     try:
         distributed.check_identical(
@@ -303,61 +364,56 @@ def _start(
             "--resume, the same checkpoint)"
         ) from None
 
-    def setup() -> None:
-        # all atomic: an interrupted resume leaves the old files (and a manifest that accepts
-        # the old config.yaml or says it was being rewritten)
-        if resume:
-            clean_temporaries(out)
-            set_damaged_aside(damaged)
-            write_manifest(out, [file_sha256(out / RUN_CONFIG)], rewriting=True)
-        else:
-            if force:
-                clear_run(out)
-            else:
-                clean_temporaries(out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_manifest(out, [], rewriting=True)
-        save_config(config, out)
-        write_manifest(out, [file_sha256(out / RUN_CONFIG)])
-        if metrics is not None:
-            atomic_write_text(out / METRICS_FILE, metrics)
 
-    return prep, fns, state, extra, setup
+def _write_start(
+    out: Path,
+    config: TrainConfig,
+    resume: bool,
+    force: bool,
+    damaged: list[Path],
+    metrics: str | None,
+) -> None:
+    """The run directory's first files, all atomic: an interrupted resume leaves the old files
+    (and a manifest that accepts the old config.yaml or says it was being rewritten)."""
+    if resume:
+        clean_temporaries(out)
+        set_damaged_aside(damaged)
+        write_manifest(out, [file_sha256(out / RUN_CONFIG)], rewriting=True)
+    else:
+        if force:
+            clear_run(out)
+        else:
+            clean_temporaries(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, [], rewriting=True)
+    save_config(config, out)
+    write_manifest(out, [file_sha256(out / RUN_CONFIG)])
+    if metrics is not None:
+        atomic_write_text(out / METRICS_FILE, metrics)
 
 
 @dataclass
 class _StepFns:
     grad: Callable[..., tuple[mx.array, mx.array, Params]]
-    eval: Callable[..., tuple[mx.array, mx.array]]
     step: Callable[[TrainState, Params], TrainState]
+    loss: Loss
 
 
 def _step_fns(prep: Prepared) -> _StepFns:
-    from nestedfn.fast.compile import compile_step
-
     c = prep.config
     step = compile_step(prep.opt) if c.compile else lambda s, g: apply_gradients(prep.opt, s, g)
-    return _StepFns(
-        make_grad_fn(prep.model, prep.params, c.compile),
-        make_eval_fn(prep.model, prep.params, c.compile),
-        step,
-    )
+    loss = loss_fn(c.pad_target)
+    return _StepFns(make_grad_fn(prep.model, prep.params, c.compile, loss), step, loss)
 
 
-def _dry_run(prep: Prepared, state: TrainState, fns: _StepFns) -> None:
+def _dry_run(prep: Prepared, batches: RunBatches, state: TrainState, fns: _StepFns) -> None:
     """The run's first training step (loss, gradients, optimizer update) on this rank's part of
     its first batch, the result thrown away: whatever the model, data and options first fail
     on fails here, before anything in the run directory is touched (and the graphs it traces
     are the ones the loop reuses).  No collective: it is local to each rank."""
-    from nestedfn.lm.data import batch_at
-
     c = prep.config
-    rank, world = distributed.rank(), distributed.world_size()
     try:
-        batch = batch_at(
-            prep.train_set, int(state.step), c.batch_size, c.seed, c.max_seq_len, rank, world
-        )
-        loss, _, grads = fns.grad(state.params, *batch)
+        loss, _, grads = fns.grad(state.params, *batches.train(min(int(state.step), c.steps - 1)))
         new = fns.step(state, grads)
         mx.eval(loss, new.params, new.opt_state)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
@@ -374,8 +430,6 @@ def _dry_run(prep: Prepared, state: TrainState, fns: _StepFns) -> None:
             f"the first training step gives a loss of {float(loss.item())}: the model's weights "
             "or the data hold NaN/Inf; nothing was written"
         )
-    from nestedfn.tree import to_flat
-
     for path, x in to_flat(new.params).items():
         if not bool(mx.all(mx.isfinite(x)).item()):
             raise RunError(
@@ -391,32 +445,12 @@ def _finite(record: dict) -> dict:
     }
 
 
-def _newest_step(directory: Path) -> int | None:
-    from nestedfn.run.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(directory)
-    return None if ckpt is None else int(ckpt.name.split("_")[1])
-
-
 def _last_ckpt(out: Path) -> str:
     """What is true of the run's checkpoints, for a message that stops the run."""
-    from nestedfn.run.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
     if ckpt is None:
         return f"no checkpoint was written in {out} (none was due yet)"
     return f"the last checkpoint is {ckpt}"
-
-
-def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) -> None:
-    from nestedfn.run.checkpoint import prune_checkpoints, save_checkpoint
-
-    n_blocks = len(prep.model.layers)
-    info = {"optimizer": prep.config.optimizer, "step": int(state.step)}
-    record = {**extra, "config": prep.config.to_dict()}  # what a resume is held against
-    save_checkpoint(out / CHECKPOINT_DIR, state, record, int(state.step))
-    prune_checkpoints(out / CHECKPOINT_DIR, keep)
-    save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
 
 
 @contextlib.contextmanager
@@ -436,167 +470,265 @@ def _signals_held() -> Any:
             signal.signal(sig, handler)
 
 
-def _loop(
-    prep: Prepared,
-    fns: _StepFns,
-    state: TrainState,
-    extra: dict,
-    out: Path,
-    show: bool,
-    log: Callable[[str], None],
-    resumed: bool,
-    stop_at: int | None,
-) -> Summary:
-    from nestedfn.lm.data import batch_at
-    from nestedfn.run.checkpoint import step_dir_name
+class _Metrics:
+    """``metrics.jsonl``, appended one JSON record per line (rank 0 only: elsewhere a sink),
+    with the SHA-256 of the whole file so far (recorded with every checkpoint)."""
 
-    c = prep.config
-    from nestedfn.lm.report import Reporter
+    def __init__(self, path: Path, main: bool):
+        self.file: TextIO | None = open(path, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        self.sha = hashlib.sha256(path.read_bytes() if main else b"")
 
-    main = distributed.is_main()
-    rank, world = distributed.rank(), distributed.world_size()
-    grad_fn, eval_fn, step_fn = fns.grad, fns.eval, fns.step
-    metrics = open(out / METRICS_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
-    # the SHA-256 of the metrics file so far, recorded with every checkpoint (``extra``)
-    written = hashlib.sha256((out / METRICS_FILE).read_bytes() if main else b"")
-    end = c.steps if stop_at is None else min(stop_at, c.steps)
-    first = last = None
-    valid: list[tuple[int, float]] = []
-    stopped = False
-    total_tokens, total_time = 0.0, 0.0
-
-    def write(record: dict) -> None:
-        if metrics is not None:
+    def write(self, record: dict) -> str:
+        """Append ``record``; return the file's new checksum."""
+        if self.file is not None:
             line = json.dumps(_finite(record), allow_nan=False) + "\n"
-            metrics.write(line)
-            written.update(line.encode())
-            extra["metrics_sha256"] = written.hexdigest()
-            metrics.flush()
+            self.file.write(line)
+            self.sha.update(line.encode())
+            self.file.flush()
+        return self.sha.hexdigest()
 
-    def run_eval(step: int) -> None:
-        nonlocal stopped
-        loss = evaluate(eval_fn, state.params, prep.valid_set, c)
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class _Run:
+    """One process's run, from the first step to the summary: the loop, one step, the
+    evaluation, the reports, the saves and the interrupt, each a method."""
+
+    prep: Prepared
+    fns: _StepFns
+    batches: RunBatches
+    state: TrainState
+    extra: dict
+    out: Path
+    log: Callable[[str], None]
+    stop_at: int | None
+    resumed: bool
+    show: bool = False
+    callback: Any = None
+    resume_hint: str = ""
+    main: bool = field(default_factory=distributed.is_main)
+    first: float | None = None
+    last: float | None = None
+    valid: list[tuple[int, float]] = field(default_factory=list)
+    stopped: bool = False
+    tokens: float = 0.0
+    seconds: float = 0.0
+    test: float | None = None
+    resumed_at: int | None = None
+    # set by loop(): the metrics file, the reporter, the last completed step and bookkeeping
+    metrics: Any = None
+    bar: Any = None
+    done: Any = None
+    done_extra: dict = field(default_factory=dict)
+    nothing_done: bool = True
+    started: float = 0.0
+
+    def seed_from(self, metrics: str | None) -> None:
+        """A resumed run's summary covers the whole run: its kept records come first."""
+        if not self.resumed:
+            return
+        self.resumed_at = int(self.state.step)
+        for line in (metrics or "").splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == "train" and rec.get("loss") is not None:
+                self.first = rec["loss"] if self.first is None else self.first
+                self.last = rec["loss"]
+                self.tokens += rec.get("tokens") or 0.0
+                self.seconds += rec.get("time") or 0.0
+            elif rec.get("type") == "eval" and rec.get("valid_loss") is not None:
+                self.valid.append((rec["step"], rec["valid_loss"]))
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.prep.config
+
+    def loop(self) -> Summary:
+        c = self.config
+        self.metrics = _Metrics(self.out / METRICS_FILE, self.main)
+        self.bar = Reporter(
+            c.steps, int(self.state.step), c.steps_per_report, self.show, self.log,
+            trained_tokens=self.tokens,
+        )  # fmt: skip
+        end = c.steps if self.stop_at is None else min(self.stop_at, c.steps)
+        # The last completed step (state and bookkeeping): what an interrupt saves, unless a
+        # checkpoint of it (or of a later step whose save was cut off after the checkpoint)
+        # is on disk already.
+        self.done, self.done_extra, self.nothing_done = self.state, dict(self.extra), True
+        self.started = time.perf_counter()
+        try:
+            if self.resumed:
+                self.nothing_done = False
+            elif self.evaluate_if_due(0):
+                self.mark_done()
+            while int(self.state.step) < end and not self.stopped:
+                self.one_step()
+                step = int(self.state.step)
+                self.evaluate_if_due(step)
+                if c.save_every and step % c.save_every == 0 and step != end:
+                    self.save(self.state, self.extra)
+                self.mark_done()
+            self.finish()
+        except KeyboardInterrupt:
+            self.interrupted()
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        return self.summary()
+
+    def mark_done(self) -> None:
+        self.done, self.done_extra, self.nothing_done = self.state, dict(self.extra), False
+
+    def write(self, record: dict) -> None:
+        self.extra["metrics_sha256"] = self.metrics.write(record)
+
+    def report(self, method: str, info: dict) -> None:
+        """``training_callback.method(info)`` on rank 0, where the callback has it."""
+        fn = getattr(self.callback, method, None)
+        if fn is not None and self.main:
+            fn(info)
+
+    def one_step(self) -> None:
+        """Step ``i + 1``: its batch, loss and gradients (averaged over processes, token
+        weighted), the optimizer update, its record and report."""
+        c, i = self.config, int(self.state.step)
+        world = distributed.world_size()
+        tic = time.perf_counter()
+        batch = self.batches.train(i)
+        mx.random.seed(c.seed * 1_000_003 + i)
+        loss, ntoks, grads = self.fns.grad(self.state.params, *batch)
+        if world > 1:
+            grads = distributed.average_gradients(grads, weight=ntoks)
+            loss, ntoks = distributed.all_sum([loss * ntoks, ntoks])
+            loss = loss / ntoks
+        self.state = self.fns.step(self.state, grads)
+        mx.eval(self.state.params, self.state.opt_state, loss, ntoks)
+        dt = time.perf_counter() - tic
+        loss_f, tokens = float(loss.item()), float(ntoks.item())
+        if not math.isfinite(loss_f):
+            raise RunError(
+                f"the training loss became {loss_f} at step {i + 1}; lower the learning "
+                f"rate or set grad_clip; {_last_ckpt(self.out)}"
+            )
+        self.first = loss_f if self.first is None else self.first
+        self.last = loss_f
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + dt
+        self.record_step(i, loss_f, tokens, dt)
+        if c.clear_cache_threshold and mx.get_cache_memory() > c.clear_cache_threshold:
+            mx.clear_cache()
+
+    def record_step(self, i: int, loss: float, tokens: float, dt: float) -> None:
+        step, c = i + 1, self.config
+        tiers = _tier_updates(self.state.opt_state)
+        lr = float(self.prep.schedule(i // c.grad_accumulation))
+        peak = mx.get_peak_memory() / 1e9
+        record = {"type": "train", "step": step, "loss": loss, "lr": lr, "tokens": tokens}
+        elapsed = time.perf_counter() - self.started
+        record.update(tier_updates=tiers, time=dt, elapsed=elapsed, peak_memory_gb=peak)
+        self.write(record)
+        info = self.bar.step(step, loss, lr, tokens, dt, peak, tiers)
+        if info is not None:
+            self.report("on_train_loss_report", info)
+
+    def evaluate_if_due(self, done: int) -> bool:
+        """mlx-lm's evaluation after ``done`` steps, where it makes one; the best adapters and
+        early stopping follow it."""
+        c = self.config
+        if not eval_due(done, c.steps, c.eval_every):
+            return False
+        tic = time.perf_counter()
+        loss = valid_loss(self.prep.model, self.state.params, self.batches, done, c, self.fns.loss)
         if not math.isfinite(loss):
-            write({"type": "eval", "step": step, "valid_loss": None, "nonfinite": str(loss)})
-            raise RunError(f"the validation loss became {loss} at step {step}; {_last_ckpt(out)}")
-        valid.append((step, loss))
-        write({"type": "eval", "step": step, "valid_loss": loss})
-        best = extra["best_loss"]
-        if best is None or loss < best:
-            extra.update(best_loss=loss, best_step=step, bad_evals=0)
-            if main:
-                info = {"optimizer": c.optimizer, "step": step, "valid_loss": loss}
-                save_adapters(out / BEST_DIR, state.params, prep.spec, len(prep.model.layers), info)
-        else:
-            extra["bad_evals"] += 1
-            if c.early_stopping and extra["bad_evals"] >= c.early_stopping:
-                stopped = True
-        bar.message(f"step {step}: valid loss {loss:.4f}")
+            self.write({"type": "eval", "step": done, "valid_loss": None, "nonfinite": str(loss)})
+            raise RunError(
+                f"the validation loss became {loss} at step {done}; {_last_ckpt(self.out)}"
+            )
+        self.valid.append((done, loss))
+        self.write({"type": "eval", "step": done, "valid_loss": loss})
+        self.track_best(done, loss)
+        self.bar.message(f"step {done}: valid loss {loss:.4f}")
+        info = {"iteration": done, "val_loss": loss, "val_time": time.perf_counter() - tic}
+        self.report("on_val_loss_report", {**info, "best_val_loss": self.extra["best_loss"]})
+        return True
 
-    bar = Reporter(c.steps, int(state.step), c.steps_per_report, show, log)
-    started = time.perf_counter()
-    # The last completed step (state and bookkeeping): what an interrupt saves, unless a
-    # checkpoint of it (or of a later step whose save was cut off after the checkpoint) is on
-    # disk already.
-    done, done_extra, nothing_done = state, dict(extra), not resumed
-    try:
-        if not resumed and int(state.step) == 0 and c.eval_every:
-            run_eval(0)
-            done_extra, nothing_done = dict(extra), False
-        while int(state.step) < end and not stopped:
-            i = int(state.step)
-            tic = time.perf_counter()
-            inputs, targets, mask = batch_at(
-                prep.train_set, i, c.batch_size, c.seed, c.max_seq_len, rank, world
-            )
-            mx.random.seed(c.seed * 1_000_003 + i)
-            loss, ntoks, grads = grad_fn(state.params, inputs, targets, mask)
-            if world > 1:
-                grads = distributed.average_gradients(grads, weight=ntoks)
-                loss, ntoks = distributed.all_sum([loss * ntoks, ntoks])
-                loss = loss / ntoks
-            state = step_fn(state, grads)
-            mx.eval(state.params, state.opt_state, loss, ntoks)
-            dt = time.perf_counter() - tic
-            loss_f, tokens = float(loss.item()), float(ntoks.item())
-            if not math.isfinite(loss_f):
-                raise RunError(
-                    f"the training loss became {loss_f} at step {i + 1}; lower the learning "
-                    f"rate or set grad_clip; {_last_ckpt(out)}"
-                )
-            first = loss_f if first is None else first
-            last = loss_f
-            total_tokens, total_time = total_tokens + tokens, total_time + dt
-            step = int(state.step)
-            tiers = _tier_updates(state.opt_state)
-            lr = float(prep.schedule(i // c.grad_accumulation))
-            peak = mx.get_peak_memory() / 1e9
-            write(
-                {
-                    "type": "train",
-                    "step": step,
-                    "loss": loss_f,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "tier_updates": tiers,
-                    "time": dt,
-                    "elapsed": time.perf_counter() - started,
-                    "peak_memory_gb": peak,
-                }
-            )
-            bar.step(step, loss_f, lr, tokens, dt, peak, tiers)
-            if c.clear_cache_threshold and mx.get_cache_memory() > c.clear_cache_threshold:
-                mx.clear_cache()
-            if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
-                run_eval(step)
-            if step % max(c.save_every, 1) == 0 and c.save_every and main and step != end:
-                _save(prep, state, extra, out, c.keep_last)
-            done, done_extra, nothing_done = state, dict(extra), False
-        if main:
-            _save(prep, state, extra, out, c.keep_last)
-        test_loss = None
-        if c.test and (int(state.step) == c.steps or stopped):
-            test_loss = evaluate(eval_fn, state.params, prep.test_set, c, c.test_batches)
-            write({"type": "test", "step": int(state.step), "test_loss": test_loss})
-    except KeyboardInterrupt:
-        # No collective here (see the module docstring): rank 0 saves what it completed.
-        step = int(done.step)
-        on_disk = _newest_step(out / CHECKPOINT_DIR)
+    def track_best(self, done: int, loss: float) -> None:
+        c, best = self.config, self.extra["best_loss"]
+        if best is None or loss < best:
+            self.extra.update(best_loss=loss, best_step=done, bad_evals=0)
+            if self.main:
+                info = {"optimizer": c.optimizer, "step": done, "valid_loss": loss}
+                blocks = len(self.prep.model.layers)
+                save_adapters(self.out / BEST_DIR, self.state.params, self.prep.spec, blocks, info)
+        else:
+            self.extra["bad_evals"] += 1
+            if c.early_stopping and self.extra["bad_evals"] >= c.early_stopping:
+                self.stopped = True
+
+    def save(self, state: TrainState, extra: dict) -> None:
+        """A checkpoint of ``state`` and the adapters (rank 0)."""
+        if not self.main:
+            return
+        c, step = self.config, int(state.step)
+        record = {**extra, "config": c.to_dict()}  # what a resume is held against
+        path = save_checkpoint(self.out / CHECKPOINT_DIR, state, record, step)
+        prune_checkpoints(self.out / CHECKPOINT_DIR, c.keep_last)
+        info = {"optimizer": c.optimizer, "step": step}
+        save_adapters(self.out, state.params, self.prep.spec, len(self.prep.model.layers), info)
+        self.report("on_checkpoint", {"iteration": step, "path": path})
+
+    def finish(self) -> None:
+        """The last save, then the test loss (a run that reached its end or stopped early)."""
+        c = self.config
+        self.save(self.state, self.extra)
+        if c.test and (int(self.state.step) == c.steps or self.stopped):
+            model, params = self.prep.model, self.state.params
+            self.test = test_loss(model, params, self.batches, c, self.fns.loss)
+            step = int(self.state.step)
+            self.write({"type": "test", "step": step, "test_loss": self.test})
+            self.report("on_test_loss_report", {"iteration": step, "test_loss": self.test})
+
+    def interrupted(self) -> None:
+        """Save the last completed step (rank 0, no collective: see the module docstring) and
+        raise ``Interrupted`` naming the checkpoint a resume takes."""
+        step = int(self.done.step)
+        newest = latest_checkpoint(self.out / CHECKPOINT_DIR)
+        on_disk = None if newest is None else int(newest.name.split("_")[1])
         if on_disk is not None and on_disk >= step:
             # the step was saved (the interrupt came in the save, after the checkpoint): that
             # is the checkpoint a resume takes
             step = on_disk
-            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
-        elif nothing_done:
+            ckpt: Path | None = self.out / CHECKPOINT_DIR / step_dir_name(step)
+        elif self.nothing_done:
             ckpt = None  # a new run started again does exactly what this one would have
         else:
-            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
-            if main:
-                bar.close()
+            ckpt = self.out / CHECKPOINT_DIR / step_dir_name(step)
+            if self.main:
+                self.bar.close()
                 with _signals_held():
-                    _save(prep, done, done_extra, out, c.keep_last)
-        raise Interrupted(out, step, ckpt) from None
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    summary = Summary(
-        out=out,
-        steps=int(state.step),
-        first_loss=first,
-        last_loss=last,
-        valid_losses=valid,
-        best_valid=extra["best_loss"],
-        tokens_per_sec=total_tokens / total_time if total_time else 0.0,
-        stopped_early=stopped,
-        state=state,
-        model=bind(prep.model, state.params).train(False),
-        test_loss=test_loss,
-    )
-    if main:
-        log(
-            f"wrote the run to {out}: adapters {out / ADAPTER_FILE} (mlx-lm format), best "
-            f"adapters in {out / BEST_DIR}, checkpoints in {out / CHECKPOINT_DIR}, metrics "
-            f"{out / METRICS_FILE}"
+                    self.save(self.done, self.done_extra)
+        raise Interrupted(self.out, step, ckpt, self.resume_hint) from None
+
+    def summary(self) -> Summary:
+        if self.main:
+            out = self.out
+            self.log(
+                f"wrote the run to {out}: adapters {out / ADAPTER_FILE} (mlx-lm format), best "
+                f"adapters in {out / BEST_DIR}, checkpoints in {out / CHECKPOINT_DIR}, metrics "
+                f"{out / METRICS_FILE}"
+            )
+        return Summary(
+            out=self.out,
+            steps=int(self.state.step),
+            first_loss=self.first,
+            last_loss=self.last,
+            valid_losses=self.valid,
+            best_valid=self.extra["best_loss"],
+            tokens_per_sec=self.tokens / self.seconds if self.seconds else 0.0,
+            stopped_early=self.stopped,
+            state=self.state,
+            model=bind(self.prep.model, self.state.params).train(False),
+            test_loss=self.test,
+            resumed_at=self.resumed_at,
         )
-    return summary

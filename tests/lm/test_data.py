@@ -97,6 +97,7 @@ def test_first_record_unknown_format_names_line(tmp_path, tok):
     [
         ('{"messages": []}', "non-empty list"),
         ('{"messages": [{"content": "no role"}]}', "messages[0]"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0] has role 'robot'"),
         ('{"prompt": "p", "completion": 5}', "'completion' must be a string"),
     ],
 )

@@ -21,11 +21,10 @@ QUIET = {"progress": False, "log": lambda s: None}
 
 
 def _grads(prep):
-    from nestedfn.lm.data import batch_at
+    from nestedfn.lm.batches import RunBatches
     from nestedfn.lm.loss import make_grad_fn
 
-    c = prep.config
-    batch = batch_at(prep.train_set, 0, c.batch_size, c.seed, c.max_seq_len)
+    batch = RunBatches.for_run(prep.config, prep.train_set, prep.valid_set).train(0)
     loss, _, grads = make_grad_fn(prep.model, prep.params, compile=False)(prep.params, *batch)
     return loss, to_flat(grads)
 
@@ -85,15 +84,19 @@ def test_test_loss_equals_mlx_lm_evaluate_on_the_same_adapters(assets, tmp_path,
 
     model_dir, data = assets
     data = _with_test_split(data, tmp_path)
-    cfg = small(assets, data=str(data), steps=3, test=True, test_batches=-1, max_seq_len=128)
+    # nestedfn's pad_target: false (the default, mlx-lm's own loss, is test_mlxlm_parity's)
+    cfg = small(
+        assets, data=str(data), steps=3, test=True, test_batches=-1, max_seq_len=128,
+        pad_target=False,
+    )  # fmt: skip
     summary = train(cfg, tmp_path / "run", **QUIET)
     model, tok = mlx_lm.load(str(model_dir), adapter_path=str(tmp_path / "run"))
     records = load_records(data / "test.jsonl")
 
     def loss_without_padding(model, batch, lengths):
         # mlx-lm's default_loss, except its mask `steps <= length` also counts the target after
-        # the last token (a padding 0 whenever the batch is padded); nestedfn counts only real
-        # targets, so the peer does too: `steps < length`
+        # the last token (a padding 0 whenever the batch is padded); pad_target: false counts
+        # only real targets, so the peer does too: `steps < length`
         inputs, targets = batch[:, :-1], batch[:, 1:]
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
@@ -118,7 +121,7 @@ def test_test_loss_equals_mlx_lm_evaluate_on_the_same_adapters(assets, tmp_path,
         "--max-seq-length",
         "128",
     ]
-    args += ["--test-batches", "-1"]
+    args += ["--test-batches", "-1", "--no-pad-target"]
     assert main(args) == 0
     line = capsys.readouterr().out.strip()
     assert line == f"Test loss {peer:.3f}, Test ppl {math.exp(peer):.3f}."
@@ -126,7 +129,8 @@ def test_test_loss_equals_mlx_lm_evaluate_on_the_same_adapters(assets, tmp_path,
 
 def test_without_a_terminal_a_plain_line_every_steps_per_report(assets, tmp_path):
     lines: list[str] = []
-    train(small(assets, steps=5, steps_per_report=2), tmp_path / "run", log=lines.append)
+    cfg = small(assets, steps=5, steps_per_report=2, optimizer="nested_adam")  # tiers: asked for
+    train(cfg, tmp_path / "run", log=lines.append)
     report = [ln for ln in lines if ln.startswith("step ") and "loss" in ln]
     assert [ln.split(":")[0] for ln in report] == ["step 2/5", "step 4/5", "step 5/5"]
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -162,7 +162,7 @@ def test_ctrl_c_in_a_save_names_the_checkpoint_resume_uses(assets, tmp_path, mon
 def test_a_nan_eval_writes_json_and_says_no_checkpoint_exists(assets, tmp_path, monkeypatch):
     import nestedfn.lm.trainer as trainer
 
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(trainer, "valid_loss", lambda *a, **k: float("nan"))
     run = tmp_path / "run"
     with pytest.raises(
         RunError, match="validation loss became nan at step 0; no checkpoint was written"

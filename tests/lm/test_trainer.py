@@ -125,14 +125,16 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_is_identical(
         _interrupt_on_call(monkeypatch, mx, "get_peak_memory", 5)
         done = 4
     elif where == "in_eval":
-        # in the eval after step 6 (evals at 0, 3, 6): step 6's train record is written
-        _interrupt_on_call(monkeypatch, trainer, "evaluate", 3)
-        done = 5
+        # in the eval after step 5 (mlx-lm's evals: before iterations 1, 3, 6 and the last, 8,
+        # i.e. after steps 0, 2, 5, 7): step 5's train record is written
+        _interrupt_on_call(monkeypatch, trainer, "valid_loss", 3)
+        done = 4
     else:
-        # writing the best adapters of step 6 (the 3rd better valid loss): its eval record is
-        # written and the best-loss bookkeeping updated already, yet step 6 is not complete
+        # writing the best adapters of step 7 (the 3rd better valid loss; step 5's is not
+        # better): its eval record is written and the best-loss bookkeeping updated already,
+        # yet step 7 is not complete
         _interrupt_on_call(monkeypatch, trainer, "save_adapters", 3)
-        done = 5
+        done = 6
     with pytest.raises(Interrupted) as e:
         train(cfg, run, progress=False, log=lambda s: None)
     monkeypatch.undo()
@@ -146,7 +148,8 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_is_identical(
             a, b = mx.load(str(a_run / name)), mx.load(str(b_run / name))
             assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
 
-    # at step 7 (no eval there) the best adapters and the best-loss bookkeeping are step 6's
+    # at step 7 (evaluated: mlx-lm evaluates before the last iteration) the best adapters and
+    # the best-loss bookkeeping are the same as the straight run's
     train(cfg, run, resume=True, progress=False, log=lambda s: None, stop_at=7)
     same(run, straight7, ["adapters.safetensors", "best/adapters.safetensors"])
     meta = "checkpoints/step_00000007/meta.json"
