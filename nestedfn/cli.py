@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import signal
 import sys
 import time
@@ -452,9 +453,11 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _version() -> str:
-    import nestedfn
-
-    return str(getattr(nestedfn, "__version__", "unknown"))
+    """The installed distribution's version (the one ``pip`` reports)."""
+    try:
+        return importlib.metadata.version("nestedfn")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
