@@ -177,6 +177,13 @@ def compile_step(
     ``apply_gradients`` does, bit for bit; an MLX graph reads the step as an ``mx.array``, so
     its bias corrections and schedules round in float32: compare graphs with graphs).
     """
+    # --- the GPU default step (issue 24, nestedfn/fast/multitensor.py) ---
+    if native and not packed and mx.default_device() == mx.gpu:
+        from nestedfn.fast import multitensor
+
+        if multitensor.supports(opt):
+            return multitensor.compile_step(opt, shapeless=shapeless)
+    # --- end of the GPU hunk ---
     if packed:
         if shapeless:
             raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")
