@@ -38,7 +38,7 @@ if stage mt; then
 fi
 if stage bench; then
   run bench "$T_BENCH" python3 benchmarks/gpu/step_latency_gpu.py --rounds "${ROUNDS:-3}" \
-    --iters "${ITERS:-30}" --json "$OUT/step_latency_gpu.json"
+    --iters "${ITERS:-30}" --json "$OUT/step_latency_gpu.json" ${BENCH_ARGS:-}
 fi
 if stage suite; then
   MODTIMES_JSON="$OUT/suite_modules.json" run suite "$T_SUITE" python3 -m pytest -p modtimes \

@@ -29,22 +29,14 @@ import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from step_latency import (  # noqa: E402
-    NF_OPTS,
-    TREES,
-    bench_optax,
-    bench_torch,
-)
+from step_latency import NF_OPTS, TREES  # noqa: E402
 
 import nestedfn as nf  # noqa: E402
 from nestedfn.fast import multitensor as mt  # noqa: E402
 from nestedfn.tiered import nested_adam  # noqa: E402
 
 
-def _timed(step, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    mx.synchronize()
+def _timed(step, iters: int) -> list[float]:
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -54,20 +46,20 @@ def _timed(step, iters: int, warmup: int) -> list[float]:
     return out
 
 
-def bench_nf(params, grads, opt, kind: str, iters: int, warmup: int, group: int | None = None):
-    """(ms list, info) for nestedfn's ``kind``: default, graph, packed."""
-    info: dict[str, Any] = {}
+def make_nf(params, grads, opt, kind: str, group: int | None = None, views: bool | None = None):
+    """(step, info) for nestedfn's ``kind``: default, graph (the MLX graph, the GPU default
+    before), packed; ``group``/``views`` pick the multi-tensor step's launch layout."""
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
     elif kind == "graph":
-        fn = nf.compile_step(opt, native=False)  # the MLX graph (the GPU default before)
+        fn = nf.compile_step(opt, native=False)
+        state = nf.init(opt, params)
+    elif group is not None or views is not None:
+        fn = mt.MultiTensorStep(opt, group=group, views=views)
         state = nf.init(opt, params)
     else:
-        if group is not None:
-            fn = mt.MultiTensorStep(opt, group=group)
-        else:
-            fn = nf.compile_step(opt)
+        fn = nf.compile_step(opt)
         state = nf.init(opt, params)
     box = [state]
 
@@ -75,14 +67,98 @@ def bench_nf(params, grads, opt, kind: str, iters: int, warmup: int, group: int 
         box[0] = fn(box[0], grads)
         mx.eval(box[0].params, box[0].opt_state)
 
-    times = _timed(step, iters, warmup)
-    if isinstance(fn, mt.MultiTensorStep):
-        info = {
+    def info() -> dict[str, Any]:
+        if not isinstance(fn, mt.MultiTensorStep):
+            return {}
+        return {
             "multitensor": not fn.off and fn.multitensor_steps > 0,
             "group": fn.group,
+            "views": fn.views,
             "checks": [(repr(k), w, same) for k, w, same in fn.checks],
         }
-    return times, info
+
+    return step, info
+
+
+def make_torch(params, grads, name: str, impl: str):
+    import numpy as np
+    import torch
+    from mlx.utils import tree_flatten
+
+    ps = [torch.tensor(np.array(x), device="cuda") for _, x in tree_flatten(params)]
+    for p, (_, g) in zip(ps, tree_flatten(grads)):
+        p.grad = torch.tensor(np.array(g), device="cuda")
+    kw = {impl: True}
+    if name == "adam":
+        opt = torch.optim.Adam(ps, lr=1e-3, **kw)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, **kw)
+    elif name == "momentum":
+        opt = torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **kw)
+    else:
+        return None  # no Lion in torch
+
+    def step():
+        opt.step()
+        torch.cuda.synchronize()
+
+    return step, dict
+
+
+def make_optax(params, grads, name: str):
+    import jax
+    import numpy as np
+    import optax
+    from mlx.utils import tree_map
+
+    tx = {
+        "adam": lambda: optax.adam(1e-3),
+        "adamw": lambda: optax.adamw(1e-3, weight_decay=0.01),
+        "lion": lambda: optax.lion(1e-4),
+        "momentum": lambda: optax.sgd(1e-3, momentum=0.9),
+    }[name]()
+    dev = jax.devices("gpu")[0]
+    to = lambda t: jax.device_put(tree_map(lambda x: np.array(x), t), dev)  # noqa: E731
+    p, g = to(params), to(grads)
+    box = [p, tx.init(p)]
+
+    def upd(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    fn = jax.jit(upd, donate_argnums=(0, 1))
+
+    def step():
+        box[0], box[1] = fn(box[0], box[1], g)
+        jax.block_until_ready(box)
+
+    return step, dict
+
+
+def race(makers: dict[str, Any], rounds: int, iters: int, warmup: int, tag: str):
+    """Build every contender once, warm it, then take turns; medians pool the rounds."""
+    steps: dict[str, Any] = {}
+    for key, make in makers.items():
+        try:
+            made = make()
+            if made is None:
+                continue
+            for _ in range(warmup):
+                made[0]()
+            mx.synchronize()
+            steps[key] = made
+        except Exception as e:  # one contender failing must not lose the others
+            print(f"  {tag}/{key}: {type(e).__name__}: {e}", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for key in order:
+            try:
+                times[key] += _timed(steps[key][0], iters)
+            except Exception as e:
+                print(f"  {tag}/{key}: {type(e).__name__}: {e}", flush=True)
+    info = {k: v[1]() for k, v in steps.items()}
+    return {k: _med(v) for k, v in times.items() if v}, {k: i for k, i in info.items() if i}
 
 
 def _med(xs: list[float]) -> float:
@@ -110,6 +186,7 @@ def main() -> None:
         pass
     print(f"MLX {mx.__version__} on {mx.default_device()}, card {card}", flush=True)
     result: dict[str, Any] = {"card": card, "mlx": mx.__version__, "trees": {}}
+    R, N, W = a.rounds, a.iters, a.warmup
     for tree in a.trees.split(","):
         title, make = TREES[tree]
         mx.random.seed(0)
@@ -118,76 +195,50 @@ def main() -> None:
         mx.eval(params, grads)
         rows: dict[str, Any] = {}
         for name in a.opts.split(","):
-            res: dict[str, list[float]] = {}
-            info: dict[str, Any] = {}
-            for r in range(a.rounds):
-                kinds = ["default", "graph", "packed", "torch_fused", "torch_foreach", "optax"]
-                if r % 2:
-                    kinds.reverse()
-                for kind in kinds:
-                    try:
-                        if kind in ("default", "graph", "packed"):
-                            t, i = bench_nf(params, grads, NF_OPTS[name](), kind, a.iters, a.warmup)
-                            if i:
-                                info = i
-                        elif kind.startswith("torch"):
-                            out = bench_torch(
-                                params, grads, name, kind.split("_")[1], True, a.iters, a.warmup
-                            )
-                            if out is None:
-                                continue
-                            t = out[0]
-                        else:
-                            out = bench_optax(params, grads, name, True, a.iters, a.warmup)
-                            if out is None:
-                                continue
-                            t = out[0]
-                    except Exception as e:  # one contender failing must not lose the others
-                        res.setdefault(kind + "_error", []).append(0.0)
-                        print(f"  {tree}/{name}/{kind}: {type(e).__name__}: {e}", flush=True)
-                        continue
-                    res.setdefault(kind, []).extend(t)
-            row = {k: _med(v) for k, v in res.items() if not k.endswith("_error")}
-            row["info"] = info
+            o = NF_OPTS[name]
+            makers = {
+                "default": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "default"),
+                "graph": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "graph"),
+                "packed": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "packed"),
+                "torch_fused": lambda n=name, p=params, g=grads: make_torch(p, g, n, "fused"),
+                "torch_foreach": lambda n=name, p=params, g=grads: make_torch(p, g, n, "foreach"),
+                "optax": lambda n=name, p=params, g=grads: make_optax(p, g, n),
+            }
+            row, info = race(makers, R, N, W, f"{tree}/{name}")
+            row["info"] = info.get("default", {})
             rows[name] = row
             line = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "info")
-            print(f"{tree:5s} {name:9s} {line}  {info.get('checks', '')}", flush=True)
+            print(f"{tree:5s} {name:9s} {line}  {row['info']}", flush=True)
         result["trees"][tree] = {"title": title, "rows": rows}
 
-    # nested_adam (1, 2, 4) on the LoRA tree: mean over the period vs plain Adam
-    title, make = TREES["lora"]
+    # nested_adam (1, 2, 4) on the LoRA tree: the mean step over its period vs plain Adam
     mx.random.seed(0)
-    params = make()
+    params = TREES["lora"][1]()
     grads = nf.tree_map(lambda x: mx.random.normal(x.shape) * 1e-3, params)
     mx.eval(params, grads)
-    nres: dict[str, list[float]] = {}
-    for _ in range(a.rounds):
-        for kind in ("nested_default", "adam_default", "nested_graph", "adam_graph"):
-            opt = nested_adam(1e-3, (1, 2, 4)) if kind.startswith("nested") else NF_OPTS["adam"]()
-            t, i = bench_nf(params, grads, opt, kind.split("_")[1], 4 * 10, 4)
-            # the mean over periods of 4 steps
-            per = [sum(t[j : j + 4]) / 4 for j in range(0, len(t) - 3, 4)]
-            nres.setdefault(kind, []).extend(per)
-            if i and kind == "nested_default":
-                result["nested_checks"] = i
-    result["nested_adam_lora"] = {k: _med(v) for k, v in nres.items()}
-    print("nested_adam (1,2,4) LoRA, period mean:", result["nested_adam_lora"], flush=True)
+    makers = {
+        "nested_adam_default": lambda: make_nf(params, grads, nested_adam(1e-3, (1, 2, 4)), "d"),
+        "adam_default": lambda: make_nf(params, grads, NF_OPTS["adam"](), "default"),
+        "nested_adam_graph": lambda: make_nf(params, grads, nested_adam(1e-3, (1, 2, 4)), "graph"),
+        "adam_graph": lambda: make_nf(params, grads, NF_OPTS["adam"](), "graph"),
+    }
+    # iters a multiple of the period (4), warm-up too: every median pools whole periods
+    row, info = race(makers, R, 4 * (N // 4), 4, "nested")
+    result["nested_adam_lora"] = row
+    result["nested_checks"] = info.get("nested_adam_default", {})
+    print("nested_adam (1,2,4) LoRA, mean over periods:", row, flush=True)
 
-    # leaves per launch: the default Adam step on the LoRA tree
-    sweep: dict[str, list[float]] = {}
-    for _ in range(a.rounds):
-        for gsz in [int(x) for x in a.groups.split(",") if x]:
-            try:
-                t, i = bench_nf(params, grads, NF_OPTS["adam"](), "default", a.iters, 3, gsz)
-                if not i.get("multitensor"):
-                    print(f"  group {gsz}: the kernels did not serve ({i})", flush=True)
-                    continue
-            except Exception as e:
-                print(f"  group {gsz}: {type(e).__name__}: {e}", flush=True)
-                continue
-            sweep.setdefault(str(gsz), []).extend(t)
-    result["group_sweep_lora_adam"] = {k: _med(v) for k, v in sweep.items()}
-    print("leaves per launch (LoRA Adam ms):", result["group_sweep_lora_adam"], flush=True)
+    # the launch layout of the default Adam step on the LoRA tree: leaves per launch, views
+    makers = {}
+    for gsz in [int(x) for x in a.groups.split(",") if x]:
+        for views in (True, False):
+            makers[f"group {gsz} views {views}"] = lambda g=gsz, v=views: make_nf(
+                params, grads, NF_OPTS["adam"](), "d", g, v
+            )
+    row, info = race(makers, R, N, W, "sweep")
+    result["launch_sweep_lora_adam"] = row
+    print("launch layout (LoRA Adam ms):", row, flush=True)
+    print("served:", {k: i.get("multitensor") for k, i in info.items()}, flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -44,7 +44,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from operator import attrgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -135,36 +135,34 @@ class KernelSig(NamedTuple):
     post: bool = False  # multiply by a global schedule value (nested_adam)
     acc: bool = False  # read a chunk sum (and write it back zeroed)
     mean: bool = False  # divide the chunk sum by the tier's frequency
+    views: bool = True  # one flat output per kind (p', m', v', acc'); leaves are views of it
 
     def moments(self) -> int:
         return {ADAM: 2, LION: 1, MOMENTUM: 1, ACCUMULATE: 0}[self.algo]
 
     def input_names(self) -> list[str]:
-        """Per leaf j: p, g, moments, acc (the accumulate kernel: g, acc); then hp, meta."""
-        names: list[str] = []
-        for j in range(self.k):
-            if self.algo == ACCUMULATE:
-                names += [f"g{j}", f"a{j}"]
-                continue
-            names += [f"p{j}", f"g{j}"] + [f"m{i}_{j}" for i in range(self.moments())]
-            if self.acc:
-                names.append(f"a{j}")
-        return names + ["hp", "meta"]
+        """Kind-major: every leaf's p, then every g, moments, chunk sums (the accumulate
+        kernel: g, acc); then hp, meta."""
+        ins = _leaf_params(self)[0]
+        return [_global_name(self, n, j, out=False) for n in ins for j in range(self.k)] + [
+            "hp",
+            "meta",
+        ]
 
     def output_names(self) -> list[str]:
-        """Per leaf j: p', moments', acc' (the accumulate kernel: acc')."""
-        names: list[str] = []
-        for j in range(self.k):
-            if self.algo == ACCUMULATE:
-                names.append(f"ao{j}")
-                continue
-            names += [f"po{j}"] + [f"mo{i}_{j}" for i in range(self.moments())]
-            if self.acc:
-                names.append(f"ao{j}")
-        return names
+        """Kind-major: every leaf's p', then moments', chunk sums' (the accumulate kernel:
+        acc'); with ``views``, one flat buffer per kind, leaf j at its offset."""
+        outs = _leaf_params(self)[1]
+        if self.views:
+            return outs
+        return [_global_name(self, n, j, out=True) for n in outs for j in range(self.k)]
 
     def per_leaf_outputs(self) -> int:
         return 1 if self.algo == ACCUMULATE else 1 + self.moments() + int(self.acc)
+
+    def meta_size(self) -> int:
+        """``meta``: k + 1 block offsets, k leaf sizes, and with ``views`` k element offsets."""
+        return 2 * self.k + 1 + (self.k if self.views else 0)
 
 
 # the scalars (a float32 input ``hp``), computed in Python as the eager transforms compute them
@@ -292,8 +290,8 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
     ``sig.output_names()``.
 
     Block ``b`` of the 1-D grid belongs to leaf ``j`` with ``meta[j] <= b < meta[j + 1]``
-    (``meta``: the ``k + 1`` block offsets, then the ``k`` leaf sizes); the leaf's blocks
-    stride over its elements.  Deterministic: the same ``sig`` gives the same text."""
+    (``meta``: the ``k + 1`` block offsets, the ``k`` leaf sizes, with ``views`` the ``k``
+    offsets of the leaves in the flat outputs); the leaf's blocks stride over its elements.  Deterministic: the same ``sig`` gives the same text."""
     ops = _OPS[backend]
     ins, outs = _leaf_params(sig)
     params = [ops["IN"] + n for n in ins] + [ops["OUT"] + n for n in outs]
@@ -317,7 +315,10 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
     for j in range(sig.k):
         lin, lout = _leaf_params(sig)
         args = [_global_name(sig, n, j, out=False) for n in lin]
-        args += [_global_name(sig, n, j, out=True) for n in lout]
+        if sig.views:
+            args += [f"{n} + off" for n in lout]
+        else:
+            args += [_global_name(sig, n, j, out=True) for n in lout]
         cases.append(f"    case {j}: nf_leaf({', '.join(args)}, hp, n, i0, st); break;")
     size = ops["SIZE"]
     src = "\n".join(
@@ -330,6 +331,7 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
             f"  const {size} n = ({size})meta[{sig.k} + 1 + lo];",
             f"  const {size} st = ({size})(meta[lo + 1] - meta[lo]) * {TPB};",
             f"  const {size} i0 = ({size})(b - meta[lo]) * {TPB} + ({size}){ops['THREAD']};",
+            *([f"  const {size} off = ({size})meta[{2 * sig.k} + 1 + lo];"] if sig.views else []),
             "  switch (lo) {",
             *cases,
             "    default: break;",
@@ -391,10 +393,18 @@ class _Mismatch(Exception):
 class _Group(NamedTuple):
     sig: KernelSig
     leaves: tuple[int, ...]  # positions in the tier's leaves
-    meta: mx.array  # int32: k + 1 block offsets, k sizes
+    take: Callable[[list], tuple]  # leaves -> the group's leaves
+    meta: mx.array  # int32: k + 1 block offsets, k sizes (, k element offsets)
     blocks: int
     shapes: list[Any]  # output shapes
     dtypes: list[Any]
+    cuts: list[int]  # views: where mx.split cuts the flat outputs (along their rows)
+    scalar: bool  # views of 0-d leaves: reshaped to ()
+
+
+class _Launches(NamedTuple):
+    groups: list[_Group]
+    order: Callable[[list], tuple]  # the outputs in group order -> in the tier's order
 
 
 class _Tier(NamedTuple):
@@ -404,6 +414,18 @@ class _Tier(NamedTuple):
     get: Callable[[Any], list | None]
     build: Callable[[list], Any]
     shapes: list[Any]
+
+
+def _taker(idx: tuple[int, ...]) -> Callable[[list], tuple]:
+    """``leaves -> tuple(leaves[i] for i in idx)``, in C (``itemgetter``)."""
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda leaves: (leaves[i],)
+    return itemgetter(*idx)
+
+
+def _views_default() -> bool:
+    return os.environ.get("NESTEDFN_MT_VIEWS", "1").strip() != "0"
 
 
 def _blocks(n: int) -> int:
@@ -482,16 +504,22 @@ class MultiTensorStep(CompiledStep):
         shapeless: bool = False,
         backend_name: str | None = None,
         group: int | None = None,
+        views: bool | None = None,
     ):
         super().__init__(opt, shapeless=shapeless, native=False)
         self.spec = describe(opt)
         self.backend = backend_name or backend()
         self.group = group or _group_size()
+        self.views = _views_default() if views is None else views
         self.keys: set[Any] = set()
         self.checks: list[tuple[Any, float, bool]] = []
         self.off = self.backend is None or not supports(opt)
         self._plans: dict[TreeDef, Any] = {}
         self._last: Any = None
+        # the leaves the last served step made (by role): known float32 of the plan's shapes,
+        # so that a state handed back as it came out is not checked leaf by leaf again
+        self._made: dict[Any, list] = {}
+        self._making: dict[Any, list] = {}
 
     @property
     def graphs_built(self) -> int:
@@ -562,44 +590,87 @@ class MultiTensorStep(CompiledStep):
                 )
                 for idx, f, o, sub in zip(nplan.index, spec.freqs, spec.inners, nplan.subdefs)
             ]
-        return {"td": td, "build": tree_builder(td), "tiers": tiers, "shapes": shapes, "groups": {}}
+        return {
+            "td": td,
+            "get": leaf_getter(td, False),
+            "build": tree_builder(td),
+            "tiers": tiers,
+            "shapes": shapes,
+            "groups": {},
+        }
 
-    def _groups(self, plan: Any, k: int, base: KernelSig, shapes: list[Any]) -> list[_Group]:
-        """The launches of tier ``k`` for kernels like ``base`` (cached per plan)."""
+    def _groups(self, plan: Any, k: int, base: KernelSig, shapes: list[Any]) -> _Launches:
+        """The launches of tier ``k`` for kernels like ``base`` (cached per plan): leaves of
+        one row shape (``shape[1:]``) together, ``self.group`` at most per launch, so that
+        the flat outputs, shaped ``(rows, *row_shape)``, split into the leaves."""
         key = (k, base)
-        groups = plan["groups"].get(key)
-        if groups is None:
-            groups = []
-            n = len(shapes)
-            for s in range(0, n, self.group):
-                idx = tuple(range(s, min(s + self.group, n)))
+        launches = plan["groups"].get(key)
+        if launches is not None:
+            return launches
+        by_row: dict[Any, list[int]] = {}
+        for i, shape in enumerate(shapes):
+            by_row.setdefault(tuple(shape[1:]) if shape else None, []).append(i)
+        groups, position = [], []
+        for row, members in by_row.items():
+            for s in range(0, len(members), self.group):
+                idx = tuple(members[s : s + self.group])
                 sizes = [math.prod(shapes[i]) for i in idx]
                 starts = [0]
                 for size in sizes:
                     starts.append(starts[-1] + _blocks(size))
                 sig = base._replace(k=len(idx))
-                meta = mx.array(starts + sizes, dtype=mx.int32)
-                per = sig.per_leaf_outputs()
-                out_shapes = [shapes[i] for i in idx for _ in range(per)]
+                offsets = [sum(sizes[:q]) for q in range(len(idx))]
+                rows = [shapes[i][0] if shapes[i] else 1 for i in idx]
+                cuts = [sum(rows[: q + 1]) for q in range(len(idx) - 1)]
+                if sig.views:
+                    meta = mx.array(starts + sizes + offsets, dtype=mx.int32)
+                    out_shapes = [(sum(rows), *(row or ()))] * len(sig.output_names())
+                else:
+                    meta = mx.array(starts + sizes, dtype=mx.int32)
+                    per = sig.per_leaf_outputs()
+                    out_shapes = [shapes[i] for _ in range(per) for i in idx]
+                dtypes = [mx.float32] * len(out_shapes)
+                take = _taker(idx)
                 groups.append(
-                    _Group(sig, idx, meta, starts[-1], out_shapes, [mx.float32] * len(out_shapes))
+                    _Group(sig, idx, take, meta, starts[-1], out_shapes, dtypes, cuts, row is None)
                 )
-            plan["groups"][key] = groups
-        return groups
+                position += idx
+        inverse = [0] * len(position)
+        for q, i in enumerate(position):
+            inverse[i] = q
+        launches = plan["groups"][key] = _Launches(groups, _taker(tuple(inverse)))
+        return launches
 
     # -- the step --------------------------------------------------------------------------------
 
-    def _launch(self, group: _Group, inputs: list[mx.array]) -> list[mx.array]:
+    def _launch(self, group: _Group, inputs: list[mx.array]) -> list[list[mx.array]]:
+        """The group's new leaves, per kind (p', moments', acc'), each in the group's order."""
+        sig = group.sig
         if self.backend == "emulate":
-            return emulate(group.sig, inputs, group.shapes)
-        kern = make_kernel(group.sig, self.backend)
-        return kern(
-            inputs=inputs,
-            grid=(group.blocks * TPB, 1, 1),
-            threadgroup=(TPB, 1, 1),
-            output_shapes=group.shapes,
-            output_dtypes=group.dtypes,
-        )
+            out = emulate(sig._replace(views=False), inputs)
+            if sig.views:  # the flat buffers the kernel would write
+                out = [
+                    mx.concatenate(
+                        [x.reshape(-1) for x in out[o * sig.k : (o + 1) * sig.k]]
+                    ).reshape(group.shapes[0])
+                    for o in range(sig.per_leaf_outputs())
+                ]
+        else:
+            out = make_kernel(sig, self.backend)(
+                inputs=inputs,
+                grid=(group.blocks * TPB, 1, 1),
+                threadgroup=(TPB, 1, 1),
+                output_shapes=group.shapes,
+                output_dtypes=group.dtypes,
+            )
+        if not sig.views:
+            k = sig.k
+            return [out[o * k : (o + 1) * k] for o in range(len(out) // k)]
+        # each leaf a view of the flat outputs (one split per kind): no copy, no allocation
+        kinds = [mx.split(buf, group.cuts, axis=0) if group.cuts else [buf] for buf in out]
+        if group.scalar:
+            kinds = [[x.reshape(()) for x in kind] for kind in kinds]
+        return kinds
 
     def _run_tier(
         self,
@@ -624,7 +695,7 @@ class MultiTensorStep(CompiledStep):
         moments = []
         for tree in inner_state[0]:
             leaves = tier.get(tree)
-            if leaves is None or not self._float32_like(leaves, tier.shapes):
+            if leaves is None or not self._checked(("m", k, len(moments)), leaves, tier.shapes):
                 raise _Mismatch
             moments.append(leaves)
         mean = acc is not None and self.spec.reduce == "mean"
@@ -637,67 +708,68 @@ class MultiTensorStep(CompiledStep):
             post is not None,
             acc is not None,
             mean,
+            self.views,
         )
         hp = _scalars(spec, step, post, float(tier.freq))
-        nm = len(moments)
-        new_p: list[Any] = [None] * len(p)
-        new_m: list[list[Any]] = [[None] * len(p) for _ in range(nm)]
-        new_a: list[Any] | None = [None] * len(p) if acc is not None else None
-        for grp in self._groups(plan, k, base, tier.shapes):
-            ins: list[mx.array] = []
-            for j in grp.leaves:
-                ins.append(p[j])
-                ins.append(g[j])
-                for mm in moments:
-                    ins.append(mm[j])
-                if acc is not None:
-                    ins.append(acc[j])
-            ins.append(hp)
-            ins.append(grp.meta)
-            out = self._launch(grp, ins)
-            per = grp.sig.per_leaf_outputs()
-            for q, j in enumerate(grp.leaves):
-                o = per * q
-                new_p[j] = out[o]
-                for i in range(nm):
-                    new_m[i][j] = out[o + 1 + i]
-                if new_a is not None:
-                    new_a[j] = out[o + 1 + nm]
+        launches = self._groups(plan, k, base, tier.shapes)
+        kinds = [p, g, *moments] + ([acc] if acc is not None else [])
+        outs = self._launch_all(launches, kinds, hp)
+        new_p, new_m = outs[0], outs[1 : 1 + len(moments)]
+        new_a = outs[-1] if acc is not None else None
+        for i, m in enumerate(new_m):
+            self._making[("m", k, i)] = m
         new_inner = (type(inner_state[0])(*(tier.build(m) for m in new_m)),) + inner_state[1:]
         return new_p, new_inner, new_a
 
-    def _accumulate(self, plan: Any, k: int, tier: _Tier, g: list, acc: list) -> list:
-        out_leaves: list[Any] = [None] * len(g)
-        hp = mx.array([0.0] * len(HP), dtype=mx.float32)
-        for grp in self._groups(plan, k, KernelSig(ACCUMULATE, 0), tier.shapes):
-            ins = []
-            for j in grp.leaves:
-                ins.append(g[j])
-                ins.append(acc[j])
+    def _launch_all(self, launches: _Launches, kinds: list[list], hp: mx.array) -> list[list]:
+        """Every launch of a tier over the leaves ``kinds`` (p, g, moments, acc, each in the
+        tier's order); the new leaves per output kind, in the tier's order."""
+        per_kind: list[list] | None = None
+        for grp in launches.groups:
+            ins: list[mx.array] = []
+            for leaves in kinds:
+                ins.extend(grp.take(leaves))
             ins.append(hp)
             ins.append(grp.meta)
             out = self._launch(grp, ins)
-            for q, j in enumerate(grp.leaves):
-                out_leaves[j] = out[q]
-        return out_leaves
+            if per_kind is None:
+                per_kind = [[] for _ in out]
+            for acc_list, new in zip(per_kind, out):
+                acc_list.extend(new)
+        assert per_kind is not None
+        return [list(launches.order(x)) for x in per_kind]
+
+    def _accumulate(self, plan: Any, k: int, tier: _Tier, g: list, acc: list) -> list:
+        hp = mx.array([0.0] * len(HP), dtype=mx.float32)
+        base = KernelSig(ACCUMULATE, 0, views=self.views)
+        return self._launch_all(self._groups(plan, k, base, tier.shapes), [g, acc], hp)[0]
 
     @staticmethod
     def _float32_like(leaves: list, shapes: list) -> bool:
-        return list(map(_SHAPE, leaves)) == shapes and all(
-            d == mx.float32 for d in map(_DTYPE, leaves)
-        )
+        return list(map(_SHAPE, leaves)) == shapes and list(map(_DTYPE, leaves)) == [
+            mx.float32
+        ] * len(leaves)
+
+    def _checked(self, role: Any, leaves: list, shapes: list) -> bool:
+        """Float32 leaves of ``shapes``: the very arrays the last step made for ``role``
+        (one identity test each), or checked shape and dtype."""
+        made = self._made.get(role)
+        if made is not None and len(made) == len(leaves) and all(map(is_, leaves, made)):
+            return True
+        return self._float32_like(leaves, shapes)
 
     def _step(self, state: TrainState, grads: Grads) -> TrainState | None:
         step = state.step
         s = int(step if isinstance(step, int) else static_step(step))
         plan, p_leaves = self._plan(state.params)
-        g_leaves = leaf_getter(plan["td"], False)(grads)
+        g_leaves = plan["get"](grads)
         if g_leaves is None:
             return None
-        if not self._float32_like(p_leaves, plan["shapes"]) or not self._float32_like(
+        if not self._checked("p", p_leaves, plan["shapes"]) or not self._float32_like(
             g_leaves, plan["shapes"]
         ):
             return None
+        self._making = {}
         phase = self.opt.phase(s)
         key = (id(plan), phase)
         spec = self.spec
@@ -705,11 +777,15 @@ class MultiTensorStep(CompiledStep):
             new_p, new_state, _ = self._run_tier(
                 plan, 0, plan["tiers"][0], p_leaves, g_leaves, state.opt_state, None, s, None
             )
+            self._making["p"] = new_p
             new = TrainState(plan["build"](new_p), new_state, state.step + 1)
         else:
             new = self._nested_step(state, p_leaves, g_leaves, s, plan)
         if key not in self.keys:
             new = self._self_check(key, state, grads, new)
+            if key not in self.keys:  # the eager result: nothing of ours to trust
+                self._making = {}
+        self._made, self._making = self._making, {}
         return new
 
     def _nested_step(
@@ -737,10 +813,14 @@ class MultiTensorStep(CompiledStep):
             acc = None
             if f > 1:
                 acc = tier.get(nst.acc[k])
-                if acc is None or not self._float32_like(acc, tier.shapes):
+                if acc is None or not self._checked(("a", k), acc, tier.shapes):
                     raise _Mismatch
             if (s + 1) % f != 0:  # inactive: add to the chunk sum; params stay as they are
-                accs[k] = tier.build(self._accumulate(plan, k, tier, g, acc))
+                new_acc = self._making[("a", k)] = self._accumulate(plan, k, tier, g, acc)
+                accs[k] = tier.build(new_acc)
+                if ("m", k, 0) in self._made:  # the tier's moments stay as they are
+                    for i in range(len(nst.inner[k][0])):
+                        self._making[("m", k, i)] = self._made[("m", k, i)]
                 continue
             upd, inner[k], new_acc = self._run_tier(
                 plan, k, tier, p, g, nst.inner[k], acc, s // f, post
@@ -749,9 +829,11 @@ class MultiTensorStep(CompiledStep):
                 new_p[i] = x
             if new_acc is not None:
                 accs[k] = tier.build(new_acc)
+                self._making[("a", k)] = new_acc
             counts[k] = nst.count[k] + 1
         new_nst = nst._replace(inner=tuple(inner), acc=tuple(accs), count=tuple(counts))
         new_state = (new_nst, ost[1]) if spec.post is not None else new_nst
+        self._making["p"] = new_p
         return TrainState(plan["build"](new_p), new_state, state.step + 1)
 
     def _self_check(self, key: Any, state: TrainState, grads: Grads, new: TrainState) -> TrainState:
@@ -781,25 +863,27 @@ class MultiTensorStep(CompiledStep):
         return new
 
 
-def emulate(sig: KernelSig, inputs: list[mx.array], shapes: list[Any]) -> list[mx.array]:
-    """The kernel's result for ``sig`` computed with MLX operations in the kernel's order (the
-    CPU tests' stand-in for the GPU: same inputs, ``hp`` and ``meta``, same outputs)."""
+def emulate(sig: KernelSig, inputs: list[mx.array]) -> list[mx.array]:
+    """The kernel's outputs for ``sig`` (without ``views``: per leaf, kind-major) computed
+    with MLX operations in the kernel's order: the CPU tests' stand-in for the GPU, same
+    inputs, ``hp`` and ``meta``."""
     hp, meta = inputs[-2], inputs[-1]
     v = dict(zip(HP, (hp[i] for i in range(len(HP)))))
-    ins_per = len(sig.input_names()[:-2]) // sig.k
-    sizes = meta.tolist()[sig.k + 1 :]
-    out: list[mx.array] = []
-    for j in range(sig.k):
-        leaf = inputs[ins_per * j : ins_per * (j + 1)]
-        if int(math.prod(leaf[0].shape)) != sizes[j]:
+    k = sig.k
+    names = _leaf_params(sig)[0]
+    leaf = {n: inputs[q * k : (q + 1) * k] for q, n in enumerate(names)}
+    sizes = meta.tolist()[k + 1 : 2 * k + 1]
+    outs: dict[str, list[mx.array]] = {n: [] for n in _leaf_params(sig)[1]}
+    for j in range(k):
+        if int(math.prod(leaf["g"][j].shape)) != sizes[j]:
             raise ValueError("emulate: meta does not match the leaf sizes")
         if sig.algo == ACCUMULATE:
-            out.append(leaf[1] + leaf[0])
+            outs["ao"].append(leaf["a"][j] + leaf["g"][j])
             continue
-        p, g = leaf[0], leaf[1]
-        ms = leaf[2 : 2 + sig.moments()]
+        p, g = leaf["p"][j], leaf["g"][j]
+        ms = [leaf[f"m{i}"][j] for i in range(sig.moments())]
         if sig.acc:
-            s = leaf[-1] + g
+            s = leaf["a"][j] + g
             g = s / v["FREQ"] if sig.mean else s
         if sig.algo == ADAM:
             m = v["B1"] * ms[0] + v["OMB1"] * g
@@ -821,11 +905,12 @@ def emulate(sig: KernelSig, inputs: list[mx.array], shapes: list[Any]) -> list[m
         u = u * v["NEG"]
         if sig.post:
             u = u * v["POST"]
-        out.append(p + u)
-        out.extend(new_m)
+        outs["po"].append(p + u)
+        for i, x in enumerate(new_m):
+            outs[f"mo{i}"].append(x)
         if sig.acc:
-            out.append(mx.zeros_like(p))
-    return out
+            outs["ao"].append(mx.zeros_like(p))
+    return [x for n in _leaf_params(sig)[1] for x in outs[n]]
 
 
 def compile_step(opt: Optimizer, shapeless: bool = False) -> MultiTensorStep:

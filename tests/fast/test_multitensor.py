@@ -72,8 +72,8 @@ def _leaves(state: TrainState) -> list:
     return flatten({"p": state.params, "s": state.opt_state})[0]
 
 
-def _run(opt, steps: int, group: int, backend: str = "emulate"):
-    step = mt.MultiTensorStep(opt, backend_name=backend, group=group)
+def _run(opt, steps: int, group: int, backend: str = "emulate", views: bool = True):
+    step = mt.MultiTensorStep(opt, backend_name=backend, group=group, views=views)
     params = _params()
     a = b = init(opt, params)
     for i in range(steps):
@@ -85,13 +85,15 @@ def _run(opt, steps: int, group: int, backend: str = "emulate"):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("group", [1, 5, 64])
-def test_emulated_step_equals_apply_gradients(name: str, group: int) -> None:
+@pytest.mark.parametrize("views", [True, False])
+def test_emulated_step_equals_apply_gradients(name: str, group: int, views: bool) -> None:
     """Over 8 steps (every phase of the tiers), the multi-tensor plumbing gives the eager
-    result bit for bit (the stand-in rounds as the kernel does) in the tree layout."""
+    result bit for bit (the stand-in rounds as the kernel does) in the tree layout, whether
+    the leaves come back as views of flat outputs or as outputs of their own."""
     opt = OPTIMIZERS[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        step, a, b = _run(opt, 8, group)
+        step, a, b = _run(opt, 8, group, views=views)
     assert not step.off and step.multitensor_steps >= 1
     la, lb = _leaves(a), _leaves(b)
     assert flatten(a.opt_state)[1] == flatten(b.opt_state)[1]
@@ -107,7 +109,8 @@ GPU = mt.backend()
 
 @pytest.mark.skipif(GPU is None, reason="needs a GPU (MLX's CUDA or Metal backend)")
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_gpu_kernels_equal_apply_gradients(name: str) -> None:
+@pytest.mark.parametrize("views", [True, False])
+def test_gpu_kernels_equal_apply_gradients(name: str, views: bool) -> None:
     """On the GPU, the generated kernels over 8 steps: the eager result to float32 rounding
     (bit for bit where MLX's own kernels round each operation once), the tree layout, and no
     fallback (the self-check passed)."""
@@ -115,7 +118,7 @@ def test_gpu_kernels_equal_apply_gradients(name: str) -> None:
     with mx.stream(mx.gpu):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            step, a, b = _run(opt, 8, 5, backend=GPU)
+            step, a, b = _run(opt, 8, 5, backend=GPU, views=views)
         assert not step.off and step.multitensor_steps >= 1
         assert flatten(a.opt_state)[1] == flatten(b.opt_state)[1]
         for x, y in zip(_leaves(a), _leaves(b)):
@@ -141,8 +144,8 @@ def test_self_check_mismatch_warns_once_and_returns_eager(monkeypatch) -> None:
 
     right = mt.emulate
 
-    def wrong(sig, inputs, shapes):
-        return [x * 0 for x in right(sig, inputs, shapes)]
+    def wrong(sig, inputs):
+        return [x * 0 for x in right(sig, inputs)]
 
     monkeypatch.setattr(mt, "emulate", wrong)
     opt = adam(1e-2)
@@ -223,6 +226,7 @@ SIGS = st.builds(
     post=st.booleans(),
     acc=st.booleans(),
     mean=st.booleans(),
+    views=st.booleans(),
 )
 
 
@@ -239,10 +243,11 @@ def test_generated_sources(sig: mt.KernelSig) -> None:
         assert re.search(r"(?<![A-Za-z0-9_])(MUL|ADD|DIV|SQRT)\(", text) is None
         assert text.count("(") == text.count(")") and text.count("{") == text.count("}")
         assert src.count("case ") == sig.k
+        assert ("+ off" in src) == sig.views
         names = set(sig.input_names()) | set(sig.output_names())
         for call in re.findall(r"nf_leaf\(([^)]*)\)", src):
             for arg in call.split(", ")[:-4]:
-                assert arg in names
+                assert arg.removesuffix(" + off") in names
         if backend == "cuda":
             body = header.split("{", 1)[1]
             # no bare float arithmetic that the compiler could contract into an FMA
@@ -274,6 +279,7 @@ def test_generated_cuda_compiles_as_cpp(tmp_path) -> None:
         mt.KernelSig(1, 2, has_wd=True),
         mt.KernelSig(2, 4, nesterov=True),
         mt.KernelSig(mt.ACCUMULATE, 2),
+        mt.KernelSig(0, 3, acc=True, views=False),
     ):
         header, src = mt.kernel_source(sig, "cuda")
         types = {n: "const float*" for n in sig.input_names()}
