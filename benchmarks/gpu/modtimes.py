@@ -19,6 +19,7 @@ def pytest_runtest_logreport(report: Any) -> None:
         row[report.outcome] = row.get(report.outcome, 0) + 1
         if report.outcome == "failed":
             row.setdefault("failures", []).append(report.nodeid)
+            row.setdefault("why", []).append(str(report.longrepr)[-1500:])
     path = os.environ.get("MODTIMES_JSON")
     if path:
         with open(path, "w") as f:

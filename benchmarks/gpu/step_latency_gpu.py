@@ -174,6 +174,12 @@ def main() -> None:
     ap.add_argument("--opts", default="adam,adamw,lion,momentum")
     ap.add_argument("--groups", default="8,16,32,64,112")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--mlx-peers-for",
+        default="adam,adamw,lion,momentum",
+        help="optimizers also timed as the MLX graph and packed=True (slow to build)",
+    )
+    ap.add_argument("--nested-graph", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="gpu", help="cpu: a smoke run of the script only")
     a = ap.parse_args()
     mx.set_default_device(mx.gpu if a.device == "gpu" else mx.cpu)
@@ -204,6 +210,8 @@ def main() -> None:
                 "torch_foreach": lambda n=name, p=params, g=grads: make_torch(p, g, n, "foreach"),
                 "optax": lambda n=name, p=params, g=grads: make_optax(p, g, n),
             }
+            if name not in a.mlx_peers_for.split(","):
+                del makers["graph"], makers["packed"]
             row, info = race(makers, R, N, W, f"{tree}/{name}")
             row["info"] = info.get("default", {})
             rows[name] = row
@@ -222,12 +230,17 @@ def main() -> None:
         "nested_adam_graph": lambda: make_nf(params, grads, nested_adam(1e-3, (1, 2, 4)), "graph"),
         "adam_graph": lambda: make_nf(params, grads, NF_OPTS["adam"](), "graph"),
     }
+    if not a.nested_graph:
+        del makers["nested_adam_graph"], makers["adam_graph"]
     # iters a multiple of the period (4), warm-up too: every median pools whole periods
     row, info = race(makers, R, 4 * (N // 4), 4, "nested")
     result["nested_adam_lora"] = row
     result["nested_checks"] = info.get("nested_adam_default", {})
     print("nested_adam (1,2,4) LoRA, mean over periods:", row, flush=True)
 
+    if a.json:  # written now too: the sweep below may be cut off by a time limit
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
     # the launch layout of the default Adam step on the LoRA tree: leaves per launch, views
     makers = {}
     for gsz in [int(x) for x in a.groups.split(",") if x]:
