@@ -35,7 +35,10 @@ ONE ``RuntimeWarning``, and the MLX graph serves from then on (that first step r
 eager result).  The CUDA kernels are tested on an NVIDIA GPU (``benchmarks/gpu/``); the Metal
 twin cannot run in CI: it is checked only by this run-time self-check, on the user's Mac.
 Only float32 params, gradients and moments take the kernels; any other call (other dtypes, a
-mask, a shapeless step, a CPU default device) runs the MLX graph.  ``NESTEDFN_MULTITENSOR=0``
+mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's shape and dtype
+is checked before a launch, except the very arrays the previous step made (an identity test:
+the step holds on to them until its next call, so a state dropped by the caller stays alive
+until then).  ``NESTEDFN_MULTITENSOR=0``
 turns it off.
 """
 

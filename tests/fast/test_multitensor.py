@@ -139,6 +139,22 @@ def test_nested_inactive_tier_keeps_its_arrays_and_tier_stats() -> None:
     assert [r.updates for r in tier_stats(s1.opt_state)] == [1, 0]
 
 
+def test_a_replaced_leaf_is_checked_again() -> None:
+    """The step trusts only the very arrays it made: a moment swapped for a bfloat16 array
+    after a served step sends the call to the MLX graph (no kernel reads it as float32)."""
+    opt = adam(1e-2)
+    step = mt.MultiTensorStep(opt, backend_name="emulate")
+    params = _params()
+    s1 = step(init(opt, params), _grads(params, 1))
+    served = step.multitensor_steps
+    mu = s1.opt_state[0].mu
+    mu["head"] = mu["head"].astype(mx.bfloat16)
+    calls = []
+    step._launch = lambda *a: calls.append(a)  # must not be reached
+    step(s1, _grads(params, 2))
+    assert not calls and step.multitensor_steps == served and not step.off
+
+
 def test_self_check_mismatch_warns_once_and_returns_eager(monkeypatch) -> None:
     """A kernel that computes something else: one warning, the eager result, the graph after."""
 
