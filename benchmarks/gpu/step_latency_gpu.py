@@ -46,17 +46,17 @@ def _timed(step, iters: int) -> list[float]:
     return out
 
 
-def make_nf(params, grads, opt, kind: str, group: int | None = None, views: bool | None = None):
+def make_nf(params, grads, opt, kind: str, group: int | None = None):
     """(step, info) for nestedfn's ``kind``: default, graph (the MLX graph, the GPU default
-    before), packed; ``group``/``views`` pick the multi-tensor step's launch layout."""
+    before), packed; ``group`` sets the multi-tensor step's leaves per launch."""
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
     elif kind == "graph":
         fn = nf.compile_step(opt, native=False)
         state = nf.init(opt, params)
-    elif group is not None or views is not None:
-        fn = mt.MultiTensorStep(opt, group=group, views=views)
+    elif group is not None:
+        fn = mt.MultiTensorStep(opt, group=group)
         state = nf.init(opt, params)
     else:
         fn = nf.compile_step(opt)
@@ -73,7 +73,6 @@ def make_nf(params, grads, opt, kind: str, group: int | None = None, views: bool
         return {
             "multitensor": not fn.off and fn.multitensor_steps > 0,
             "group": fn.group,
-            "views": fn.views,
             "checks": [(repr(k), w, same) for k, w, same in fn.checks],
         }
 
@@ -241,13 +240,10 @@ def main() -> None:
     if a.json:  # written now too: the sweep below may be cut off by a time limit
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
-    # the launch layout of the default Adam step on the LoRA tree: leaves per launch, views
+    # the launch layout of the default Adam step on the LoRA tree: leaves per launch
     makers = {}
     for gsz in [int(x) for x in a.groups.split(",") if x]:
-        for views in (True, False):
-            makers[f"group {gsz} views {views}"] = lambda g=gsz, v=views: make_nf(
-                params, grads, NF_OPTS["adam"](), "d", g, v
-            )
+        makers[f"group {gsz}"] = lambda g=gsz: make_nf(params, grads, NF_OPTS["adam"](), "d", g)
     row, info = race(makers, R, N, W, "sweep")
     result["launch_sweep_lora_adam"] = row
     print("launch layout (LoRA Adam ms):", row, flush=True)

@@ -7,11 +7,11 @@ launch (``mx.fast.cuda_kernel`` on CUDA, ``mx.fast.metal_kernel`` on Apple silic
 generated source for both): each leaf is read where it lies (no gather, no packed buffer),
 and the new state comes back in the tree layout ``opt.init`` makes (checkpoints, ``tier_stats``
 and resume see nothing new).  Leaves of one row shape (``shape[1:]``) share a launch, at most
-``NESTEDFN_MT_GROUP`` (default 32) of them; the launch writes one flat output per kind (params,
+``GROUP`` (32) of them; the launch writes one flat output per kind (params,
 moments, chunk sums) and the new leaves are views of it (one ``mx.split`` per kind).  On
 MLX's CUDA backend every array a kernel allocates costs far more than its arithmetic: with
 one output per leaf the LoRA tree's Adam step took 17.9 ms on an H100, with views 4.1 ms
-(``NESTEDFN_MT_VIEWS=0`` gives the per-leaf outputs; ``benchmarks/gpu/``).
+(``benchmarks/gpu/``).
 
 Per leaf and element, with every operation rounded as the eager ``apply_gradients`` rounds it
 (``__fmul_rn``/``__fadd_rn``/``__fdiv_rn``/``__fsqrt_rn`` on CUDA: no contraction into FMA;
@@ -38,15 +38,13 @@ Only float32 params, gradients and moments take the kernels; any other call (oth
 mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's shape and dtype
 is checked before a launch, except the very arrays the previous step made (an identity test:
 the step holds on to them until its next call, so a state dropped by the caller stays alive
-until then).  ``NESTEDFN_MULTITENSOR=0``
-turns it off.
+until then).  ``NESTEDFN_NATIVE=0`` (the native steps' kill switch) turns it off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable
@@ -56,6 +54,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn.fast.compile import CompiledStep
+from nestedfn.fast.native import native_enabled
 from nestedfn.optim.core import Grads, Optimizer, TrainState, apply_gradients, static_step
 from nestedfn.optim.fused import ADAM, LION, MOMENTUM, ElementwiseSpec, NestedSpec, describe
 from nestedfn.optim.transforms import _bias_correction
@@ -70,6 +69,7 @@ __all__ = [
     "supports",
 ]
 
+GROUP = 32  # leaves per launch at most
 TPB = 256  # threads per block (threadgroup)
 MAX_BLOCKS = 1024  # per leaf; larger leaves loop (grid stride within the leaf's blocks)
 ACCUMULATE = 3  # the kernel of an inactive nested tier: acc' = acc + g
@@ -77,22 +77,6 @@ _RTOL = 1e-5  # the self-check: max |kernel - eager| <= _RTOL * max |eager|, lea
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 _WARNED: set[str] = set()
-
-
-def _enabled() -> bool:
-    return os.environ.get("NESTEDFN_MULTITENSOR", "1").strip().lower() not in (
-        "0",
-        "false",
-        "no",
-        "off",
-    )
-
-
-def _group_size() -> int:
-    try:
-        return max(1, int(os.environ.get("NESTEDFN_MT_GROUP", "32")))
-    except ValueError:
-        return 32
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -118,8 +102,8 @@ def backend() -> str | None:
 
 def supports(opt: Optimizer) -> bool:
     """Whether ``opt`` is one the multi-tensor step knows (an ``ElementwiseSpec``, or nested
-    tiers of such optimizers) and it is not turned off (``NESTEDFN_MULTITENSOR=0``)."""
-    if not _enabled():
+    tiers of such optimizers) and it is not turned off (``NESTEDFN_NATIVE=0``)."""
+    if not native_enabled():
         return False
     spec = describe(opt)
     if isinstance(spec, NestedSpec):
@@ -141,7 +125,6 @@ class KernelSig(NamedTuple):
     post: bool = False  # multiply by a global schedule value (nested_adam)
     acc: bool = False  # read a chunk sum (and write it back zeroed)
     mean: bool = False  # divide the chunk sum by the tier's frequency
-    views: bool = True  # one flat output per kind (p', m', v', acc'); leaves are views of it
 
     def moments(self) -> int:
         return {ADAM: 2, LION: 1, MOMENTUM: 1, ACCUMULATE: 0}[self.algo]
@@ -157,18 +140,15 @@ class KernelSig(NamedTuple):
 
     def output_names(self) -> list[str]:
         """Kind-major: every leaf's p', then moments', chunk sums' (the accumulate kernel:
-        acc'); with ``views``, one flat buffer per kind, leaf j at its offset."""
-        outs = _leaf_params(self)[1]
-        if self.views:
-            return outs
-        return [_global_name(self, n, j, out=True) for n in outs for j in range(self.k)]
+        acc'), one flat buffer per kind, leaf j at its offset."""
+        return _leaf_params(self)[1]
 
     def per_leaf_outputs(self) -> int:
         return 1 if self.algo == ACCUMULATE else 1 + self.moments() + int(self.acc)
 
     def meta_size(self) -> int:
-        """``meta``: k + 1 block offsets, k leaf sizes, and with ``views`` k element offsets."""
-        return 2 * self.k + 1 + (self.k if self.views else 0)
+        """``meta``: k + 1 block offsets, k leaf sizes, k element offsets."""
+        return 3 * self.k + 1
 
 
 # the scalars (a float32 input ``hp``), computed in Python as the eager transforms compute them
@@ -296,7 +276,7 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
     ``sig.output_names()``.
 
     Block ``b`` of the 1-D grid belongs to leaf ``j`` with ``meta[j] <= b < meta[j + 1]``
-    (``meta``: the ``k + 1`` block offsets, the ``k`` leaf sizes, with ``views`` the ``k``
+    (``meta``: the ``k + 1`` block offsets, the ``k`` leaf sizes, the ``k``
     offsets of the leaves in the flat outputs); the leaf's blocks stride over its elements.  Deterministic: the same ``sig`` gives the same text."""
     ops = _OPS[backend]
     ins, outs = _leaf_params(sig)
@@ -321,10 +301,7 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
     for j in range(sig.k):
         lin, lout = _leaf_params(sig)
         args = [_global_name(sig, n, j, out=False) for n in lin]
-        if sig.views:
-            args += [f"{n} + off" for n in lout]
-        else:
-            args += [_global_name(sig, n, j, out=True) for n in lout]
+        args += [f"{n} + off" for n in lout]
         cases.append(f"    case {j}: nf_leaf({', '.join(args)}, hp, n, i0, st); break;")
     size = ops["SIZE"]
     src = "\n".join(
@@ -337,7 +314,7 @@ def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
             f"  const {size} n = ({size})meta[{sig.k} + 1 + lo];",
             f"  const {size} st = ({size})(meta[lo + 1] - meta[lo]) * {TPB};",
             f"  const {size} i0 = ({size})(b - meta[lo]) * {TPB} + ({size}){ops['THREAD']};",
-            *([f"  const {size} off = ({size})meta[{2 * sig.k} + 1 + lo];"] if sig.views else []),
+            f"  const {size} off = ({size})meta[{2 * sig.k} + 1 + lo];",
             "  switch (lo) {",
             *cases,
             "    default: break;",
@@ -430,10 +407,6 @@ def _taker(idx: tuple[int, ...]) -> Callable[[list], tuple]:
     return itemgetter(*idx)
 
 
-def _views_default() -> bool:
-    return os.environ.get("NESTEDFN_MT_VIEWS", "1").strip() != "0"
-
-
 def _blocks(n: int) -> int:
     return max(1, min(MAX_BLOCKS, -(-n // TPB)))
 
@@ -509,14 +482,12 @@ class MultiTensorStep(CompiledStep):
         opt: Optimizer,
         shapeless: bool = False,
         backend_name: str | None = None,
-        group: int | None = None,
-        views: bool | None = None,
+        group: int = GROUP,
     ):
         super().__init__(opt, shapeless=shapeless, native=False)
         self.spec = describe(opt)
         self.backend = backend_name or backend()
-        self.group = group or _group_size()
-        self.views = _views_default() if views is None else views
+        self.group = group
         self.keys: set[Any] = set()
         self.checks: list[tuple[Any, float, bool]] = []
         self.off = self.backend is None or not supports(opt)
@@ -558,7 +529,7 @@ class MultiTensorStep(CompiledStep):
         _warn_once(
             why,
             f"nestedfn: {why}; compile_step runs the MLX graph for this optimizer from now on "
-            "(results are unaffected; set NESTEDFN_MULTITENSOR=0 to skip the kernels)",
+            "(results are unaffected; NESTEDFN_NATIVE=0 skips the kernels)",
         )
 
     # -- plans ---------------------------------------------------------------------------------
@@ -628,13 +599,8 @@ class MultiTensorStep(CompiledStep):
                 offsets = [sum(sizes[:q]) for q in range(len(idx))]
                 rows = [shapes[i][0] if shapes[i] else 1 for i in idx]
                 cuts = [sum(rows[: q + 1]) for q in range(len(idx) - 1)]
-                if sig.views:
-                    meta = mx.array(starts + sizes + offsets, dtype=mx.int32)
-                    out_shapes = [(sum(rows), *(row or ()))] * len(sig.output_names())
-                else:
-                    meta = mx.array(starts + sizes, dtype=mx.int32)
-                    per = sig.per_leaf_outputs()
-                    out_shapes = [shapes[i] for _ in range(per) for i in idx]
+                meta = mx.array(starts + sizes + offsets, dtype=mx.int32)
+                out_shapes = [(sum(rows), *(row or ()))] * len(sig.output_names())
                 dtypes = [mx.float32] * len(out_shapes)
                 take = _taker(idx)
                 groups.append(
@@ -653,14 +619,7 @@ class MultiTensorStep(CompiledStep):
         """The group's new leaves, per kind (p', moments', acc'), each in the group's order."""
         sig = group.sig
         if self.backend == "emulate":
-            out = emulate(sig._replace(views=False), inputs)
-            if sig.views:  # the flat buffers the kernel would write
-                out = [
-                    mx.concatenate(
-                        [x.reshape(-1) for x in out[o * sig.k : (o + 1) * sig.k]]
-                    ).reshape(group.shapes[0])
-                    for o in range(sig.per_leaf_outputs())
-                ]
+            out = [x.reshape(group.shapes[0]) for x in emulate(sig, inputs)]
         else:
             out = make_kernel(sig, self.backend)(
                 inputs=inputs,
@@ -669,9 +628,6 @@ class MultiTensorStep(CompiledStep):
                 output_shapes=group.shapes,
                 output_dtypes=group.dtypes,
             )
-        if not sig.views:
-            k = sig.k
-            return [out[o * k : (o + 1) * k] for o in range(len(out) // k)]
         # each leaf a view of the flat outputs (one split per kind): no copy, no allocation
         kinds = [mx.split(buf, group.cuts, axis=0) if group.cuts else [buf] for buf in out]
         if group.scalar:
@@ -714,7 +670,6 @@ class MultiTensorStep(CompiledStep):
             post is not None,
             acc is not None,
             mean,
-            self.views,
         )
         hp = _scalars(spec, step, post, float(tier.freq))
         launches = self._groups(plan, k, base, tier.shapes)
@@ -747,7 +702,7 @@ class MultiTensorStep(CompiledStep):
 
     def _accumulate(self, plan: Any, k: int, tier: _Tier, g: list, acc: list) -> list:
         hp = mx.array([0.0] * len(HP), dtype=mx.float32)
-        base = KernelSig(ACCUMULATE, 0, views=self.views)
+        base = KernelSig(ACCUMULATE, 0)
         return self._launch_all(self._groups(plan, k, base, tier.shapes), [g, acc], hp)[0]
 
     @staticmethod
@@ -870,7 +825,7 @@ class MultiTensorStep(CompiledStep):
 
 
 def emulate(sig: KernelSig, inputs: list[mx.array]) -> list[mx.array]:
-    """The kernel's outputs for ``sig`` (without ``views``: per leaf, kind-major) computed
+    """The kernel's flat outputs for ``sig`` (1-D, one per kind, leaf after leaf) computed
     with MLX operations in the kernel's order: the CPU tests' stand-in for the GPU, same
     inputs, ``hp`` and ``meta``."""
     hp, meta = inputs[-2], inputs[-1]
@@ -916,7 +871,7 @@ def emulate(sig: KernelSig, inputs: list[mx.array]) -> list[mx.array]:
             outs[f"mo{i}"].append(x)
         if sig.acc:
             outs["ao"].append(mx.zeros_like(p))
-    return [x for n in _leaf_params(sig)[1] for x in outs[n]]
+    return [mx.concatenate([x.reshape(-1) for x in outs[n]]) for n in _leaf_params(sig)[1]]
 
 
 def compile_step(opt: Optimizer, shapeless: bool = False) -> MultiTensorStep:

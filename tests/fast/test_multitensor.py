@@ -72,8 +72,8 @@ def _leaves(state: TrainState) -> list:
     return flatten({"p": state.params, "s": state.opt_state})[0]
 
 
-def _run(opt, steps: int, group: int, backend: str = "emulate", views: bool = True):
-    step = mt.MultiTensorStep(opt, backend_name=backend, group=group, views=views)
+def _run(opt, steps: int, group: int, backend: str = "emulate"):
+    step = mt.MultiTensorStep(opt, backend_name=backend, group=group)
     params = _params()
     a = b = init(opt, params)
     for i in range(steps):
@@ -85,15 +85,14 @@ def _run(opt, steps: int, group: int, backend: str = "emulate", views: bool = Tr
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("group", [1, 5, 64])
-@pytest.mark.parametrize("views", [True, False])
-def test_emulated_step_equals_apply_gradients(name: str, group: int, views: bool) -> None:
+def test_emulated_step_equals_apply_gradients(name: str, group: int) -> None:
     """Over 8 steps (every phase of the tiers), the multi-tensor plumbing gives the eager
-    result bit for bit (the stand-in rounds as the kernel does) in the tree layout, whether
-    the leaves come back as views of flat outputs or as outputs of their own."""
+    result bit for bit (the stand-in rounds as the kernel does) in the tree layout, the new
+    leaves views of the launches' flat outputs."""
     opt = OPTIMIZERS[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        step, a, b = _run(opt, 8, group, views=views)
+        step, a, b = _run(opt, 8, group)
     assert not step.off and step.multitensor_steps >= 1
     la, lb = _leaves(a), _leaves(b)
     assert flatten(a.opt_state)[1] == flatten(b.opt_state)[1]
@@ -109,8 +108,7 @@ GPU = mt.backend()
 
 @pytest.mark.skipif(GPU is None, reason="needs a GPU (MLX's CUDA or Metal backend)")
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("views", [True, False])
-def test_gpu_kernels_equal_apply_gradients(name: str, views: bool) -> None:
+def test_gpu_kernels_equal_apply_gradients(name: str) -> None:
     """On the GPU, the generated kernels over 8 steps: the eager result to float32 rounding
     (bit for bit where MLX's own kernels round each operation once), the tree layout, and no
     fallback (the self-check passed)."""
@@ -118,7 +116,7 @@ def test_gpu_kernels_equal_apply_gradients(name: str, views: bool) -> None:
     with mx.stream(mx.gpu):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            step, a, b = _run(opt, 8, 5, backend=GPU, views=views)
+            step, a, b = _run(opt, 8, 5, backend=GPU)
         assert not step.off and step.multitensor_steps >= 1
         assert flatten(a.opt_state)[1] == flatten(b.opt_state)[1]
         for x, y in zip(_leaves(a), _leaves(b)):
@@ -227,9 +225,15 @@ def test_cpu_default_keeps_the_cpu_step() -> None:
             assert type(step) is CompiledStep
 
 
-def test_turned_off_by_environment(monkeypatch) -> None:
-    monkeypatch.setenv("NESTEDFN_MULTITENSOR", "0")
+def test_turned_off_by_the_native_kill_switch(monkeypatch) -> None:
+    """``NESTEDFN_NATIVE=0`` turns off the multi-tensor step as it turns off the native one."""
+    assert mt.supports(adam(1e-2))
+    monkeypatch.setenv("NESTEDFN_NATIVE", "0")
     assert not mt.supports(adam(1e-2))
+    step = mt.MultiTensorStep(adam(1e-2), backend_name="emulate")
+    params = _params()
+    step(init(adam(1e-2), params), _grads(params, 1))
+    assert step.off and step.multitensor_steps == 0
 
 
 SIGS = st.builds(
@@ -242,7 +246,6 @@ SIGS = st.builds(
     post=st.booleans(),
     acc=st.booleans(),
     mean=st.booleans(),
-    views=st.booleans(),
 )
 
 
@@ -259,7 +262,7 @@ def test_generated_sources(sig: mt.KernelSig) -> None:
         assert re.search(r"(?<![A-Za-z0-9_])(MUL|ADD|DIV|SQRT)\(", text) is None
         assert text.count("(") == text.count(")") and text.count("{") == text.count("}")
         assert src.count("case ") == sig.k
-        assert ("+ off" in src) == sig.views
+        assert src.count("+ off") == sig.k * len(sig.output_names())
         names = set(sig.input_names()) | set(sig.output_names())
         for call in re.findall(r"nf_leaf\(([^)]*)\)", src):
             for arg in call.split(", ")[:-4]:
@@ -295,7 +298,6 @@ def test_generated_cuda_compiles_as_cpp(tmp_path) -> None:
         mt.KernelSig(1, 2, has_wd=True),
         mt.KernelSig(2, 4, nesterov=True),
         mt.KernelSig(mt.ACCUMULATE, 2),
-        mt.KernelSig(0, 3, acc=True, views=False),
     ):
         header, src = mt.kernel_source(sig, "cuda")
         types = {n: "const float*" for n in sig.input_names()}
