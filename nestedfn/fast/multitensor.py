@@ -4,16 +4,15 @@
 describes (the native CPU step's spec: ``adam``, ``adamw``, ``lion``, ``momentum``, ``nested``
 over them, ``nested_adam``) through generated kernels that update a *group* of leaves per
 launch (``mx.fast.cuda_kernel`` on CUDA, ``mx.fast.metal_kernel`` on Apple silicon, one
-generated source for both): each leaf is read where it lies (no gather, no packed buffer),
-and the new state comes back in the tree layout ``opt.init`` makes (checkpoints, ``tier_stats``
-and resume see nothing new).  Leaves of one row shape (``shape[1:]``) share a launch, at most
-``GROUP`` (32) of them; the launch writes one flat output per kind (params,
-moments, chunk sums) and the new leaves are views of it (one ``mx.split`` per kind).  On
-MLX's CUDA backend every array a kernel allocates costs far more than its arithmetic: with
-one output per leaf the LoRA tree's Adam step took 17.9 ms on an H100, with views 4.1 ms
-(``benchmarks/gpu/``).
+generated source for both).  Each leaf is read where it lies (no gather, no packed buffer),
+and the new state comes back in the tree layout ``opt.init`` makes (checkpoints,
+``tier_stats`` and resume see nothing new).  Leaves of one row shape (``shape[1:]``) share a
+launch, at most ``GROUP`` of them; the launch writes one flat output per kind (params,
+moments, chunk sums) and the new leaves are views of it (one ``mx.split`` per kind), because
+MLX's CUDA backend pays far more per array a kernel allocates than for its arithmetic (the
+LoRA tree's Adam step on an H100: 4.1 ms with views, 17.9 ms with one output per leaf).
 
-Per leaf and element, with every operation rounded as the eager ``apply_gradients`` rounds it
+Per leaf and element, every operation rounded once as the eager ``apply_gradients`` rounds it
 (``__fmul_rn``/``__fadd_rn``/``__fdiv_rn``/``__fsqrt_rn`` on CUDA: no contraction into FMA;
 the scalars computed in Python from the integer step, as eagerly)::
 
@@ -32,13 +31,13 @@ Safety: the first step of every (structure, phase) is checked against the eager
 ``apply_gradients``; a mismatch beyond float32 rounding, a kernel that fails to compile or run,
 or any error of the kernel path turns the multi-tensor step off for this step function, with
 ONE ``RuntimeWarning``, and the MLX graph serves from then on (that first step returns the
-eager result).  The CUDA kernels are tested on an NVIDIA GPU (``benchmarks/gpu/``); the Metal
-twin cannot run in CI: it is checked only by this run-time self-check, on the user's Mac.
-Only float32 params, gradients and moments take the kernels; any other call (other dtypes, a
-mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's shape and dtype
-is checked before a launch, except the very arrays the previous step made (an identity test:
-the step holds on to them until its next call, so a state dropped by the caller stays alive
-until then).  ``NESTEDFN_NATIVE=0`` (the native steps' kill switch) turns it off.
+eager result).  The Metal twin cannot run in CI: only this self-check tests it, on the user's
+Mac.  Only float32 params, gradients and moments take the kernels; any other call (other
+dtypes, a mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's
+shape and dtype is checked before a launch, except the very arrays the previous step made (an
+identity test: the step holds on to them until its next call, so a state dropped by the
+caller stays alive until then).  ``NESTEDFN_NATIVE=0``, the native steps' kill switch, turns
+it off.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable
+from itertools import accumulate
 from operator import attrgetter, is_, itemgetter
 from typing import Any, NamedTuple
 
@@ -61,13 +61,7 @@ from nestedfn.optim.transforms import _bias_correction
 from nestedfn.tree import TreeDef, flatten
 from nestedfn.tree.codegen import leaf_getter, tree_builder
 
-__all__ = [
-    "KernelSig",
-    "MultiTensorStep",
-    "compile_step",
-    "kernel_source",
-    "supports",
-]
+__all__ = ["KernelSig", "MultiTensorStep", "compile_step", "kernel_source", "supports"]
 
 GROUP = 32  # leaves per launch at most
 TPB = 256  # threads per block (threadgroup)
@@ -86,17 +80,10 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def backend() -> str | None:
-    """``"cuda"``, ``"metal"`` or None (no GPU backend)."""
-    try:
-        if mx.metal.is_available():
-            return "metal"
-    except AttributeError:
-        pass
-    try:
-        if mx.cuda.is_available():
-            return "cuda"
-    except AttributeError:
-        pass
+    """``"metal"``, ``"cuda"`` or None (no GPU backend)."""
+    for name in ("metal", "cuda"):
+        if getattr(getattr(mx, name, None), "is_available", lambda: False)():
+            return name
     return None
 
 
@@ -126,35 +113,38 @@ class KernelSig(NamedTuple):
     acc: bool = False  # read a chunk sum (and write it back zeroed)
     mean: bool = False  # divide the chunk sum by the tier's frequency
 
-    def moments(self) -> int:
-        return {ADAM: 2, LION: 1, MOMENTUM: 1, ACCUMULATE: 0}[self.algo]
-
     def input_names(self) -> list[str]:
         """Kind-major: every leaf's p, then every g, moments, chunk sums (the accumulate
         kernel: g, acc); then hp, meta."""
         ins = _leaf_params(self)[0]
-        return [_global_name(self, n, j, out=False) for n in ins for j in range(self.k)] + [
-            "hp",
-            "meta",
-        ]
+        return [_arg(n, j) for n in ins for j in range(self.k)] + ["hp", "meta"]
 
     def output_names(self) -> list[str]:
-        """Kind-major: every leaf's p', then moments', chunk sums' (the accumulate kernel:
-        acc'), one flat buffer per kind, leaf j at its offset."""
+        """One flat buffer per kind, leaf j at its offset: p', moments', chunk sums' (the
+        accumulate kernel: acc')."""
         return _leaf_params(self)[1]
 
-    def per_leaf_outputs(self) -> int:
-        return 1 if self.algo == ACCUMULATE else 1 + self.moments() + int(self.acc)
 
-    def meta_size(self) -> int:
-        """``meta``: k + 1 block offsets, k leaf sizes, k element offsets."""
-        return 3 * self.k + 1
+def _leaf_params(sig: KernelSig) -> tuple[list[str], list[str]]:
+    """The per-leaf pointer names of the leaf function: (inputs, outputs)."""
+    if sig.algo == ACCUMULATE:
+        return ["g", "a"], ["ao"]
+    moments = {ADAM: 2, LION: 1, MOMENTUM: 1}[sig.algo]
+    acc = ["a"] if sig.acc else []
+    ins = ["p", "g"] + [f"m{i}" for i in range(moments)] + acc
+    return ins, ["po"] + [f"mo{i}" for i in range(moments)] + [f"{a}o" for a in acc]
+
+
+def _arg(local: str, j: int) -> str:
+    """The kernel input of leaf ``j`` for the leaf function's parameter ``local``."""
+    return f"{local}_{j}" if local[-1].isdigit() else f"{local}{j}"
 
 
 # the scalars (a float32 input ``hp``), computed in Python as the eager transforms compute them
 HP = ("B1", "OMB1", "B2", "OMB2", "EPS", "C1", "C2", "WD", "NEG", "POST", "FREQ")
 
-# arithmetic that rounds each operation once (no FMA contraction), per backend
+# what differs between the backends: arithmetic that rounds each operation once (no FMA
+# contraction), qualifiers and grid indices; the rest of the source is shared
 _OPS = {
     "cuda": {
         "MUL": "__fmul_rn({a}, {b})",
@@ -164,11 +154,8 @@ _OPS = {
         "DEV": "__device__ __forceinline__ ",
         "IN": "const float* __restrict__ ",
         "OUT": "float* __restrict__ ",
-        "CONST": "const float* __restrict__ ",
-        "META": "const int32_t* __restrict__ ",
         "BLOCK": "blockIdx.x",
         "THREAD": "threadIdx.x",
-        "SIZE": "size_t",
     },
     "metal": {
         "MUL": "(({a}) * ({b}))",
@@ -178,17 +165,15 @@ _OPS = {
         "DEV": "inline ",
         "IN": "const device float* ",
         "OUT": "device float* ",
-        "CONST": "const device float* ",
-        "META": "const device int32_t* ",
         "BLOCK": "threadgroup_position_in_grid.x",
         "THREAD": "thread_position_in_threadgroup.x",
-        "SIZE": "size_t",
     },
 }
 
 
 def _element_body(sig: KernelSig) -> list[str]:
-    """The per-element statements (C, shared by CUDA and Metal through MUL/ADD/DIV/SQRT)."""
+    """The per-element statements, in C with the pseudo-ops MUL/ADD/DIV/SQRT (spelled per
+    backend by ``_expand``; ``emulate`` runs them as MLX operations)."""
     if sig.algo == ACCUMULATE:
         return ["ao[i] = ADD(a[i], g[i]);"]
     lines = ["float gr = g[i];"]
@@ -225,124 +210,75 @@ def _element_body(sig: KernelSig) -> list[str]:
     return lines
 
 
-def _expand_inner(line: str, ops: dict[str, str]) -> str:
-    """Replace ``MUL(a, b)``, ``ADD(a, b)``, ``DIV(a, b)``, ``SQRT(a)`` by the backend's
-    spelling: innermost calls (no parenthesis in their arguments) first, each set aside as a
-    token ``@n@`` so that the calls around it become innermost in turn."""
+_INNERMOST = re.compile(r"(?<![A-Za-z0-9_])(MUL|ADD|DIV|SQRT)\(([^()]*)\)")
+
+
+def _expand(line: str, ops: dict[str, str]) -> str:
+    """``line`` with its pseudo-ops spelled as ``ops`` spells them: the innermost call (no
+    parenthesis in its arguments) first, set aside as a token ``@n@`` so that the call around
+    it becomes innermost in turn; the tokens are put back at the end."""
     done: list[str] = []
-    while True:
-        m = _INNERMOST.search(line)
-        if m is None:
-            break
-        args = _split_args(m.group(2))
-        done.append(ops[m.group(1)].format(**dict(zip(("a", "b"), args))))
-        line = line[: m.start()] + f"@{len(done) - 1}@" + line[m.end() :]
+    while m := _INNERMOST.search(line):
+        args = [x.strip() for x in m.group(2).split(",")]
+        done.append(ops[m.group(1)].format(**dict(zip("ab", args))))
+        line = f"{line[: m.start()]}@{len(done) - 1}@{line[m.end() :]}"
     while "@" in line:
         line = re.sub(r"@(\d+)@", lambda t: done[int(t.group(1))], line)
     return line
 
 
-_INNERMOST = re.compile(r"(?<![A-Za-z0-9_])(MUL|ADD|DIV|SQRT)\(([^()]*)\)")
-
-
-def _split_args(s: str) -> list[str]:
-    out, cur, depth = [], "", 0
-    for ch in s:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-            continue
-        cur += ch
-    out.append(cur.strip())
-    return out
-
-
-def _leaf_params(sig: KernelSig) -> tuple[list[str], list[str]]:
-    """The per-leaf pointer names of the leaf function: (inputs, outputs)."""
-    if sig.algo == ACCUMULATE:
-        return ["g", "a"], ["ao"]
-    ins = ["p", "g"] + [f"m{i}" for i in range(sig.moments())] + (["a"] if sig.acc else [])
-    outs = ["po"] + [f"mo{i}" for i in range(sig.moments())] + (["ao"] if sig.acc else [])
-    return ins, outs
-
-
 def kernel_source(sig: KernelSig, backend: str) -> tuple[str, str]:
     """``(header, body)`` of the kernel for ``sig`` on ``backend`` (``"cuda"`` or ``"metal"``),
     for ``mx.fast.cuda_kernel``/``metal_kernel`` with ``sig.input_names()`` and
-    ``sig.output_names()``.
+    ``sig.output_names()``; the same ``sig`` gives the same text.
 
     Block ``b`` of the 1-D grid belongs to leaf ``j`` with ``meta[j] <= b < meta[j + 1]``
-    (``meta``: the ``k + 1`` block offsets, the ``k`` leaf sizes, the ``k``
-    offsets of the leaves in the flat outputs); the leaf's blocks stride over its elements.  Deterministic: the same ``sig`` gives the same text."""
-    ops = _OPS[backend]
+    (``meta``: the ``k + 1`` block offsets, the ``k`` leaf sizes, the ``k`` offsets of the
+    leaves in the flat outputs); the leaf's blocks stride over its elements."""
+    ops, k = _OPS[backend], sig.k
     ins, outs = _leaf_params(sig)
-    params = [ops["IN"] + n for n in ins] + [ops["OUT"] + n for n in outs]
-    params += [ops["CONST"] + "hp", ops["SIZE"] + " n", ops["SIZE"] + " i0", ops["SIZE"] + " st"]
-    scalars = [f"  const float {name} = hp[{i}];" for i, name in enumerate(HP)]
-    used = [s for s in scalars if _uses(sig, s.split()[2])]
-    body = [_expand_inner(line, ops) for line in _element_body(sig)]
-    header = "\n".join(
-        [
-            f"// nestedfn multi-tensor step: {sig!r}",
-            f"{ops['DEV']}void nf_leaf(" + ", ".join(params) + ") {",
-            *used,
-            f"  for ({ops['SIZE']} i = i0; i < n; i += st) {{",
-            *("    " + line for line in body),
-            "  }",
-            "}",
-            "",
-        ]
-    )
+    raw = "\n".join(_element_body(sig))
+    params = [ops["IN"] + n for n in ins] + [ops["OUT"] + n for n in outs] + [ops["IN"] + "hp"]
+    header = [
+        f"// nestedfn multi-tensor step: {sig!r}",
+        f"{ops['DEV']}void nf_leaf({', '.join(params)}, size_t n, size_t i0, size_t st) {{",
+        *(
+            f"  const float {h} = hp[{i}];"
+            for i, h in enumerate(HP)
+            if re.search(rf"(?<![A-Za-z0-9_]){h}(?![A-Za-z0-9_])", raw)
+        ),
+        "  for (size_t i = i0; i < n; i += st) {",
+        *("    " + _expand(line, ops) for line in raw.split("\n")),
+        "  }",
+        "}",
+        "",
+    ]
     cases = []
-    for j in range(sig.k):
-        lin, lout = _leaf_params(sig)
-        args = [_global_name(sig, n, j, out=False) for n in lin]
-        args += [f"{n} + off" for n in lout]
-        cases.append(f"    case {j}: nf_leaf({', '.join(args)}, hp, n, i0, st); break;")
-    size = ops["SIZE"]
-    src = "\n".join(
-        [
-            f"  const int b = (int){ops['BLOCK']};",
-            f"  int lo = 0, hi = {sig.k};",
-            "  if (b >= meta[hi]) return;",
-            "  while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (b >= meta[mid]) lo = mid; "
-            "else hi = mid; }",
-            f"  const {size} n = ({size})meta[{sig.k} + 1 + lo];",
-            f"  const {size} st = ({size})(meta[lo + 1] - meta[lo]) * {TPB};",
-            f"  const {size} i0 = ({size})(b - meta[lo]) * {TPB} + ({size}){ops['THREAD']};",
-            f"  const {size} off = ({size})meta[{2 * sig.k} + 1 + lo];",
-            "  switch (lo) {",
-            *cases,
-            "    default: break;",
-            "  }",
-        ]
-    )
-    return header, src
-
-
-def _uses(sig: KernelSig, name: str) -> bool:
-    text = "\n".join(_element_body(sig))
-    return re.search(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])", text) is not None
-
-
-def _global_name(sig: KernelSig, local: str, j: int, out: bool) -> str:
-    """The kernel argument of leaf ``j`` for the leaf function's parameter ``local``."""
-    if local in ("p", "g", "a", "po", "ao"):
-        return f"{local}{j}"
-    if local.startswith("mo"):
-        return f"mo{local[2:]}_{j}"
-    return f"m{local[1:]}_{j}"
+    for j in range(k):
+        args = ", ".join([_arg(n, j) for n in ins] + [f"{n} + off" for n in outs])
+        cases.append(f"    case {j}: nf_leaf({args}, hp, n, i0, st); break;")
+    body = [
+        f"  const int b = (int){ops['BLOCK']};",
+        f"  int lo = 0, hi = {k};",
+        "  if (b >= meta[hi]) return;",
+        "  while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (b >= meta[mid]) lo = mid; "
+        "else hi = mid; }",
+        f"  const size_t n = (size_t)meta[{k} + 1 + lo];",
+        f"  const size_t st = (size_t)(meta[lo + 1] - meta[lo]) * {TPB};",
+        f"  const size_t i0 = (size_t)(b - meta[lo]) * {TPB} + (size_t){ops['THREAD']};",
+        f"  const size_t off = (size_t)meta[{2 * k} + 1 + lo];",
+        "  switch (lo) {",
+        *cases,
+        "    default: break;",
+        "  }",
+    ]
+    return "\n".join(header), "\n".join(body)
 
 
 def kernel_name(sig: KernelSig, backend: str) -> str:
     """A name unique to the source (MLX caches compiled kernels by name)."""
     header, src = kernel_source(sig, backend)
-    digest = hashlib.sha1((header + src).encode()).hexdigest()[:16]
-    return f"nestedfn_mt_{digest}"
+    return f"nestedfn_mt_{hashlib.sha1((header + src).encode()).hexdigest()[:16]}"
 
 
 _KERNELS: dict[tuple[KernelSig, str], Any] = {}
@@ -352,18 +288,41 @@ def make_kernel(sig: KernelSig, backend: str) -> Callable[..., list[mx.array]]:
     """The MLX custom kernel for ``sig`` (cached): ``mx.fast.cuda_kernel`` or ``metal_kernel``
     with the generated source; called as MLX calls them (``inputs``, ``grid``, ...)."""
     key = (sig, backend)
-    kern = _KERNELS.get(key)
-    if kern is None:
+    if key not in _KERNELS:
         header, src = kernel_source(sig, backend)
         factory = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-        kern = _KERNELS[key] = factory(
+        _KERNELS[key] = factory(
             name=kernel_name(sig, backend),
             input_names=sig.input_names(),
             output_names=sig.output_names(),
             source=src,
             header=header,
         )
-    return kern
+    return _KERNELS[key]
+
+
+def emulate(sig: KernelSig, inputs: list[mx.array]) -> list[mx.array]:
+    """The kernel's flat outputs for ``sig`` (1-D, one per kind, leaf after leaf): the very
+    statements of ``_element_body`` run as MLX operations on whole leaves, each rounded once
+    as the kernel rounds it.  The CPU tests' stand-in for the GPU (same inputs, ``hp``,
+    ``meta``), so they check the generated arithmetic against eager ``apply_gradients``."""
+    hp, meta, k = inputs[-2], inputs[-1], sig.k
+    ins, outs = _leaf_params(sig)
+    sizes = meta.tolist()[k + 1 : 2 * k + 1]
+    code = "\n".join(_element_body(sig)).replace("(float)(", "_f32(").replace("float ", "")
+    code = code.replace("[i]", "").replace("0.0f", "0.0").replace("; ", "\n").replace(";", "")
+    ops: dict[str, Any] = {"MUL": mx.multiply, "ADD": mx.add, "DIV": mx.divide, "SQRT": mx.sqrt}
+    ops["_f32"] = lambda x: x.astype(mx.float32)
+    ops.update((h, hp[i]) for i, h in enumerate(HP))
+    flat: dict[str, list[mx.array]] = {n: [] for n in outs}
+    for j in range(k):
+        env = {**ops, **{n: inputs[q * k + j] for q, n in enumerate(ins)}}
+        if env["g"].size != sizes[j]:
+            raise ValueError("emulate: meta does not match the leaf sizes")
+        exec(code, env)  # our own generated statements
+        for n in outs:
+            flat[n].append(mx.broadcast_to(env[n], env["g"].shape).reshape(-1))
+    return [mx.concatenate(flat[n]) for n in outs]
 
 
 # -- the step ------------------------------------------------------------------------------------
@@ -374,15 +333,17 @@ class _Mismatch(Exception):
 
 
 class _Group(NamedTuple):
+    """One launch: ``take`` picks its leaves from the tier's, the outputs are ``shapes``
+    (each ``(rows, *row_shape)``), split at ``cuts`` into the leaves (0-d ones if ``scalar``)."""
+
     sig: KernelSig
-    leaves: tuple[int, ...]  # positions in the tier's leaves
-    take: Callable[[list], tuple]  # leaves -> the group's leaves
-    meta: mx.array  # int32: k + 1 block offsets, k sizes (, k element offsets)
+    take: Callable[[list], tuple]
+    meta: mx.array  # int32: k + 1 block offsets, k sizes, k element offsets
     blocks: int
-    shapes: list[Any]  # output shapes
+    shapes: list[Any]
     dtypes: list[Any]
-    cuts: list[int]  # views: where mx.split cuts the flat outputs (along their rows)
-    scalar: bool  # views of 0-d leaves: reshaped to ()
+    cuts: list[int]
+    scalar: bool
 
 
 class _Launches(NamedTuple):
@@ -399,6 +360,16 @@ class _Tier(NamedTuple):
     shapes: list[Any]
 
 
+class _Plan(NamedTuple):
+    """What a params structure needs: its leaves, its builder, its tiers, launches by kernel."""
+
+    get: Callable[[Any], list | None]
+    build: Callable[[list], Any]
+    tiers: list[_Tier]
+    shapes: list[Any]
+    groups: dict[Any, _Launches]
+
+
 def _taker(idx: tuple[int, ...]) -> Callable[[list], tuple]:
     """``leaves -> tuple(leaves[i] for i in idx)``, in C (``itemgetter``)."""
     if len(idx) == 1:
@@ -407,48 +378,45 @@ def _taker(idx: tuple[int, ...]) -> Callable[[list], tuple]:
     return itemgetter(*idx)
 
 
-def _blocks(n: int) -> int:
-    return max(1, min(MAX_BLOCKS, -(-n // TPB)))
+def _group(sig: KernelSig, idx: tuple[int, ...], shapes: list[Any], row: Any) -> _Group:
+    """The launch of the leaves ``idx`` (``shapes``, all of row shape ``row``; None: 0-d)."""
+    sizes = [math.prod(s) for s in shapes]
+    starts = list(accumulate((max(1, min(MAX_BLOCKS, -(-n // TPB))) for n in sizes), initial=0))
+    meta = mx.array(starts + sizes + list(accumulate(sizes[:-1], initial=0)), dtype=mx.int32)
+    rows = [s[0] if s else 1 for s in shapes]
+    n_out = len(sig.output_names())
+    out_shapes = [(sum(rows), *(row or ()))] * n_out
+    cuts = list(accumulate(rows[:-1]))
+    return _Group(
+        sig, _taker(idx), meta, starts[-1], out_shapes, [mx.float32] * n_out, cuts, row is None
+    )
 
 
-def _hp_array(values: list[Any]) -> mx.array:
+def _hp(values: list[Any]) -> mx.array:
     """The float32 scalars; Python numbers rounded to float32 as MLX rounds a weak scalar,
     ``mx.array`` values (a schedule's) taken as they are, without reading them back."""
     if not any(isinstance(v, mx.array) for v in values):
         return mx.array(values, dtype=mx.float32)
-    parts = []
-    for v in values:
-        if isinstance(v, mx.array):
-            if v.size != 1 or v.dtype != mx.float32:
-                raise _Mismatch
-            parts.append(v.reshape(1))
-        else:
-            parts.append(mx.array([v], dtype=mx.float32))
-    return mx.concatenate(parts)
+    if any(isinstance(v, mx.array) and (v.size != 1 or v.dtype != mx.float32) for v in values):
+        raise _Mismatch
+    return mx.concatenate(
+        [
+            v.reshape(1) if isinstance(v, mx.array) else mx.array([v], dtype=mx.float32)
+            for v in values
+        ]
+    )
 
 
 def _scalars(spec: ElementwiseSpec, step: int, post: Any, freq: float) -> mx.array:
+    """``hp`` (the ``HP`` names) of one tier's update at its ``step``."""
     lr = spec.learning_rate(step) if callable(spec.learning_rate) else spec.learning_rate
-    neg = -lr
     c1 = c2 = 1.0
     if spec.algo == ADAM and spec.bias_correction:
         c1 = 1.0 / _bias_correction(spec.b1, step)
         c2 = 1.0 / math.sqrt(_bias_correction(spec.b2, step))
-    return _hp_array(
-        [
-            spec.b1,
-            1.0 - spec.b1,
-            spec.b2,
-            1.0 - spec.b2,
-            spec.eps,
-            c1,
-            c2,
-            float(spec.weight_decay),
-            neg,
-            1.0 if post is None else post,
-            freq,
-        ]
-    )
+    b1, b2, wd = spec.b1, spec.b2, float(spec.weight_decay)
+    values = [b1, 1.0 - b1, b2, 1.0 - b2, spec.eps, c1, c2, wd, -lr]
+    return _hp(values + [1.0 if post is None else post, freq])
 
 
 def _close(new: list[mx.array], ref: list[mx.array]) -> tuple[bool, float, bool]:
@@ -460,13 +428,17 @@ def _close(new: list[mx.array], ref: list[mx.array]) -> tuple[bool, float, bool]
         diff = mx.max(mx.abs(a - b)).item() if a.size else 0.0
         scale = mx.max(mx.abs(b)).item() if b.size else 0.0
         if math.isnan(diff):
-            both = mx.array_equal(a, b, equal_nan=True).item()
-            if not both:
+            if not mx.array_equal(a, b, equal_nan=True).item():
                 return False, math.inf, False
             continue
         same = same and diff == 0.0
         worst = max(worst, diff / scale if scale else (0.0 if diff == 0.0 else math.inf))
     return worst <= _RTOL, worst, same
+
+
+def _float32_like(leaves: list, shapes: list) -> bool:
+    dtypes = list(map(_DTYPE, leaves))
+    return list(map(_SHAPE, leaves)) == shapes and dtypes == [mx.float32] * len(leaves)
 
 
 class MultiTensorStep(CompiledStep):
@@ -475,7 +447,7 @@ class MultiTensorStep(CompiledStep):
     ``multitensor_steps`` counts the (structure, phase) keys the kernels served;
     ``checks`` holds one ``(key, max relative difference, bit-identical)`` per self-check.
     ``backend`` is ``"cuda"``, ``"metal"`` or (tests) ``"emulate"``: the same plumbing with a
-    pure-MLX stand-in for the kernel."""
+    pure-MLX stand-in for the kernel.  ``group``: leaves per launch at most."""
 
     def __init__(
         self,
@@ -491,7 +463,7 @@ class MultiTensorStep(CompiledStep):
         self.keys: set[Any] = set()
         self.checks: list[tuple[Any, float, bool]] = []
         self.off = self.backend is None or not supports(opt)
-        self._plans: dict[TreeDef, Any] = {}
+        self._plans: dict[TreeDef, _Plan] = {}
         self._last: Any = None
         # the leaves the last served step made (by role): known float32 of the plan's shapes,
         # so that a state handed back as it came out is not checked leaf by leaf again
@@ -508,21 +480,19 @@ class MultiTensorStep(CompiledStep):
 
     def __call__(self, state: TrainState, grads: Grads) -> TrainState:
         if not self.off and not self.shapeless and self._device_ok():
+            new = None
             try:
                 new = self._step(state, grads)
             except _Mismatch:
-                new = None
+                pass
             except Exception as e:  # a kernel that does not compile or run: the graph serves
                 self._turn_off(f"the multi-tensor kernel failed ({type(e).__name__}: {e})")
-                new = None
             if new is not None:
                 return new
         return super().__call__(state, grads)
 
     def _device_ok(self) -> bool:
-        if self.backend == "emulate":
-            return True
-        return mx.default_device() == mx.gpu
+        return self.backend == "emulate" or mx.default_device() == mx.gpu
 
     def _turn_off(self, why: str) -> None:
         self.off = True
@@ -534,24 +504,23 @@ class MultiTensorStep(CompiledStep):
 
     # -- plans ---------------------------------------------------------------------------------
 
-    def _plan(self, params: Any) -> tuple[Any, list]:
-        last = self._last
-        if last is not None:
-            leaves = last[0](params)
+    def _plan(self, params: Any) -> tuple[_Plan, list]:
+        """The plan of ``params``' structure and its leaves (the last structure tried first)."""
+        if self._last is not None:
+            leaves = self._last[0](params)
             if leaves is not None:
-                return last[1], leaves
+                return self._last[1], leaves
         leaves, td = flatten(params)
         plan = self._plans.get(td)
         if plan is None:
             if not all(isinstance(x, mx.array) for x in leaves):
                 raise _Mismatch
-            plan = self._plans[td] = self._make_plan(params, td, leaves)
+            plan = self._plans[td] = self._make_plan(params, td, list(map(_SHAPE, leaves)))
         self._last = (leaf_getter(td, check_leaves=False), plan)
         return plan, leaves
 
-    def _make_plan(self, params: Any, td: TreeDef, leaves: list) -> Any:
+    def _make_plan(self, params: Any, td: TreeDef, shapes: list) -> _Plan:
         spec = self.spec
-        shapes = list(map(_SHAPE, leaves))
         if isinstance(spec, ElementwiseSpec):
             tiers = [_Tier(None, 1, spec, leaf_getter(td, False), tree_builder(td), shapes)]
         else:
@@ -567,23 +536,15 @@ class MultiTensorStep(CompiledStep):
                 )
                 for idx, f, o, sub in zip(nplan.index, spec.freqs, spec.inners, nplan.subdefs)
             ]
-        return {
-            "td": td,
-            "get": leaf_getter(td, False),
-            "build": tree_builder(td),
-            "tiers": tiers,
-            "shapes": shapes,
-            "groups": {},
-        }
+        return _Plan(leaf_getter(td, False), tree_builder(td), tiers, shapes, {})
 
-    def _groups(self, plan: Any, k: int, base: KernelSig, shapes: list[Any]) -> _Launches:
+    def _launches(self, plan: _Plan, k: int, base: KernelSig, shapes: list[Any]) -> _Launches:
         """The launches of tier ``k`` for kernels like ``base`` (cached per plan): leaves of
         one row shape (``shape[1:]``) together, ``self.group`` at most per launch, so that
         the flat outputs, shaped ``(rows, *row_shape)``, split into the leaves."""
         key = (k, base)
-        launches = plan["groups"].get(key)
-        if launches is not None:
-            return launches
+        if key in plan.groups:
+            return plan.groups[key]
         by_row: dict[Any, list[int]] = {}
         for i, shape in enumerate(shapes):
             by_row.setdefault(tuple(shape[1:]) if shape else None, []).append(i)
@@ -591,71 +552,72 @@ class MultiTensorStep(CompiledStep):
         for row, members in by_row.items():
             for s in range(0, len(members), self.group):
                 idx = tuple(members[s : s + self.group])
-                sizes = [math.prod(shapes[i]) for i in idx]
-                starts = [0]
-                for size in sizes:
-                    starts.append(starts[-1] + _blocks(size))
-                sig = base._replace(k=len(idx))
-                offsets = [sum(sizes[:q]) for q in range(len(idx))]
-                rows = [shapes[i][0] if shapes[i] else 1 for i in idx]
-                cuts = [sum(rows[: q + 1]) for q in range(len(idx) - 1)]
-                meta = mx.array(starts + sizes + offsets, dtype=mx.int32)
-                out_shapes = [(sum(rows), *(row or ()))] * len(sig.output_names())
-                dtypes = [mx.float32] * len(out_shapes)
-                take = _taker(idx)
-                groups.append(
-                    _Group(sig, idx, take, meta, starts[-1], out_shapes, dtypes, cuts, row is None)
-                )
+                groups.append(_group(base._replace(k=len(idx)), idx, [shapes[i] for i in idx], row))
                 position += idx
         inverse = [0] * len(position)
         for q, i in enumerate(position):
             inverse[i] = q
-        launches = plan["groups"][key] = _Launches(groups, _taker(tuple(inverse)))
-        return launches
+        plan.groups[key] = _Launches(groups, _taker(tuple(inverse)))
+        return plan.groups[key]
 
     # -- the step --------------------------------------------------------------------------------
 
     def _launch(self, group: _Group, inputs: list[mx.array]) -> list[list[mx.array]]:
-        """The group's new leaves, per kind (p', moments', acc'), each in the group's order."""
-        sig = group.sig
+        """The group's new leaves, per kind (p', moments', acc'), each in the group's order:
+        views of the flat outputs (one split per kind), no copy."""
         if self.backend == "emulate":
-            out = [x.reshape(group.shapes[0]) for x in emulate(sig, inputs)]
+            out = [x.reshape(group.shapes[0]) for x in emulate(group.sig, inputs)]
         else:
-            out = make_kernel(sig, self.backend)(
+            out = make_kernel(group.sig, self.backend)(
                 inputs=inputs,
                 grid=(group.blocks * TPB, 1, 1),
                 threadgroup=(TPB, 1, 1),
                 output_shapes=group.shapes,
                 output_dtypes=group.dtypes,
             )
-        # each leaf a view of the flat outputs (one split per kind): no copy, no allocation
         kinds = [mx.split(buf, group.cuts, axis=0) if group.cuts else [buf] for buf in out]
         if group.scalar:
             kinds = [[x.reshape(()) for x in kind] for kind in kinds]
         return kinds
 
+    def _launch_all(self, launches: _Launches, kinds: list[list], hp: mx.array) -> list[list]:
+        """Every launch of a tier over the leaves ``kinds`` (p, g, moments, acc, each in the
+        tier's order); the new leaves per output kind, in the tier's order."""
+        per_kind: list[list] = []
+        for grp in launches.groups:
+            ins: list[mx.array] = []
+            for leaves in kinds:
+                ins.extend(grp.take(leaves))
+            ins.append(hp)
+            ins.append(grp.meta)
+            out = self._launch(grp, ins)
+            per_kind = per_kind or [[] for _ in out]
+            for acc_list, new in zip(per_kind, out):
+                acc_list.extend(new)
+        return [list(launches.order(x)) for x in per_kind]
+
     def _run_tier(
         self,
-        plan: Any,
+        plan: _Plan,
         k: int,
-        tier: _Tier,
         p: list,
         g: list,
-        inner_state: Any,
+        inner: Any,
         acc: list | None,
         step: int,
         post: Any,
     ) -> tuple[list, Any, list | None]:
-        """One tier's update: new param leaves, new inner state, new acc leaves."""
+        """Tier ``k``'s update: new param leaves, new inner state, new acc leaves."""
+        tier = plan.tiers[k]
         spec = tier.spec
         if (
-            type(inner_state) is not tuple
-            or len(inner_state) != spec.n_items
-            or type(inner_state[0]) is not spec.state_cls
+            type(inner) is not tuple
+            or len(inner) != spec.n_items
+            or type(inner[0]) is not spec.state_cls
         ):
             raise _Mismatch
         moments = []
-        for tree in inner_state[0]:
+        for tree in inner[0]:
             leaves = tier.get(tree)
             if leaves is None or not self._checked(("m", k, len(moments)), leaves, tier.shapes):
                 raise _Mismatch
@@ -672,44 +634,19 @@ class MultiTensorStep(CompiledStep):
             mean,
         )
         hp = _scalars(spec, step, post, float(tier.freq))
-        launches = self._groups(plan, k, base, tier.shapes)
         kinds = [p, g, *moments] + ([acc] if acc is not None else [])
-        outs = self._launch_all(launches, kinds, hp)
-        new_p, new_m = outs[0], outs[1 : 1 + len(moments)]
-        new_a = outs[-1] if acc is not None else None
+        outs = self._launch_all(self._launches(plan, k, base, tier.shapes), kinds, hp)
+        new_m = outs[1 : 1 + len(moments)]
         for i, m in enumerate(new_m):
             self._making[("m", k, i)] = m
-        new_inner = (type(inner_state[0])(*(tier.build(m) for m in new_m)),) + inner_state[1:]
-        return new_p, new_inner, new_a
+        new_inner = (type(inner[0])(*(tier.build(m) for m in new_m)),) + inner[1:]
+        return outs[0], new_inner, outs[-1] if acc is not None else None
 
-    def _launch_all(self, launches: _Launches, kinds: list[list], hp: mx.array) -> list[list]:
-        """Every launch of a tier over the leaves ``kinds`` (p, g, moments, acc, each in the
-        tier's order); the new leaves per output kind, in the tier's order."""
-        per_kind: list[list] | None = None
-        for grp in launches.groups:
-            ins: list[mx.array] = []
-            for leaves in kinds:
-                ins.extend(grp.take(leaves))
-            ins.append(hp)
-            ins.append(grp.meta)
-            out = self._launch(grp, ins)
-            if per_kind is None:
-                per_kind = [[] for _ in out]
-            for acc_list, new in zip(per_kind, out):
-                acc_list.extend(new)
-        assert per_kind is not None
-        return [list(launches.order(x)) for x in per_kind]
-
-    def _accumulate(self, plan: Any, k: int, tier: _Tier, g: list, acc: list) -> list:
+    def _accumulate(self, plan: _Plan, k: int, g: list, acc: list) -> list:
+        """Tier ``k`` between its updates: ``acc + g``."""
         hp = mx.array([0.0] * len(HP), dtype=mx.float32)
-        base = KernelSig(ACCUMULATE, 0)
-        return self._launch_all(self._groups(plan, k, base, tier.shapes), [g, acc], hp)[0]
-
-    @staticmethod
-    def _float32_like(leaves: list, shapes: list) -> bool:
-        return list(map(_SHAPE, leaves)) == shapes and list(map(_DTYPE, leaves)) == [
-            mx.float32
-        ] * len(leaves)
+        launches = self._launches(plan, k, KernelSig(ACCUMULATE, 0), plan.tiers[k].shapes)
+        return self._launch_all(launches, [g, acc], hp)[0]
 
     def _checked(self, role: Any, leaves: list, shapes: list) -> bool:
         """Float32 leaves of ``shapes``: the very arrays the last step made for ``role``
@@ -717,29 +654,27 @@ class MultiTensorStep(CompiledStep):
         made = self._made.get(role)
         if made is not None and len(made) == len(leaves) and all(map(is_, leaves, made)):
             return True
-        return self._float32_like(leaves, shapes)
+        return _float32_like(leaves, shapes)
 
     def _step(self, state: TrainState, grads: Grads) -> TrainState | None:
+        """The kernels' step, or None where the MLX graph must serve (raises ``_Mismatch``
+        for a state they cannot read); the first step of a (structure, phase) self-checked."""
         step = state.step
         s = int(step if isinstance(step, int) else static_step(step))
         plan, p_leaves = self._plan(state.params)
-        g_leaves = plan["get"](grads)
-        if g_leaves is None:
+        g_leaves = plan.get(grads)
+        if g_leaves is None or not self._checked("p", p_leaves, plan.shapes):
             return None
-        if not self._checked("p", p_leaves, plan["shapes"]) or not self._float32_like(
-            g_leaves, plan["shapes"]
-        ):
+        if not _float32_like(g_leaves, plan.shapes):
             return None
         self._making = {}
-        phase = self.opt.phase(s)
-        key = (id(plan), phase)
-        spec = self.spec
-        if isinstance(spec, ElementwiseSpec):
+        key = (id(plan), self.opt.phase(s))
+        if isinstance(self.spec, ElementwiseSpec):
             new_p, new_state, _ = self._run_tier(
-                plan, 0, plan["tiers"][0], p_leaves, g_leaves, state.opt_state, None, s, None
+                plan, 0, p_leaves, g_leaves, state.opt_state, None, s, None
             )
             self._making["p"] = new_p
-            new = TrainState(plan["build"](new_p), new_state, state.step + 1)
+            new = TrainState(plan.build(new_p), new_state, state.step + 1)
         else:
             new = self._nested_step(state, p_leaves, g_leaves, s, plan)
         if key not in self.keys:
@@ -750,41 +685,37 @@ class MultiTensorStep(CompiledStep):
         return new
 
     def _nested_step(
-        self, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: Any
+        self, state: TrainState, p_leaves: list, g_leaves: list, s: int, plan: _Plan
     ) -> TrainState:
-        spec = self.spec
-        ost = state.opt_state
-        post = None
+        """``nested`` / ``nested_adam``: each tier updated, or its gradients added to its
+        chunk sum (its params and moments the very same arrays)."""
+        spec, ost = self.spec, state.opt_state
+        post, nst = None, ost
         if spec.post is not None:  # nested_adam with a schedule: (NestedState, ())
             if type(ost) is not tuple or len(ost) != 2 or ost[1] != ():
                 raise _Mismatch
-            post = spec.post(s)
-            nst = ost[0]
-        else:
-            nst = ost
-        tiers = plan["tiers"]
-        if type(nst) is not spec.state_cls or len(nst.inner) != len(tiers):
+            post, nst = spec.post(s), ost[0]
+        if type(nst) is not spec.state_cls or len(nst.inner) != len(plan.tiers):
             raise _Mismatch
         new_p = list(p_leaves)
         inner, accs, counts = list(nst.inner), list(nst.acc), list(nst.count)
-        for k, tier in enumerate(tiers):
-            f = tier.freq
-            p = [p_leaves[i] for i in tier.idx]
+        for k, tier in enumerate(plan.tiers):
             g = [g_leaves[i] for i in tier.idx]
             acc = None
-            if f > 1:
+            if tier.freq > 1:
                 acc = tier.get(nst.acc[k])
                 if acc is None or not self._checked(("a", k), acc, tier.shapes):
                     raise _Mismatch
-            if (s + 1) % f != 0:  # inactive: add to the chunk sum; params stay as they are
-                new_acc = self._making[("a", k)] = self._accumulate(plan, k, tier, g, acc)
+            if (s + 1) % tier.freq != 0:  # inactive: add to the chunk sum
+                new_acc = self._making[("a", k)] = self._accumulate(plan, k, g, acc)
                 accs[k] = tier.build(new_acc)
                 if ("m", k, 0) in self._made:  # the tier's moments stay as they are
                     for i in range(len(nst.inner[k][0])):
                         self._making[("m", k, i)] = self._made[("m", k, i)]
                 continue
+            p = [p_leaves[i] for i in tier.idx]
             upd, inner[k], new_acc = self._run_tier(
-                plan, k, tier, p, g, nst.inner[k], acc, s // f, post
+                plan, k, p, g, nst.inner[k], acc, s // tier.freq, post
             )
             for i, x in zip(tier.idx, upd):
                 new_p[i] = x
@@ -793,9 +724,9 @@ class MultiTensorStep(CompiledStep):
                 self._making[("a", k)] = new_acc
             counts[k] = nst.count[k] + 1
         new_nst = nst._replace(inner=tuple(inner), acc=tuple(accs), count=tuple(counts))
-        new_state = (new_nst, ost[1]) if spec.post is not None else new_nst
         self._making["p"] = new_p
-        return TrainState(plan["build"](new_p), new_state, state.step + 1)
+        new_state = (new_nst, ost[1]) if spec.post is not None else new_nst
+        return TrainState(plan.build(new_p), new_state, state.step + 1)
 
     def _self_check(self, key: Any, state: TrainState, grads: Grads, new: TrainState) -> TrainState:
         """The first step of a (structure, phase): the kernels' result against the eager
@@ -822,56 +753,6 @@ class MultiTensorStep(CompiledStep):
             return ref
         self.keys.add(key)
         return new
-
-
-def emulate(sig: KernelSig, inputs: list[mx.array]) -> list[mx.array]:
-    """The kernel's flat outputs for ``sig`` (1-D, one per kind, leaf after leaf) computed
-    with MLX operations in the kernel's order: the CPU tests' stand-in for the GPU, same
-    inputs, ``hp`` and ``meta``."""
-    hp, meta = inputs[-2], inputs[-1]
-    v = dict(zip(HP, (hp[i] for i in range(len(HP)))))
-    k = sig.k
-    names = _leaf_params(sig)[0]
-    leaf = {n: inputs[q * k : (q + 1) * k] for q, n in enumerate(names)}
-    sizes = meta.tolist()[k + 1 : 2 * k + 1]
-    outs: dict[str, list[mx.array]] = {n: [] for n in _leaf_params(sig)[1]}
-    for j in range(k):
-        if int(math.prod(leaf["g"][j].shape)) != sizes[j]:
-            raise ValueError("emulate: meta does not match the leaf sizes")
-        if sig.algo == ACCUMULATE:
-            outs["ao"].append(leaf["a"][j] + leaf["g"][j])
-            continue
-        p, g = leaf["p"][j], leaf["g"][j]
-        ms = [leaf[f"m{i}"][j] for i in range(sig.moments())]
-        if sig.acc:
-            s = leaf["a"][j] + g
-            g = s / v["FREQ"] if sig.mean else s
-        if sig.algo == ADAM:
-            m = v["B1"] * ms[0] + v["OMB1"] * g
-            vv = v["B2"] * ms[1] + v["OMB2"] * (g * g)
-            if sig.bias_correction:
-                u = (m * v["C1"]) / (mx.sqrt(vv) * v["C2"] + v["EPS"])
-            else:
-                u = m / (mx.sqrt(vv) + v["EPS"])
-            new_m = [m, vv]
-        elif sig.algo == LION:
-            u = mx.sign(v["B1"] * ms[0] + v["OMB1"] * g)
-            new_m = [v["B2"] * ms[0] + v["OMB2"] * g]
-        else:
-            t = g + v["B1"] * ms[0]
-            u = g + v["B1"] * t if sig.nesterov else t
-            new_m = [t]
-        if sig.has_wd:
-            u = u + v["WD"] * p
-        u = u * v["NEG"]
-        if sig.post:
-            u = u * v["POST"]
-        outs["po"].append(p + u)
-        for i, x in enumerate(new_m):
-            outs[f"mo{i}"].append(x)
-        if sig.acc:
-            outs["ao"].append(mx.zeros_like(p))
-    return [mx.concatenate([x.reshape(-1) for x in outs[n]]) for n in _leaf_params(sig)[1]]
 
 
 def compile_step(opt: Optimizer, shapeless: bool = False) -> MultiTensorStep:
