@@ -360,6 +360,10 @@ class _Tier(NamedTuple):
     shapes: list[Any]
 
 
+def _tier(idx: Any, freq: int, spec: Any, td: TreeDef, shapes: list[Any]) -> _Tier:
+    return _Tier(idx, freq, spec, leaf_getter(td, False), tree_builder(td), shapes)
+
+
 class _Plan(NamedTuple):
     """What a params structure needs: its leaves, its builder, its tiers, launches by kernel."""
 
@@ -399,12 +403,8 @@ def _hp(values: list[Any]) -> mx.array:
         return mx.array(values, dtype=mx.float32)
     if any(isinstance(v, mx.array) and (v.size != 1 or v.dtype != mx.float32) for v in values):
         raise _Mismatch
-    return mx.concatenate(
-        [
-            v.reshape(1) if isinstance(v, mx.array) else mx.array([v], dtype=mx.float32)
-            for v in values
-        ]
-    )
+    f32 = [v.reshape(1) if isinstance(v, mx.array) else mx.array([v], mx.float32) for v in values]
+    return mx.concatenate(f32)
 
 
 def _scalars(spec: ElementwiseSpec, step: int, post: Any, freq: float) -> mx.array:
@@ -455,7 +455,7 @@ class MultiTensorStep(CompiledStep):
         shapeless: bool = False,
         backend_name: str | None = None,
         group: int = GROUP,
-    ):
+    ) -> None:
         super().__init__(opt, shapeless=shapeless, native=False)
         self.spec = describe(opt)
         self.backend = backend_name or backend()
@@ -522,20 +522,11 @@ class MultiTensorStep(CompiledStep):
     def _make_plan(self, params: Any, td: TreeDef, shapes: list) -> _Plan:
         spec = self.spec
         if isinstance(spec, ElementwiseSpec):
-            tiers = [_Tier(None, 1, spec, leaf_getter(td, False), tree_builder(td), shapes)]
+            tiers = [_tier(None, 1, spec, td, shapes)]
         else:
             nplan, _ = spec.plan_for(params)
-            tiers = [
-                _Tier(
-                    idx,
-                    f,
-                    describe(o),
-                    leaf_getter(sub, False),
-                    tree_builder(sub),
-                    [shapes[i] for i in idx],
-                )
-                for idx, f, o, sub in zip(nplan.index, spec.freqs, spec.inners, nplan.subdefs)
-            ]
+            z = zip(nplan.index, spec.freqs, spec.inners, nplan.subdefs)
+            tiers = [_tier(i, f, describe(o), sub, [shapes[j] for j in i]) for i, f, o, sub in z]
         return _Plan(leaf_getter(td, False), tree_builder(td), tiers, shapes, {})
 
     def _launches(self, plan: _Plan, k: int, base: KernelSig, shapes: list[Any]) -> _Launches:
@@ -597,24 +588,13 @@ class MultiTensorStep(CompiledStep):
         return [list(launches.order(x)) for x in per_kind]
 
     def _run_tier(
-        self,
-        plan: _Plan,
-        k: int,
-        p: list,
-        g: list,
-        inner: Any,
-        acc: list | None,
-        step: int,
-        post: Any,
+        self, plan: _Plan, k: int, pga: list[list], inner: Any, step: int, post: Any
     ) -> tuple[list, Any, list | None]:
-        """Tier ``k``'s update: new param leaves, new inner state, new acc leaves."""
+        """Tier ``k``'s update from its leaves ``pga`` (params, grads, chunk sums if it has
+        them): new param leaves, new inner state, new chunk-sum leaves."""
         tier = plan.tiers[k]
-        spec = tier.spec
-        if (
-            type(inner) is not tuple
-            or len(inner) != spec.n_items
-            or type(inner[0]) is not spec.state_cls
-        ):
+        spec, cls = tier.spec, tier.spec.state_cls
+        if type(inner) is not tuple or len(inner) != spec.n_items or type(inner[0]) is not cls:
             raise _Mismatch
         moments = []
         for tree in inner[0]:
@@ -622,25 +602,17 @@ class MultiTensorStep(CompiledStep):
             if leaves is None or not self._checked(("m", k, len(moments)), leaves, tier.shapes):
                 raise _Mismatch
             moments.append(leaves)
-        mean = acc is not None and self.spec.reduce == "mean"
-        base = KernelSig(
-            spec.algo,
-            0,
-            spec.bias_correction,
-            spec.nesterov,
-            spec.has_wd,
-            post is not None,
-            acc is not None,
-            mean,
-        )
+        acc = len(pga) == 3
+        flags = (spec.bias_correction, spec.nesterov, spec.has_wd, post is not None, acc)
+        base = KernelSig(spec.algo, 0, *flags, acc and self.spec.reduce == "mean")
         hp = _scalars(spec, step, post, float(tier.freq))
-        kinds = [p, g, *moments] + ([acc] if acc is not None else [])
+        kinds = pga[:2] + moments + pga[2:]
         outs = self._launch_all(self._launches(plan, k, base, tier.shapes), kinds, hp)
         new_m = outs[1 : 1 + len(moments)]
         for i, m in enumerate(new_m):
             self._making[("m", k, i)] = m
         new_inner = (type(inner[0])(*(tier.build(m) for m in new_m)),) + inner[1:]
-        return outs[0], new_inner, outs[-1] if acc is not None else None
+        return outs[0], new_inner, outs[-1] if acc else None
 
     def _accumulate(self, plan: _Plan, k: int, g: list, acc: list) -> list:
         """Tier ``k`` between its updates: ``acc + g``."""
@@ -671,7 +643,7 @@ class MultiTensorStep(CompiledStep):
         key = (id(plan), self.opt.phase(s))
         if isinstance(self.spec, ElementwiseSpec):
             new_p, new_state, _ = self._run_tier(
-                plan, 0, p_leaves, g_leaves, state.opt_state, None, s, None
+                plan, 0, [p_leaves, g_leaves], state.opt_state, s, None
             )
             self._making["p"] = new_p
             new = TrainState(plan.build(new_p), new_state, state.step + 1)
@@ -713,9 +685,9 @@ class MultiTensorStep(CompiledStep):
                     for i in range(len(nst.inner[k][0])):
                         self._making[("m", k, i)] = self._made[("m", k, i)]
                 continue
-            p = [p_leaves[i] for i in tier.idx]
+            pga = [[p_leaves[i] for i in tier.idx], g] + ([acc] if acc is not None else [])
             upd, inner[k], new_acc = self._run_tier(
-                plan, k, p, g, nst.inner[k], acc, s // tier.freq, post
+                plan, k, pga, nst.inner[k], s // tier.freq, post
             )
             for i, x in zip(tier.idx, upd):
                 new_p[i] = x
