@@ -1,16 +1,15 @@
 """The GPU default step: Adam, AdamW, Lion, momentum and their tiers as multi-tensor kernels.
 
-``compile_step(opt)`` on a GPU default device runs an optimizer that ``nestedfn.optim.fused``
-describes (the native CPU step's spec: ``adam``, ``adamw``, ``lion``, ``momentum``, ``nested``
-over them, ``nested_adam``) through generated kernels that update a *group* of leaves per
-launch (``mx.fast.cuda_kernel`` on CUDA, ``mx.fast.metal_kernel`` on Apple silicon, one
-generated source for both).  Each leaf is read where it lies (no gather, no packed buffer),
-and the new state comes back in the tree layout ``opt.init`` makes (checkpoints,
-``tier_stats`` and resume see nothing new).  Leaves of one row shape (``shape[1:]``) share a
-launch, at most ``GROUP`` of them; the launch writes one flat output per kind (params,
-moments, chunk sums) and the new leaves are views of it (one ``mx.split`` per kind), because
-MLX's CUDA backend pays far more per array a kernel allocates than for its arithmetic (the
-LoRA tree's Adam step on an H100: 4.1 ms with views, 17.9 ms with one output per leaf).
+``compile_step(opt)`` on a GPU default device runs the optimizers ``nestedfn.optim.fused``
+describes (``adam``, ``adamw``, ``lion``, ``momentum``, ``nested`` over them, ``nested_adam``)
+through generated kernels (``mx.fast.cuda_kernel`` on CUDA, ``mx.fast.metal_kernel`` on Apple
+silicon, one generated source for both).  A launch updates up to ``GROUP`` leaves of one row
+shape (``shape[1:]``), each read where it lies (no gather, no packed buffer), and writes one
+flat output per kind (params, moments, chunk sums); the new leaves are views of it (one
+``mx.split`` per kind), in the tree layout ``opt.init`` makes, so checkpoints, ``tier_stats``
+and resume see nothing new.  Views, because MLX's CUDA backend pays far more per array a
+kernel allocates than for its arithmetic (the LoRA tree's Adam step on an H100: 4.1 ms with
+views, 17.9 ms with one output per leaf).
 
 Per leaf and element, every operation rounded once as the eager ``apply_gradients`` rounds it
 (``__fmul_rn``/``__fadd_rn``/``__fdiv_rn``/``__fsqrt_rn`` on CUDA: no contraction into FMA;
@@ -28,16 +27,15 @@ its update the kernel reads ``(acc + g) / C_k`` (``reduce="mean"``) as the gradi
 ``acc' = 0``.  An inactive tier's params come back as the very same arrays.
 
 Safety: the first step of every (structure, phase) is checked against the eager
-``apply_gradients``; a mismatch beyond float32 rounding, a kernel that fails to compile or run,
-or any error of the kernel path turns the multi-tensor step off for this step function, with
-ONE ``RuntimeWarning``, and the MLX graph serves from then on (that first step returns the
-eager result).  The Metal twin cannot run in CI: only this self-check tests it, on the user's
-Mac.  Only float32 params, gradients and moments take the kernels; any other call (other
-dtypes, a mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's
-shape and dtype is checked before a launch, except the very arrays the previous step made (an
-identity test: the step holds on to them until its next call, so a state dropped by the
-caller stays alive until then).  ``NESTEDFN_NATIVE=0``, the native steps' kill switch, turns
-it off.
+``apply_gradients``; a mismatch beyond float32 rounding or any error of the kernel path (one
+that fails to compile or run included) turns the kernels off for this step function with ONE
+``RuntimeWarning``, and the MLX graph serves from then on (that first step returns the eager
+result).  The Metal twin cannot run in CI: only this self-check tests it, on the user's Mac.
+Only float32 params, gradients and moments take the kernels; any other call (other dtypes, a
+mask, a shapeless step, a CPU default device) runs the MLX graph.  Every leaf's shape and
+dtype is checked before a launch, except the very arrays the previous step made (an identity
+test: the step holds on to them until its next call).  ``NESTEDFN_NATIVE=0``, the native
+steps' kill switch, turns the kernels off too.
 """
 
 from __future__ import annotations
@@ -545,9 +543,7 @@ class MultiTensorStep(CompiledStep):
                 idx = tuple(members[s : s + self.group])
                 groups.append(_group(base._replace(k=len(idx)), idx, [shapes[i] for i in idx], row))
                 position += idx
-        inverse = [0] * len(position)
-        for q, i in enumerate(position):
-            inverse[i] = q
+        inverse = sorted(range(len(position)), key=position.__getitem__)  # leaf i at inverse[i]
         plan.groups[key] = _Launches(groups, _taker(tuple(inverse)))
         return plan.groups[key]
 
