@@ -178,6 +178,22 @@ def test_self_check_mismatch_warns_once_and_returns_eager(monkeypatch) -> None:
         assert _near(x, y)
 
 
+def test_the_stand_in_runs_the_kernels_statements(monkeypatch) -> None:
+    """``emulate`` executes the generated per-element statements themselves: a wrong
+    coefficient in them (1 - b2 for 1 - b1) is caught by the self-check on the CPU."""
+    right = mt._element_body
+    monkeypatch.setattr(
+        mt, "_element_body", lambda sig: [x.replace("OMB1", "OMB2") for x in right(sig)]
+    )
+    opt = adam(1e-2)
+    step = mt.MultiTensorStep(opt, backend_name="emulate")
+    mt._WARNED.clear()
+    params = _params()
+    with pytest.warns(RuntimeWarning, match="differs from apply_gradients"):
+        step(init(opt, params), _grads(params, 1))
+    assert step.off and step.multitensor_steps == 0
+
+
 def test_kernel_factory_error_falls_back_with_one_warning(monkeypatch) -> None:
     """A kernel that does not compile (the factory raises): one warning, the graph's result."""
 
