@@ -171,6 +171,12 @@ def compile_step(
     ``NESTEDFN_NATIVE=0`` in the environment does the same for every step (a kill switch).
     """
     # the one place that picks how a step runs
+    if native and not packed and mx.default_device() == mx.gpu:
+        # the GPU's multi-tensor kernels; multitensor builds on CompiledStep (an import cycle)
+        from nestedfn.fast import multitensor
+
+        if multitensor.supports(opt):
+            return multitensor.compile_step(opt, shapeless=shapeless)
     if packed:
         if shapeless:
             raise ValueError("compile_step: packed=True and shapeless=True cannot be combined")

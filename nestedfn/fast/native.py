@@ -57,10 +57,16 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def native_enabled() -> bool:
+    """False under the kill switch ``NESTEDFN_NATIVE=0`` (or ``false``, ``no``, ``off``): no
+    native CPU step and no GPU multi-tensor step (``nestedfn.fast.multitensor``)."""
+    return os.environ.get("NESTEDFN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def native_module() -> Any:
     """The compiled ``nestedfn.fast._native`` module, or None: not built, turned off with
     ``NESTEDFN_NATIVE=0``, or built against another MLX (warned once)."""
-    if os.environ.get("NESTEDFN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not native_enabled():
         return None
     if not _MODULE:
         mod = None

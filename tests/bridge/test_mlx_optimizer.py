@@ -20,6 +20,23 @@ def _bits(tree):
     return [np.array(x).view(np.uint32).tolist() for x in leaves(tree)]
 
 
+# On the CPU two graphs of the same arithmetic round alike; on a GPU each graph's elementwise
+# ops are fused into kernels of their own, which may contract a * b + c into one FMA in one
+# graph and not in the other: there, equal to float32 rounding (1e-5 of the largest value).
+_EXACT = mx.default_device() == mx.cpu
+
+
+def _same(a, b) -> bool:
+    if _EXACT:
+        return _bits(a) == _bits(b)
+    la, lb = leaves(a), leaves(b)
+    return len(la) == len(lb) and all(
+        x.shape == y.shape
+        and float(mx.max(mx.abs(x - y))) <= 1e-5 * float(mx.max(mx.abs(y))) + 1e-30
+        for x, y in zip(la, lb)
+    )
+
+
 def _params(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {
@@ -58,7 +75,8 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_compiled_with_captured_state_equals_compile_step(name):
     """mx.compile of a whole step with optimizer.state captured (the step a traced array, so
-    tiers and accumulation run branch-free) gives compile_step's params, bit for bit."""
+    tiers and accumulation run branch-free) gives compile_step's params, bit for bit (on a
+    GPU: to float32 rounding)."""
     opt = OPTIMIZERS[name]()
     wrapper = as_mlx_optimizer(opt)
     params = _params()
@@ -75,10 +93,10 @@ def test_compiled_with_captured_state_equals_compile_step(name):
     for g in _grads(12, seed=1):
         step(g)
         ref = ref_step(ref, g)
-        assert _bits(holder.parameters()) == _bits(ref.params)
+        assert _same(holder.parameters(), ref.params)
     assert int(wrapper.step) == 12
     assert flatten(wrapper.opt_state)[1] == flatten(ref.opt_state)[1]
-    assert _bits(wrapper.opt_state) == _bits(ref.opt_state)
+    assert _same(wrapper.opt_state, ref.opt_state)
 
 
 def test_update_model_learning_rate_and_tier_counts():
@@ -139,7 +157,7 @@ def test_state_saves_and_loads_as_mlx_documents(tmp_path):
     second.state = tree_unflatten(list(mx.load(path).items()))
     for g in grads[3:]:
         p = second.apply_gradients(g, p)
-    assert _bits(p) == _bits(p_straight)
+    assert _same(p, p_straight)
     assert int(second.step) == 6
     assert [s.updates for s in nf.tier_stats(second.opt_state)] == [6, 3, 1]
 
@@ -151,8 +169,8 @@ def test_state_saves_and_loads_as_mlx_documents(tmp_path):
 
 def test_mlx_lm_trainer_runs_nested_adam_like_nestedfn(tmp_path):
     """mlx_lm.tuner.trainer.train with as_mlx_optimizer(nested_adam(1e-3)) on the demo model:
-    the loss falls, the tiers updated (8, 4, 2) times, and the adapters equal, bit for bit,
-    those of nestedfn's own compiled step on the same batches (its LoRA and loss)."""
+    the loss falls, the tiers updated (8, 4, 2) times, and the adapters equal, bit for bit
+    (on a GPU: to float32 rounding), those of nestedfn's own compiled step on the same batches (its LoRA and loss)."""
     import mlx_lm
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
@@ -207,7 +225,7 @@ def test_mlx_lm_trainer_runs_nested_adam_like_nestedfn(tmp_path):
     for _ in range(8):
         _, _, grads = grad_fn(state.params, batch[:, :-1], batch[:, 1:], mask)
         state = step(state, grads)
-    assert _bits(model.trainable_parameters()) == _bits(state.params)
+    assert _same(model.trainable_parameters(), state.params)
 
 
 def test_learning_rate_of_an_injected_optimizer_can_be_set_without_a_new_graph():
