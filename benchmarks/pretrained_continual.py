@@ -319,7 +319,7 @@ F1, F2 = (1, 2, 4), (1, 4, 16)
 GRIDS = {  # the same number of points for everyone; multiscale_momentum's paper form steps
     # far larger per unit rate (running sums), so its grid sits lower (see benchmarks/continual)
     "lora": {"adam": (1e-3, 3e-3, 1e-2), "m3": (3e-5, 1e-4, 3e-4)},
-    "full": {"adam": (3e-4, 1e-3, 3e-3), "m3": (1e-5, 3e-5, 1e-4)},
+    "full": {"adam": (1e-3, 3e-3, 1e-2), "m3": (3e-5, 1e-4, 3e-4)},
 }
 
 
