@@ -1,0 +1,101 @@
+"""Smoke test of the pretrained continual benchmark (``benchmarks/pretrained_continual.py``):
+its pieces against independent computations, and one end-to-end run at toy size on synthetic
+domains (the Debian text packages are not needed here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import benchmarks.pretrained_continual as pc
+
+
+@given(
+    st.lists(st.integers(0, 255), min_size=1, max_size=200),
+    st.lists(st.integers(0, 255), min_size=1, max_size=50),
+)
+@settings(max_examples=50, deadline=None)
+def test_unigram_loss_is_the_smoothed_cross_entropy(train, targets):
+    counts = Counter(train)
+    total = len(train) + 256
+    expected = -sum(math.log((counts[t] + 1) / total) for t in targets) / len(targets)
+    got = pc.unigram_loss(np.asarray(train, dtype=np.uint8), np.asarray(targets))
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_split_docs_is_a_deterministic_partition():
+    docs = [f"doc {i}".encode() for i in range(200)]
+    a, b = pc.split_docs(docs, 3), pc.split_docs(docs, 3)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("train", "valid", "test"))
+    parts = [bytes(getattr(a, k)).split(b"\n")[:-1] for k in ("train", "valid", "test")]
+    assert sorted(sum(parts, [])) == sorted(docs)  # every document in exactly one split
+    assert [len(p) for p in parts] == [180, 10, 10]
+    assert not np.array_equal(pc.split_docs(docs, 4).test, a.test)
+    with pytest.raises(ValueError, match="at least 40"):
+        pc.split_docs(docs[:10], 0)
+
+
+def _synthetic(kind: int):
+    """Documents with strong byte context (what a model can learn beyond unigram counts)."""
+    words = (["the cat", "a dog", "my owl"], ["sees", "eats", "likes"], ["red", "old", "big"])
+
+    def docs() -> list[bytes]:
+        rng = np.random.Generator(np.random.PCG64(kind))
+        out = []
+        for _ in range(300):
+            w = [ws[int(rng.integers(3))] for ws in words]
+            out.append(f"{w[0]} {w[1]} the {w[2]} thing {kind}.".encode())
+        return out
+
+    return docs
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_end_to_end_toy_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str):
+    for i, d in enumerate(pc.DOMAINS):
+        monkeypatch.setitem(pc.LOADERS, d, _synthetic(i))
+    names = ["adam", "seed_discard(1, 2, 4)", "adam lr/3 (control)"]
+    argv = ["--quick", "--seeds", "2", "--modes", mode, "--out", str(tmp_path / "out")]
+    argv += ["--cache", str(tmp_path / "cache"), "--only", *names, "--set"]
+    argv += ["hidden=16", "intermediate=32", "seq_len=16", "pretrain_steps=60"]
+    argv += ["pretrain_lr=0.01", "steps=4", "eval_every=2", "eval_windows=8"]
+    assert pc.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "pretrained_continual.json").read_text())
+    base = doc["base"]
+    # the base model learned context: it beats the unigram baseline on held-out P
+    assert base["held_out_loss"]["P"] < base["unigram_loss_p"] - 0.1
+    # the unigram baseline is the cross-entropy of the held-out targets, computed apart here
+    s = pc.Settings(**doc["config"]["settings"])
+    domains = pc.load_domains(s.data_seed)
+    targets = np.asarray(pc.eval_batches(s, domains, "test")["P"])[:, 1:]
+    assert base["unigram_loss_p"] == pytest.approx(pc.unigram_loss(domains["P"].train, targets))
+    rows = doc["results"]
+    assert sorted((r["optimizer"], r["seed"]) for r in rows) == sorted(
+        (n, k) for n in names for k in (0, 1)
+    )
+    fields = [f"loss_{d}_{t}" for d in "pab" for t in ("before", "after_a", "after_b")]
+    fields += ["forgetting_a", "forgetting_p", "forgetting_p_frac", "learned_a", "lr", "time_s"]
+    for r in rows:
+        assert r["mode"] == mode
+        assert all(math.isfinite(r[f]) for f in fields), r
+        assert r["curve_steps"] == [0, 2, 4, 6, 8]
+        assert r["forgetting_a"] == pytest.approx(r["loss_a_after_b"] - r["loss_a_after_a"])
+        assert r["loss_a_curve"][2] == r["loss_a_after_a"]
+        assert r["loss_b_curve"][-1] == r["loss_b_after_b"]
+    by = {(r["optimizer"], r["seed"]): r for r in rows}
+    assert by["adam lr/3 (control)", 0]["lr"] == pytest.approx(by["adam", 0]["lr"] / 3)
+    # every contender starts from the same model: the "before" losses agree per seed
+    assert by["adam", 1]["loss_p_before"] == by["seed_discard(1, 2, 4)", 1]["loss_p_before"]
+    assert set(doc["summary"][mode]) == set(names)
+    assert (tmp_path / "out" / "pretrained_continual.png").stat().st_size > 0
+    # a second run reuses the cached base model
+    assert pc.main([*argv[:6], str(tmp_path / "out2"), *argv[7:]]) == 0
+    again = json.loads((tmp_path / "out2" / "pretrained_continual.json").read_text())["base"]
+    assert again["cached"] and again["held_out_loss"] == base["held_out_loss"]
