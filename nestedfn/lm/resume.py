@@ -60,12 +60,14 @@ def pick_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path,
 
 def set_damaged_aside(damaged: list[Path]) -> None:
     """Rename damaged checkpoints ``damaged-step_...`` (kept for a look, never read again)."""
+    from nestedfn.run.safedir import SafeDir
+
     for p in damaged:
-        target = p.with_name(f"damaged-{p.name}")
-        n = 1
-        while target.exists():
-            target, n = p.with_name(f"damaged-{p.name}.{n}"), n + 1
-        p.rename(target)
+        with SafeDir.open(p.parent, follow=False) as d:
+            target, n = f"damaged-{p.name}", 1
+            while d.kind(target) is not None:
+                target, n = f"damaged-{p.name}.{n}", n + 1
+            d.rename(p.name, target)
 
 
 def _norm(v: Any) -> Any:

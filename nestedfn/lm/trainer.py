@@ -87,6 +87,7 @@ from nestedfn.lm.rundir import (
 from nestedfn.optim.core import Params, TrainState, apply_gradients
 from nestedfn.run import distributed
 from nestedfn.run.checkpoint import atomic_write_text, file_sha256
+from nestedfn.run.safedir import open_append
 
 __all__ = ["Interrupted", "Summary", "train"]
 
@@ -215,7 +216,7 @@ def _start(
     from nestedfn.run.checkpoint import CheckpointError, load_checkpoint
     from nestedfn.tree import TreeMismatchError
 
-    check_out_dir(out, resume, force)
+    check_out_dir(out, resume, force, {"model": config.model, "data": config.data})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     overrides.pop("adapter_path", None)  # names the run, which is `out`
     ckpt, damaged = None, []
@@ -456,7 +457,7 @@ def _loop(
     main = distributed.is_main()
     rank, world = distributed.rank(), distributed.world_size()
     grad_fn, eval_fn, step_fn = fns.grad, fns.eval, fns.step
-    metrics = open(out / METRICS_FILE, "a", encoding="utf-8") if main else None  # noqa: SIM115
+    metrics = open_append(out / METRICS_FILE) if main else None  # never through a symlink
     # the SHA-256 of the metrics file so far, recorded with every checkpoint (``extra``)
     written = hashlib.sha256((out / METRICS_FILE).read_bytes() if main else b"")
     end = c.steps if stop_at is None else min(stop_at, c.steps)
