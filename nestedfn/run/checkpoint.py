@@ -267,15 +267,15 @@ def _write_failure(path: Path, e: RuntimeError) -> OSError:
 def _write_file(d: SafeDir, name: str, fill: Callable[[Any], None]) -> None:
     """Create ``name`` in ``d`` (``O_EXCL | O_NOFOLLOW``), ``fill`` the file object, fsync."""
     fd = d.open_fd(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    with os.fdopen(fd, "wb") as f:
-        try:
+    try:
+        with os.fdopen(fd, "wb") as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
-        except RuntimeError as e:  # MLX's write failure names no file
-            raise _write_failure(d.path / name, e) from None
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(d.path / name)) from None
+    except RuntimeError as e:  # MLX's write failure names no file
+        raise _write_failure(d.path / name, e) from None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(d.path / name)) from None
 
 
 def file_sha256(path: Path | str) -> str:

@@ -189,11 +189,13 @@ class SafeDir:
                 finally:
                     os.close(sync)
             self.rename(tmp, name)
-        except BaseException:
+        except BaseException as e:
             if fd >= 0:
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
+            if isinstance(e, OSError) and e.filename is None:  # a write: name the file
+                raise OSError(e.errno, e.strerror or str(e), str(self.path / name)) from None
             raise
         self.fsync()
         return self.path / name
