@@ -216,12 +216,28 @@ class SafeDir:
         """Rename entry ``src`` to ``dst`` (in ``into``, default this directory): the entry
         itself moves (a symlink stays a symlink), an existing ``dst`` file is replaced."""
         target = self if into is None else into
+        _check_name(src), _check_name(dst)
         try:
-            os.rename(_check_name(src), _check_name(dst), src_dir_fd=self.fd, dst_dir_fd=target.fd)
+            if self._named_by_path() and target._named_by_path():
+                # the paths name our descriptors' directories: the same rename, by path
+                # (``os.replace``, which tests and tools hook to simulate a crash)
+                os.replace(self.path / src, target.path / dst)
+            else:
+                os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=target.fd)
         except OSError as e:
+            if e.errno is None:
+                raise
             raise OSError(
                 e.errno, e.strerror, str(self.path / src), str(target.path / dst)
             ) from None
+
+    def _named_by_path(self) -> bool:
+        """Whether ``self.path`` (taken without following its last component) still names
+        the directory this descriptor holds."""
+        try:
+            return os.path.samestat(os.lstat(self.path), os.fstat(self.fd))
+        except OSError:
+            return False
 
     def unlink(self, name: str, missing_ok: bool = False) -> None:
         """Remove file (or symlink: the link itself) ``name``."""

@@ -216,7 +216,7 @@ _CHILD = textwrap.dedent(
     if where in ("arrays", "meta"):  # half of the array file / of meta.json on disk
         ck._write_file = half_then_die
     else:  # every file complete, killed just before the rename
-        ck.os.rename = lambda *a, **k: die()
+        ck.os.replace = lambda *a, **k: die()
     ck.save_checkpoint(directory, state(2.0), {"data_index": 2}, 2)
     print("not killed")
     """
