@@ -395,6 +395,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None or argv[:1] in (["train"], ["demo"]):
+        __import__("nestedfn.lm.console").lm.console.install()  # output is not the run
     if (argv is None or argv[:1] in (["train"], ["demo"])) and not _launched():
         _SIGNAL["received"] = signal.SIGINT
         signal.signal(signal.SIGTERM, _on_sigterm)
