@@ -194,6 +194,7 @@ def _train(args: argparse.Namespace) -> int:
     for key in ("report_to", "project_name"):
         if getattr(args, key) is not None:
             raise _UsageError(f"--{key.replace('_', '-')} {NETWORK_KEYS[key]}")
+    __import__("nestedfn.run.distributed").run.distributed.set_connect_timeout(args.connect_timeout)
     resume = bool(args.resume)
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
@@ -214,8 +215,9 @@ def _train(args: argparse.Namespace) -> int:
         if not config.train:
             return _test_only(config, out)
     summary = train(
-        config, out, resume=resume, force=args.force, overrides=overrides, stop_at=args.stop_at
-    )
+        config, out, resume=resume, force=args.force, overrides=overrides, stop_at=args.stop_at,
+        accept_changed_inputs=args.accept_changed_inputs,
+    )  # fmt: skip
     _report(summary)
     return 0
 
@@ -363,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step"
     )
+    train.add_argument(
+        "--accept-changed-inputs", action="store_true",
+        help="--resume even though data or model files changed (recorded in the run)",
+    )  # fmt: skip
+    train.add_argument(
+        "--connect-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="under mlx.launch: how long to wait for the other processes (0: forever)",
+    )  # fmt: skip
     _add_config_flags(train)
     train.set_defaults(fn=_train)
 

@@ -18,6 +18,12 @@ in that directory as nestedfn's, and holds the SHA-256 of the ``config.yaml`` th
 ``clear_run`` refuses (``RunError`` listing them) while anything is unknown, and removes
 nothing then; files elsewhere in the directory are never looked at.
 ``clean_temporaries`` removes the stale temporaries only (resume does it, under the lock).
+
+The manifest also records the run's inputs (``input_fingerprints``): the size and SHA-256 of
+the data files (``train``/``valid``/``test.jsonl``), the model's weights, configuration and
+tokenizer files, and ``resume_adapter_file``; a resume refuses inputs that changed unless told
+to accept them (``resume.check_resume``), and the accepted changes are recorded
+(``accepted_changes``: the file, the step, the old and new fingerprints).
 """
 
 from __future__ import annotations
@@ -54,9 +60,17 @@ _STEP = re.compile(r"^(?:damaged-)?step_\d{8,}$")
 _STEP_FILES = {"arrays.safetensors", "meta.json"}
 
 
-def write_manifest(out: Path, config_sha256: list[str], rewriting: bool = False) -> None:
+def write_manifest(
+    out: Path,
+    config_sha256: list[str],
+    rewriting: bool = False,
+    inputs: dict[str, dict] | None = None,
+    accepted: list[dict] | None = None,
+) -> None:
     """Mark ``out``'s run files as written by nestedfn, with the SHA-256 of the accepted
-    ``config.yaml`` (atomically)."""
+    ``config.yaml`` (atomically).  ``inputs`` (``input_fingerprints``) and ``accepted``
+    (changes accepted on resume) are recorded; when not given, the previous manifest's are
+    kept."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -65,6 +79,9 @@ def write_manifest(out: Path, config_sha256: list[str], rewriting: bool = False)
         writer = "unknown"
     record = {"format": "nestedfn-run", "version": 1, "nestedfn": writer}
     record |= {"config_sha256": config_sha256, "rewriting": rewriting}
+    old = read_manifest(out) or {}
+    record["inputs"] = inputs if inputs is not None else old.get("inputs")
+    record["accepted_changes"] = [*old.get("accepted_changes", []), *(accepted or [])]
     record["digest"] = _digest(record)
     atomic_write_text(out / MANIFEST, json.dumps(record) + "\n")
 
@@ -86,6 +103,49 @@ def _digest(record: dict) -> str:
 
     body = {k: v for k, v in record.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+INPUT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
+DATA_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
+_FINGERPRINTS: dict[tuple, dict] = {}  # (path, size, mtime_ns, inode) -> fingerprint
+
+
+def _fingerprint(path: Path) -> dict:
+    from nestedfn.run.checkpoint import file_sha256
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = {"bytes": st.st_size, "sha256": file_sha256(path)}
+    return _FINGERPRINTS[key]
+
+
+def input_fingerprints(model: str | None, data: str | None, adapter: str | None) -> dict:
+    """``{path: {"bytes", "sha256"}}`` of the files a run reads: the data directory's
+    ``DATA_FILES``, the model directory's ``*.safetensors`` and ``INPUT_FILES``, and the
+    adapter file a run starts from (a directory: its ``adapters.safetensors``).  Paths that
+    are not local files (a Hugging Face id) are skipped.  SHA-256 of every byte: a file
+    overwritten by another of the same size is told apart (the weights are read once more
+    per start; a file seen unchanged in this process is not read again)."""
+    files: list[Path] = []
+    if data and Path(data).is_dir():
+        files += [Path(data) / n for n in DATA_FILES if (Path(data) / n).is_file()]
+    if model and Path(model).is_dir():
+        m = Path(model)
+        files += sorted(p for p in m.glob("*.safetensors") if p.is_file())
+        files += [m / n for n in INPUT_FILES if (m / n).is_file()]
+    if adapter:
+        a = Path(adapter)
+        a = a / ADAPTER_FILE if a.is_dir() else a
+        if a.is_file():
+            files.append(a)
+    return {str(p.absolute()): _fingerprint(p) for p in files}
 
 
 def config_changed(out: Path) -> bool | None:

@@ -162,6 +162,7 @@ def train(
     log: Callable[[str], None] = print,
     stop_at: int | None = None,
     warn: Callable[[str], None] | None = None,
+    accept_changed_inputs: bool = False,
 ) -> Summary:
     """Train LoRA adapters as ``config`` says, writing the run into ``out``.
 
@@ -171,7 +172,9 @@ def train(
     ends this process's run early at that step (as an interrupt would), after writing a
     checkpoint there.  Rank 0 holds an exclusive lock on ``out`` for the whole run
     (``nestedfn.lm.lock``).  User errors raise ``RunError``/``ConfigError`` before anything in
-    ``out`` is touched; ``warn`` gets one-line warnings (default: stderr).
+    ``out`` is touched; ``warn`` gets one-line warnings (default: stderr).  A resume refuses
+    input files (data, model) that changed since the run started unless
+    ``accept_changed_inputs`` (recorded in the manifest; ``lm.resume.check_resume``).
     """
     out = Path(out).absolute()
     warn = warn or _warn
@@ -183,7 +186,7 @@ def train(
     started = False
     try:
         prep, fns, state, extra, setup = _start(
-            config, out, resume, force, overrides, log, warn, stop_at
+            config, out, resume, force, overrides, log, warn, stop_at, accept_changed_inputs
         )
         started = True
         if distributed.is_main():
@@ -209,10 +212,12 @@ def _start(
     log: Callable[[str], None],
     warn: Callable[[str], None],
     stop_at: int | None,
+    accept_changed_inputs: bool = False,
 ) -> tuple[Prepared, _StepFns, TrainState, dict, Callable[[], None]]:
     """Everything checked and read before anything is written; returns the run's start and
     the function that writes the run directory's first files (rank 0 calls it)."""
-    from nestedfn.lm.resume import pick_checkpoint, set_damaged_aside, started_config
+    from nestedfn.lm.manifest import input_fingerprints
+    from nestedfn.lm.resume import check_resume, pick_checkpoint, set_damaged_aside, started_config
     from nestedfn.run.checkpoint import CheckpointError, load_checkpoint
     from nestedfn.tree import TreeMismatchError
 
@@ -238,6 +243,9 @@ def _start(
         edited = config_changed(out)
         config = started_config(out / RUN_CONFIG, saved, meta, RESUMABLE, edited)
         config = replace(config, **changed)
+        inputs, accepted = check_resume(out, config, int(meta["step"]), accept_changed_inputs)
+        for c in accepted:
+            warn(f"input {c['file']} changed since the run started; accepted (recorded)")
         for where in (out, out / BEST_DIR):
             problem = check_adapters(where)
             if problem is not None:
@@ -247,6 +255,9 @@ def _start(
         if read_manifest(out) is None:
             warn(f"{out / MANIFEST} is missing or damaged; it is written again")
     config = _absolute(config, out)
+    if not resume:
+        inputs = input_fingerprints(config.model, config.data, config.resume_adapter_file)
+        accepted: list[dict] = []
     if config.schedule == "cosine" and config.decay_steps is None:
         # pin the horizon so that a resume with more steps keeps the same schedule
         config = replace(config, decay_steps=max(config.steps // config.grad_accumulation, 1))
@@ -319,7 +330,7 @@ def _start(
             out.mkdir(parents=True, exist_ok=True)
             write_manifest(out, [], rewriting=True)
         save_config(config, out)
-        write_manifest(out, [file_sha256(out / RUN_CONFIG)])
+        write_manifest(out, [file_sha256(out / RUN_CONFIG)], inputs=inputs, accepted=accepted)
         if metrics is not None:
             atomic_write_text(out / METRICS_FILE, metrics)
 
