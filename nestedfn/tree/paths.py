@@ -64,7 +64,12 @@ def to_flat(tree: Tree) -> dict[str, Leaf]:
     if is_leaf(tree):
         raise PathError("to_flat needs a container at the root, got a leaf", path="")
     out: dict[str, Leaf] = {}
-    _to_flat_into(tree, "", out)
+    try:
+        _to_flat_into(tree, "", out)
+    except RecursionError:
+        from nestedfn.tree.structure import TreeDepthError, tree_depth
+
+        raise TreeDepthError(tree_depth(tree), "to_flat") from None
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -120,3 +121,14 @@ def test_refuse_out(tmp_path):
     model.write_bytes(b"")
     assert "model directory" in refuse_out(tmp_path, {"model": str(model)})
     assert refuse_out(tmp_path / "run", {"data": str(data), "model": "org/repo"}) is None
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_device_on_append_names_the_file():
+    f = open_append("/dev/full")
+    with pytest.raises(OSError) as e:
+        f.write("x" * 100_000)
+        f.flush()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"
+    with contextlib.suppress(OSError):
+        f.close()
