@@ -199,3 +199,24 @@ def test_from_flat_refuses_a_leaf_shaped_unlike_like():
         from_flat({"b.c": mx.zeros((3,)), "a": mx.zeros((2,))}, like=like)
     out = from_flat({"a": mx.ones((2,)), "b.c": mx.ones((1, 3))}, like=like)
     assert out["b"]["c"].shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda v: nf.schedules.constant(v), "value"),
+        (lambda v: nf.schedules.linear_warmup(v, 10), "peak_value"),
+        (lambda v: nf.schedules.cosine_decay(v, 10), "init_value"),
+        (lambda v: nf.schedules.exponential_decay(1.0, v), "decay_rate"),
+        (lambda v: nf.schedules.warmup_cosine(1.0, 2, 10, end_value=v), "end_value"),
+        (lambda v: nf.multiscale_momentum(1e-3, b3=v), "b3"),
+        (lambda v: nf.multiscale_momentum(v), "learning_rate"),
+        (lambda v: nf.optim.transforms.scale(v), "factor"),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1", None])
+def test_schedules_and_other_constructors_check_their_values(make, arg, bad):
+    if arg == "decay_rate" or arg == "b3" or arg == "learning_rate":
+        bad = bad if bad is not None else -1.0  # negative: outside [0, ...)
+    with pytest.raises((TypeError, ValueError), match=f"{arg} must be"):
+        make(bad)
