@@ -194,7 +194,9 @@ def _train(args: argparse.Namespace) -> int:
     for key in ("report_to", "project_name"):
         if getattr(args, key) is not None:
             raise _UsageError(f"--{key.replace('_', '-')} {NETWORK_KEYS[key]}")
-    __import__("nestedfn.run.distributed").run.distributed.set_connect_timeout(args.connect_timeout)
+    from nestedfn.run import distributed
+
+    distributed.set_connect_timeout(args.connect_timeout)
     resume = bool(args.resume)
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
@@ -406,7 +408,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None or argv[:1] in (["train"], ["demo"]):
-        __import__("nestedfn.lm.console").lm.console.install()  # output is not the run
+        from nestedfn.lm import console
+
+        console.install()  # output is not the run: a closed stdout never stops training
     if (argv is None or argv[:1] in (["train"], ["demo"])) and not _launched():
         _SIGNAL["received"] = signal.SIGINT
         signal.signal(signal.SIGTERM, _on_sigterm)
