@@ -431,6 +431,32 @@ def _save(prep: Prepared, state: TrainState, extra: dict, out: Path, keep: int) 
     save_adapters(out, state.params, prep.spec, n_blocks, extra=info)
 
 
+def _interrupt_save(
+    prep: Prepared,
+    done: TrainState,
+    extra: dict,
+    out: Path,
+    nothing_done: bool,
+    main: bool,
+    bar: Any,
+) -> tuple[int, Path | None]:
+    """The step and checkpoint an interrupt leaves (rank 0 writes it unless it is there)."""
+    from nestedfn.run.checkpoint import step_dir_name
+
+    step = int(done.step)
+    on_disk = _newest_step(out / CHECKPOINT_DIR)
+    if on_disk is not None and on_disk >= step:
+        # the step was saved (the interrupt came in the save, after the checkpoint): that
+        # is the checkpoint a resume takes
+        return on_disk, out / CHECKPOINT_DIR / step_dir_name(on_disk)
+    if nothing_done:
+        return step, None  # a new run started again does exactly what this one would have
+    if main:
+        bar.close()
+        _save(prep, done, extra, out, prep.config.keep_last)
+    return step, out / CHECKPOINT_DIR / step_dir_name(step)
+
+
 @contextlib.contextmanager
 def _signals_held() -> Any:
     """SIGINT and SIGTERM ignored while the interrupt's checkpoint is written: Ctrl-C often
@@ -460,7 +486,6 @@ def _loop(
     stop_at: int | None,
 ) -> Summary:
     from nestedfn.lm.data import batch_at
-    from nestedfn.run.checkpoint import step_dir_name
 
     c = prep.config
     from nestedfn.lm.report import Reporter
@@ -570,23 +595,23 @@ def _loop(
         if c.test and (int(state.step) == c.steps or stopped):
             test_loss = evaluate(eval_fn, state.params, prep.test_set, c, c.test_batches)
             write({"type": "test", "step": int(state.step), "test_loss": test_loss})
-    except KeyboardInterrupt:
-        # No collective here (see the module docstring): rank 0 saves what it completed.
-        step = int(done.step)
-        on_disk = _newest_step(out / CHECKPOINT_DIR)
-        if on_disk is not None and on_disk >= step:
-            # the step was saved (the interrupt came in the save, after the checkpoint): that
-            # is the checkpoint a resume takes
-            step = on_disk
-            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
-        elif nothing_done:
-            ckpt = None  # a new run started again does exactly what this one would have
-        else:
-            ckpt = out / CHECKPOINT_DIR / step_dir_name(step)
-            if main:
-                bar.close()
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        # No collective here (see the module docstring): rank 0 saves what it completed.  A
+        # collective that failed because a peer left (its Ctrl-C came first) is this rank's
+        # interrupt too; its own may still be pending and strike anywhere before the guard,
+        # so the save is retried under it (the guard drops a pending one).
+        if isinstance(exc, RuntimeError) and not distributed.peer_lost(exc):
+            raise
+        step, ckpt = int(done.step), None
+        for _ in range(3):
+            try:
                 with _signals_held():
-                    _save(prep, done, done_extra, out, c.keep_last)
+                    step, ckpt = _interrupt_save(
+                        prep, done, done_extra, out, nothing_done, main, bar
+                    )
+                break
+            except KeyboardInterrupt:
+                continue
         raise Interrupted(out, step, ckpt) from None
     finally:
         bar.close()

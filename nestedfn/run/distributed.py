@@ -132,6 +132,15 @@ if os.getppid() == pid:
 """
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another process of the launch left
+    (MLX's ``[ring] connection to a peer was lost``, or a backend's like error)."""
+    if not isinstance(e, RuntimeError) or world_size() <= 1:
+        return False
+    text = str(e).lower()
+    return "peer" in text or "connection" in text
+
+
 def connect_timeout() -> float:
     """Seconds ``world()`` waits for the peers (default 300; 0 waits forever): set by
     ``set_connect_timeout`` (the CLI's ``--connect-timeout``)."""

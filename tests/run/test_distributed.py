@@ -545,6 +545,7 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_proc
     assert "Node with rank 0 exited with code 130" in got.stderr, got.stderr
     assert "Node with rank 1 exited with code 130" in got.stderr, got.stderr
     done = len(_records(run))
+    assert (run / "checkpoints").is_dir(), got.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{done:08d}"]
     _launched_ok(
         launch(["-m", "nestedfn.cli", "train", "--resume", str(run), "--steps", str(done + 2)])
