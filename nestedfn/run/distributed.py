@@ -138,7 +138,8 @@ def peer_lost(e: BaseException) -> bool:
     if not isinstance(e, RuntimeError) or world_size() <= 1:
         return False
     text = str(e).lower()
-    return "peer" in text or "connection" in text
+    backend = text.startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]"))
+    return backend or any(w in text for w in ("peer", "connection", "socket", "recv", "send"))
 
 
 def connect_timeout() -> float:
