@@ -407,7 +407,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None or argv[:1] in (["train"], ["demo"]):
+    if argv is None:  # the command itself (not a caller in-process): its own streams
         from nestedfn.lm import console
 
         console.install()  # output is not the run: a closed stdout never stops training

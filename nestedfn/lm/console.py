@@ -1,6 +1,7 @@
 """Output is not the run: a closed, full or narrow stdout/stderr never stops training.
 
-``install()`` (called by the CLI for ``train``/``demo``) does two things:
+``install()`` (called by the ``nestedfn`` command itself, not by ``main(argv)`` called
+in-process: it changes the process's streams and SIGINT handler) does two things:
 
 * wraps ``sys.stdout`` and ``sys.stderr`` in a ``_Guard``: a write that fails because the
   reader went away (``nestedfn train ... | head -c 1500``: ``EPIPE``), the stream is closed or
