@@ -31,6 +31,15 @@ mid-chunk) and holds the outcome against a run that went straight through:
   ``mount``/``chattr``; what cannot run is reported as skipped.
 * ``force``: ``--force`` on directories holding the user's files.  Pass: nothing of theirs
   deleted (refused, listing them, or left alone).
+* ``fuzz`` (``--fuzz N`` examples, Hypothesis): random command lines (good and bad values of
+  the size, rate, optimizer and YAML flags), config files (non-string keys, bad YAML, alias
+  bombs), data files (garbage, non-UTF-8, one record, empty) and run-directory states
+  (symlinks to the user's files and directories, dangling ones, damaged files) on a new run,
+  ``--force`` or ``--resume``, the CLI run in-process.  One oracle: exit 0 with a correct run
+  (every step's record, finite losses, the adapters), or exit 2/74/130/143 with exactly one
+  error line; no traceback; nothing outside the run directory changed; nothing of the
+  user's in it removed.  Counted: cases, tracebacks, silent acceptances (exit 0 without a
+  correct run, or with a symlink on the run's paths), outside changes, user files removed.
 
 Prints one line per category and the totals, e.g. ``SIGKILL 20/20 resumed bit-identical``,
 ``tracebacks 0``, ``user files deleted 0``.  Every process's stderr is scanned for
@@ -430,6 +439,248 @@ def force_trials(ctx: Ctx) -> tuple[int, int, int]:
     return passed, len(cases), deleted
 
 
+# ---- fuzz: the boundary, with Hypothesis ------------------------------------------------
+
+# per flag: (values a run takes, values it must refuse)
+FUZZ_FLAGS = {
+    "--batch-size": (["2", "1"], ["0", "-1", "100000000", "x"]),
+    "--lora-rank": (["2", "1"], ["0", "10000000", "1.5"]),
+    "--learning-rate": (["1e-3", "0"], ["nan", "inf", "-1", "abc"]),
+    "--optimizer": (["adam", "sgd", "lion", "nested_adam"], ["nope"]),
+    "--optimizer-args": (["{b1: 0.5}", "{}"], ["{b1: 1.5}", "{1: 2}", "{b1: 0.9", "{eps: 0}"]),
+    "--tiers": (["depth"], ["{(: 0}", "[1, 2]"]),
+    "--steps": (["2", "3"], ["0", "-3", "x"]),
+    "--max-seq-len": (["24", "16"], ["0", "100000000"]),
+    "--frequencies": (["1 2", "1"], ["0", "2 1"]),
+}
+RUN_PATHS = [
+    "checkpoints",
+    "best",
+    "metrics.jsonl",
+    "config.yaml",
+    ".nestedfn.lock",
+    ".nestedfn-run.json",
+    "adapters.safetensors",
+]
+LINKS = ["link-file", "link-dir", "dangling"]
+RUN_STATES = [*LINKS, "garbage", "empty-dir", "missing"]
+DATA_STATES = ["ok", "garbage", "non-utf8", "one-record", "empty", "array-line"]
+_BOMB = "a: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 10)
+)
+CONFIGS = [None, "steps: 2\n", "1: 2\n", "lora_parameters: {rank: 2, 3: 4}\n", "{a: 1", _BOMB]
+
+
+def fuzz_cases():  # noqa: ANN201 - a Hypothesis strategy
+    """Cases of the fuzzer: ``{"mode", "flags", "run_state", "data", "config"}``."""
+    from hypothesis import strategies as st
+
+    def value(f: str) -> st.SearchStrategy:  # mostly values a run takes: deeper paths run
+        good, bad = FUZZ_FLAGS[f]
+        return st.sampled_from(good * 3 + bad)
+
+    flag = st.sampled_from(sorted(FUZZ_FLAGS)).flatmap(lambda f: st.tuples(st.just(f), value(f)))
+    return st.fixed_dictionaries(
+        {
+            "mode": st.sampled_from(["new", "force", "resume"]),
+            "flags": st.lists(flag, max_size=2, unique_by=lambda t: t[0]),
+            "run_state": st.lists(
+                st.tuples(st.sampled_from(RUN_PATHS), st.sampled_from(RUN_STATES + LINKS * 2)),
+                max_size=2,
+                unique_by=lambda t: t[0],
+            ),
+            "data": st.sampled_from(["ok"] * 5 + DATA_STATES),
+            "config": st.sampled_from([None] * 6 + CONFIGS),
+        }
+    )
+
+
+def _snapshot(root: Path, skip: Path | None = None) -> dict:
+    out = {}
+    for d, dirs, files in os.walk(root, followlinks=False):
+        if skip is not None and Path(d) == skip:
+            dirs[:] = []
+            continue
+        for n in dirs + files:
+            p = Path(d) / n
+            if skip is not None and p == skip:
+                continue
+            if p.is_symlink():
+                out[str(p)] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[str(p)] = ("file", p.read_bytes())
+            else:
+                out[str(p)] = ("dir",)
+    return out
+
+
+def _prepare_fuzz(root: Path, model: Path, data: Path, done: Path, case: dict) -> tuple:
+    """Lay out one case under ``root``: the data (maybe damaged), the run directory in its
+    state (a finished run for --force/--resume), the user's files beside and inside it."""
+    d = root / "data"
+    shutil.copytree(data, d)
+    train = d / "train.jsonl"
+    lines = train.read_text().splitlines(True)
+    damage = {
+        "garbage": b"\x00\x01garbage\n",
+        "non-utf8": b'{"text": "\xff\xfe"}\n',
+        "one-record": lines[0].encode(),
+        "empty": b"",
+        "array-line": b"[1, 2]\n",
+    }
+    if case["data"] in damage:
+        train.write_bytes(damage[case["data"]])
+    outside = root / "outside"
+    (outside / "adapters").mkdir(parents=True)
+    (outside / "adapters" / "adapters.safetensors").write_bytes(b"the user's weights")
+    (outside / "victim.txt").write_text("the user's text\n")
+    run = root / "run"
+    if case["mode"] == "new":
+        run.mkdir()
+    else:
+        shutil.copytree(done, run, symlinks=True)
+    (run / "notes.txt").write_text("the user's notes\n")
+    links = []
+    for name, state in case["run_state"]:
+        p = run / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+        if state == "link-file":
+            p.symlink_to(outside / "victim.txt")
+        elif state == "link-dir":
+            p.symlink_to(outside / "adapters")
+        elif state == "dangling":
+            p.symlink_to(outside / "nothing-here")
+        elif state == "garbage":
+            p.write_bytes(b"\x00garbage\xff")
+        elif state == "empty-dir":
+            p.mkdir()
+        if state in ("link-file", "link-dir", "dangling"):
+            links.append(name)
+    argv = ["train"]
+    if case["mode"] == "resume":
+        argv += ["--resume", str(run)]
+    else:
+        argv += ["--model", str(model), "--data", str(d), "--out", str(run)]
+        argv += ["--batch-size", "2", "--max-seq-len", "24", "--lora-rank", "2"]
+        argv += ["--lora-layers", "4", "--steps", "2", "--eval-every", "0"]
+        if case["mode"] == "force":
+            argv.append("--force")
+    for f, v in case["flags"]:
+        argv += [f, *v.split(" ")] if f == "--frequencies" else [f, v]
+    if case["config"] is not None:
+        (root / "c.yaml").write_text(case["config"])
+        argv += ["--config", str(root / "c.yaml")]
+    return run, argv, links
+
+
+def fuzz_case(model: Path, data: Path, done: Path, case: dict) -> dict:
+    """Run one case in-process and hold it to the oracle (the module doc); returns
+    ``{"ok", "code", "traceback", "silent", "outside", "user_removed", "why"}``."""
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from nestedfn.cli import main as cli_main
+
+    root = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    try:
+        run, argv, links = _prepare_fuzz(root, model, data, done, case)
+        before = _snapshot(root, skip=run)
+        err, out = io.StringIO(), io.StringIO()
+        tb = ""
+        with redirect_stderr(err), redirect_stdout(out):
+            try:
+                code = cli_main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 2
+            except BaseException:  # an escape is a traceback at the CLI
+                code, tb = None, traceback.format_exc()
+        text = err.getvalue()
+        errors = [ln for ln in text.splitlines() if ": error:" in ln]
+        result = {"code": code, "traceback": bool(tb) or "Traceback" in text}
+        result["outside"] = sorted(
+            k for k in set(before) | set(_snapshot(root, skip=run))
+            if before.get(k) != _snapshot(root, skip=run).get(k)
+        )  # fmt: skip
+        notes = run / "notes.txt"
+        result["user_removed"] = not (notes.is_file() and "the user's" in notes.read_text())
+        why = ""
+        silent = False
+        if code == 0:
+            correct, why = _correct_run(run)
+            refuse = _must_refuse(case)
+            if links:
+                silent, why = True, f"exit 0 with symlink(s) {links} on the run's paths"
+            elif refuse:
+                silent, why = True, f"exit 0 though {refuse} must be refused"
+            elif not correct:
+                silent = True
+        elif code not in (2, 74, 130, 143):
+            why = f"exit {code}"
+        elif len(errors) != 1:
+            why = f"{len(errors)} error lines: {text[-300:]!r}"
+        result["silent"] = silent
+        result["why"] = why or (tb[-300:] if tb else "")
+        result["ok"] = not (
+            why or result["traceback"] or result["outside"] or result["user_removed"]
+        )
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _must_refuse(case: dict) -> str:
+    """What in ``case`` a run must refuse (a value of a flag's refused list, a bad config or
+    damaged data for a new run), or ``""``."""
+    for f, v in case["flags"]:
+        if v in FUZZ_FLAGS[f][1]:
+            return f"{f} {v}"
+    if case["config"] not in (None, "steps: 2\n"):
+        return f"config {case['config'][:30]!r}"
+    if case["mode"] != "resume" and case["data"] != "ok":
+        return f"data {case['data']}"
+    return ""
+
+
+def _correct_run(run: Path) -> tuple[bool, str]:
+    """Exit 0 means a correct run: every step's record with a finite loss, the adapters."""
+    import yaml
+
+    try:
+        steps = yaml.safe_load((run / "config.yaml").read_text())["iters"]
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    except Exception as e:  # noqa: BLE001 - any failure to read is an incorrect run
+        return False, f"exit 0 but the run is unreadable ({type(e).__name__}: {e})"
+    train = [r for r in recs if r.get("type") == "train"]
+    if [r["step"] for r in train] != list(range(1, steps + 1)):
+        return False, f"exit 0 but train records {[r['step'] for r in train]} for {steps} steps"
+    if any(r.get("loss") is None for r in train):
+        return False, "exit 0 with a non-finite loss"
+    if not (run / "adapters.safetensors").is_file():
+        return False, "exit 0 without adapters"
+    return True, ""
+
+
+def fuzz_trials(model: Path, data: Path, done: Path, n: int, seed: int) -> list[dict]:
+    """``n`` Hypothesis examples of ``fuzz_cases`` through ``fuzz_case`` (all kept)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    results: list[dict] = []
+
+    @hseed(seed)
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(fuzz_cases())
+    def trial(case: dict) -> None:
+        results.append({"case": case, **fuzz_case(model, data, done, case)})
+
+    trial()
+    return results
+
+
 # ---- main -------------------------------------------------------------------------------
 
 
@@ -442,7 +693,8 @@ def main() -> int:
     )
     ap.add_argument("--jobs", type=int, default=2, help="trials run at once")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default="kill,corrupt,concurrent,os,force")
+    ap.add_argument("--only", default="kill,corrupt,concurrent,os,force,fuzz")
+    ap.add_argument("--fuzz", type=int, default=200, help="fuzzer examples (default 200)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -531,6 +783,18 @@ def main() -> int:
             if ok != n:
                 failures += fail([f"--force: {n - ok} trial(s) failed"])
         pool.shutdown()
+        if "fuzz" in only and args.fuzz:
+            res = fuzz_trials(ctx.model, ctx.data, ctx.base, args.fuzz, args.seed)
+            tally = Counter(r["code"] for r in res)
+            say(
+                f"fuzz {sum(r['ok'] for r in res)}/{len(res)} cases held the oracle (exit "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items(), key=str))
+                + f"); tracebacks {sum(r['traceback'] for r in res)}, silent acceptances "
+                f"{sum(r['silent'] for r in res)}, outside changes "
+                f"{sum(bool(r['outside']) for r in res)}, user files removed "
+                f"{sum(r['user_removed'] for r in res)}"
+            )
+            failures += fail([f"fuzz {r['case']}: {r['why']}" for r in res if not r["ok"]])
         say(f"tracebacks {len(ctx.tracebacks)}")
         print("\n".join(lines))
         for tb in ctx.tracebacks[:3]:

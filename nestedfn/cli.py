@@ -197,8 +197,10 @@ DEFAULT_OUT = "adapters"  # mlx-lm's default adapter_path
 def _train(args: argparse.Namespace) -> int:
     from nestedfn.lm.api import fine_tune
     from nestedfn.lm.mlxlm_compat import warn_reporting
+    from nestedfn.run import distributed
 
     warn_reporting([k for k in ("report_to", "project_name") if getattr(args, k) is not None])
+    distributed.set_connect_timeout(args.connect_timeout)
     if isinstance(args.resume, str) and args.out and Path(args.resume) != Path(args.out):
         raise _UsageError(
             f"--resume {args.resume} and --adapter-path/--out {args.out} name different runs"
@@ -209,7 +211,10 @@ def _train(args: argparse.Namespace) -> int:
         out = args.resume if isinstance(args.resume, str) else args.out
         if out is None:
             raise _UsageError("--resume needs the run: --resume RUN_DIR")
-        summary = fine_tune(out=out, resume=True, stop_at=args.stop_at, **_overrides(args))
+        summary = fine_tune(
+            out=out, resume=True, stop_at=args.stop_at,
+            accept_changed_inputs=args.accept_changed_inputs, **_overrides(args),
+        )  # fmt: skip
     else:
         config = _config(args)
         out = args.out or config.adapter_path or DEFAULT_OUT
@@ -448,6 +453,14 @@ def _add_train_parser(sub: Any) -> None:
     train.add_argument(
         "--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step"
     )
+    train.add_argument(
+        "--accept-changed-inputs", action="store_true",
+        help="--resume even though data or model files changed (recorded in the run)",
+    )  # fmt: skip
+    train.add_argument(
+        "--connect-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="under mlx.launch: how long to wait for the other processes (0: forever)",
+    )  # fmt: skip
     _add_config_flags(train)
     train.set_defaults(fn=_train)
 
@@ -509,6 +522,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a caller in-process): its own streams
+        from nestedfn.lm import console
+
+        console.install()  # output is not the run: a closed stdout never stops training
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["train"], ["demo"], ["lora"]) and not _launched():
         _SIGNAL["received"] = signal.SIGINT

@@ -110,7 +110,7 @@ GOOD = '{"text": "one two three"}\n'
         ("tiers_with_one_frequency", "would be ignored: frequencies [1] is a single tier"),
         ("tier_order_flag_with_one_frequency", "--tier-order would be ignored: frequencies [1]"),
         ("tiers_depth_flag_multiscale", "--tiers would be ignored: multiscale_momentum has its"),
-        ("optimizer_arg_fails_first_step", "the first training step fails ("),
+        ("optimizer_arg_fails_first_step", "b1 must be a number in [0, 1), got 'x'"),
         ("num_layers_beyond_the_model", "num_layers must be -1 (all) or in 1..4"),
     ],
 )

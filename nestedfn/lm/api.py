@@ -77,6 +77,7 @@ def fine_tune(
     progress: bool = True,
     log: Callable[[str], None] = print,
     resume_hint: str = "nestedfn train --resume {out}",
+    accept_changed_inputs: bool = False,
     **options: Any,
 ) -> Summary:
     """Train as ``config`` and ``options`` say (``as_config``), into ``out`` (default the
@@ -84,7 +85,9 @@ def fine_tune(
 
     ``resume=True`` continues the run in ``out`` (its own options; ``options`` may change only
     those a resume may change, such as ``iters``); ``force`` replaces a run there; ``stop_at``
-    stops (with a checkpoint) at that step; ``resume_hint`` is the command an interrupt names.  Returns the run's ``Summary``; user errors raise
+    stops (with a checkpoint) at that step; ``resume_hint`` is the command an interrupt names;
+    ``accept_changed_inputs`` lets a resume go on with data or model files that changed since
+    the run started (recorded in its manifest).  Returns the run's ``Summary``; user errors raise
     ``RunError``/``ConfigError`` before anything is written."""
     if resume:
         if out is None:
@@ -92,6 +95,7 @@ def fine_tune(
         return train(
             TrainConfig(), out, resume=True, overrides=options, progress=progress, log=log,
             stop_at=stop_at, training_callback=training_callback, resume_hint=resume_hint,
+            accept_changed_inputs=accept_changed_inputs,
         )  # fmt: skip
     cfg = as_config(config, **options)
     if not cfg.train:

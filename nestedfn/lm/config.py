@@ -73,8 +73,11 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` of ``text``, except that ``1e-3`` is the float 0.001."""
-    return yaml.load(text, Loader=_Loader)
+    """``yaml.safe_load`` of ``text``, except that ``1e-3`` is the float 0.001; bounded (alias
+    expansion, depth), string keys only, one-line errors (``lm.yamlload``)."""
+    from nestedfn.lm.yamlload import load_yaml
+
+    return load_yaml(text, _Loader)
 
 
 class ConfigError(ValueError):

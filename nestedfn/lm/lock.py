@@ -14,6 +14,11 @@ process created it and it is empty.  The lock file is removed on every release; 
 that opened it just before is not fooled: after ``flock`` it checks that the path still names
 the file it locked (else it starts again), the usual protocol for lock files that are
 unlinked.  Only rank 0 locks (the other ranks of a launch only read the directory).
+
+The lock file is opened through the run directory's descriptor with ``O_NOFOLLOW``
+(``nestedfn.run.safedir``): a symlink at ``.nestedfn.lock`` is refused, naming it, and its
+target is never written.  ``--out`` of ``/`` or a home directory is refused before the
+directory is touched (``safedir.refuse_out``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import socket
 from pathlib import Path
 
 from nestedfn.lm.errors import RunError
+from nestedfn.run.safedir import SafeDir, refuse_out
 
 __all__ = ["LOCK_FILE", "RunDirBusy", "RunDirLock"]
 
@@ -43,9 +49,15 @@ class RunDirLock:
         self.out = Path(out)
         self.path = self.out / LOCK_FILE
         self.fd: int | None = None
+        self.dir: SafeDir | None = None
         self.created_dir = False
 
     def acquire(self) -> RunDirLock:
+        why = refuse_out(self.out)
+        if why is not None:
+            raise RunError(why)
+        if self.out.is_symlink() and not self.out.exists():
+            raise RunError(f"output path {self.out} is a dangling symbolic link")
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"output path {self.out} exists and is not a directory")
         if not self.out.exists():
@@ -54,8 +66,22 @@ class RunDirLock:
                 self.created_dir = True
             except FileExistsError:
                 pass
+        self.dir = SafeDir.open(self.out)
+        try:
+            return self._lock()
+        except BaseException:
+            self.dir.close()
+            self.dir = None
+            raise
+
+    def _lock(self) -> RunDirLock:
+        assert self.dir is not None
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.dir.kind(LOCK_FILE) == "link":
+                raise RunError(
+                    f"{self.path} is a symbolic link; a run never writes through one (move it away)"
+                )
+            fd = self.dir.open_fd(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -66,11 +92,9 @@ class RunDirLock:
                     f"run directory {self.out} is in use by {self._holder()}; wait for it to "
                     "finish (or stop it) before starting another run there"
                 ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the holder removed the file between our open and our flock
+            st = self.dir.lstat(LOCK_FILE)
+            if st is None or os.fstat(fd).st_ino != st.st_ino:
+                # the holder removed the file between our open and our flock
                 os.close(fd)
                 continue
             self.fd = fd
@@ -86,7 +110,8 @@ class RunDirLock:
 
     def _holder(self) -> str:
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+            assert self.dir is not None
+            text = self.dir.read_bytes(LOCK_FILE).decode("utf-8", errors="replace").strip()
         except OSError:
             text = ""
         return f"another process ({text})" if text else "another process"
@@ -96,10 +121,15 @@ class RunDirLock:
         when this process created it and it is empty (a run that wrote nothing)."""
         if self.fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        assert self.dir is not None
+        st = self.dir.lstat(LOCK_FILE)
+        if st is not None and st.st_ino == os.fstat(self.fd).st_ino:
+            with contextlib.suppress(OSError):
+                self.dir.unlink(LOCK_FILE)
         os.close(self.fd)
         self.fd = None
+        self.dir.close()
+        self.dir = None
         if not keep_dir and self.created_dir:
             with contextlib.suppress(OSError):
                 self.out.rmdir()

@@ -1,7 +1,9 @@
 """Loading a run's model, data, LoRA and optimizer: all checked before anything is written.
 
 ``prepare(config)`` is everything a run starts from (``Prepared``); a user error in any of it
-is a ``RunError`` naming the path or option.  ``inspect`` shows the tier table and model
+is a ``RunError`` naming the path or option: ``optimizer_args`` before the model is loaded
+(``check_optimizer_args``), batch size, sequence length and LoRA rank against the data, the
+model and the memory before anything of their size is allocated (``check_sizes``).  ``inspect`` shows the tier table and model
 summary a run would start from, without training.
 """
 
@@ -69,10 +71,92 @@ class Prepared:
     test_set: Any = None
 
 
+def check_optimizer_args(config: TrainConfig) -> None:
+    """``optimizer_args`` held to the domains the optimizer declares (``optim.checks``;
+    names it does not declare: ``checks.BY_NAME``, else a finite number), before anything is
+    loaded: a ``RunError`` naming the argument and value."""
+    from nestedfn.optim import checks, optimizers
+
+    fn = getattr(optimizers, config.optimizer, None)
+    domains = getattr(fn, "domains", {})
+    for k, v in dict(config.optimizer_args or {}).items():
+        domain = domains.get(k, checks.BY_NAME.get(k))
+        try:
+            if domain is not None:
+                checks.check_value(config.optimizer, k, v, domain)
+            elif isinstance(v, float):
+                checks.check_value(config.optimizer, k, v)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    if isinstance(x, float):
+                        checks.check_value(config.optimizer, k, x)
+        except (TypeError, ValueError) as e:
+            raise RunError(f"optimizer_args: {e}") from None
+
+
+def _memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sizes(config: TrainConfig, model: nn.Module, train_set: Any) -> None:
+    """Batch size, sequence length and LoRA rank against the data, the model and the
+    machine's memory, before anything of their size is allocated: a batch larger than the
+    training set (mlx-lm refuses it too), and a memory estimate -- the logits of a batch
+    (``batch x max_seq_len x vocab`` float32) or the adapters with their gradients and two
+    moments (``4 x rank x sum(in + out)`` float32 over the adapted linear layers) -- larger
+    than the machine's physical memory.  A ``RunError`` naming the option."""
+    if train_set is not None and config.batch_size > len(train_set):
+        raise RunError(
+            f"batch_size {config.batch_size} is larger than the {len(train_set)} training "
+            f"examples in {config.data}; lower --batch-size"
+        )
+    mem = _memory()
+    if mem is None:
+        return
+    vocab = _vocab(model)
+    if vocab:
+        need = config.batch_size * config.max_seq_len * vocab * 4
+        if need > mem:
+            raise RunError(
+                f"batch_size {config.batch_size} x max_seq_len {config.max_seq_len}: the logits "
+                f"alone need about {need / 2**30:,.1f} GiB ({vocab:,} vocabulary entries), more "
+                f"than this machine's {mem / 2**30:,.1f} GiB; lower --batch-size or --max-seq-len"
+            )
+    if config.fine_tune_type != "full":
+        n = default_layers(config, model)
+        blocks = model.layers if n == -1 else model.layers[-n:] if n > 0 else []
+        dims = 0
+        for block in blocks:
+            for _, m in block.named_modules():
+                w = getattr(m, "weight", None)
+                if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and w is not None:
+                    out_dim, in_dim = w.shape[0], getattr(m, "input_dims", w.shape[1])
+                    dims += in_dim + out_dim
+        need = 4 * 4 * config.lora_rank * dims
+        if need > mem:
+            raise RunError(
+                f"lora_rank {config.lora_rank}: the adapters with their gradients and optimizer "
+                f"moments need about {need / 2**30:,.1f} GiB, more than this machine's "
+                f"{mem / 2**30:,.1f} GiB; lower --lora-rank"
+            )
+
+
+def _vocab(model: nn.Module) -> int | None:
+    args = getattr(model, "args", None)
+    v = getattr(args, "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
 def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
     from nestedfn.lm.data import DataError, load_dataset
     from nestedfn.lm.lora import LoraError
 
+    check_optimizer_args(config)
     model, tokenizer = load_run_model(config.model, config.trust_remote_code)
     train_set = valid_set = test_set = None
     if need_data or config.data:
@@ -92,6 +176,7 @@ def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
         except DataError as e:
             raise RunError(str(e)) from None
         test_set = rest[0] if rest else None
+    check_sizes(config, model, train_set)
     world = distributed.world_size()
     if config.batch_size % world:
         raise RunError(f"batch_size {config.batch_size} is not a multiple of {world} processes")

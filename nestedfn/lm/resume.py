@@ -26,7 +26,7 @@ from nestedfn.lm.config import ConfigError, TrainConfig, parse_yaml
 from nestedfn.lm.errors import RunError
 from nestedfn.run.checkpoint import CheckpointError, verify_checkpoint
 
-__all__ = ["pick_checkpoint", "set_damaged_aside", "started_config"]
+__all__ = ["check_resume", "pick_checkpoint", "set_damaged_aside", "started_config"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
@@ -60,12 +60,14 @@ def pick_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path,
 
 def set_damaged_aside(damaged: list[Path]) -> None:
     """Rename damaged checkpoints ``damaged-step_...`` (kept for a look, never read again)."""
+    from nestedfn.run.safedir import SafeDir
+
     for p in damaged:
-        target = p.with_name(f"damaged-{p.name}")
-        n = 1
-        while target.exists():
-            target, n = p.with_name(f"damaged-{p.name}.{n}"), n + 1
-        p.rename(target)
+        with SafeDir.open(p.parent, follow=False) as d:
+            target, n = f"damaged-{p.name}", 1
+            while d.kind(target) is not None:
+                target, n = f"damaged-{p.name}.{n}", n + 1
+            d.rename(p.name, target)
 
 
 def _norm(v: Any) -> Any:
@@ -119,3 +121,47 @@ def started_config(
         return TrainConfig(**values)
     except (ConfigError, TypeError) as e:
         raise RunError(f"the options recorded in the checkpoint are unreadable ({e})") from None
+
+
+def check_resume(
+    out: Path, config: TrainConfig, step: int, accept_changed_inputs: bool
+) -> tuple[dict, list[dict]]:
+    """Before a resume touches anything: ``steps`` must not be below the checkpoint's
+    ``step`` (the run would stop at once and its ``config.yaml`` say fewer steps than it
+    did), and the inputs must be those the run recorded (``manifest.input_fingerprints``):
+    a changed, missing or new input file is a ``RunError`` naming it, unless
+    ``accept_changed_inputs``.  Returns the current fingerprints and the accepted changes
+    (to record); a run that recorded none (an older version) gets them recorded now."""
+    from nestedfn.lm.manifest import input_fingerprints, read_manifest
+
+    if config.steps < step:
+        raise RunError(
+            f"steps (--iters/--steps) {config.steps} is below the step {step} the run's "
+            f"checkpoint is at: {out} has done {step} steps; pass a larger value to continue it"
+        )
+    current = input_fingerprints(config.model, config.data, config.resume_adapter_file)
+    recorded = (read_manifest(out) or {}).get("inputs")
+    if not isinstance(recorded, dict):
+        return current, []
+    changes = []
+    for path in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(path), current.get(path)
+        if old != new:
+            changes.append({"file": path, "step": step, "was": old, "now": new})
+    if changes and not accept_changed_inputs:
+        c = changes[0]
+        if c["now"] is None:
+            why = "is missing"
+        elif c["was"] is None:
+            why = "is new"
+        elif c["was"]["bytes"] != c["now"]["bytes"]:
+            why = f"changed ({c['was']['bytes']} -> {c['now']['bytes']} bytes)"
+        else:
+            why = "changed (same size, other content)"
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise RunError(
+            f"cannot resume: input {c['file']} {why} since the run started{more}; the run would "
+            "not continue the same trajectory. Restore it, or pass --accept-changed-inputs "
+            "(the change is recorded in the run)"
+        )
+    return current, changes

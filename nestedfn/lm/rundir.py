@@ -17,8 +17,10 @@ from pathlib import Path
 from nestedfn.lm.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from nestedfn.lm.config import RUN_CONFIG
 from nestedfn.lm.errors import RunError
+from nestedfn.lm.lock import LOCK_FILE
 from nestedfn.lm.manifest import MANIFEST
 from nestedfn.lm.manifest import clear_run as clear_run
+from nestedfn.run.safedir import refuse_links, refuse_out
 
 __all__ = [
     "BEST_DIR",
@@ -46,11 +48,28 @@ RUN_FILES = (RUN_CONFIG, METRICS_FILE, ADAPTER_FILE, ADAPTER_CONFIG, CHECKPOINT_
 RESUMABLE = ("steps", "save_every", "keep_last", "eval_every")
 
 
-def check_out_dir(out: Path, resume: bool, force: bool) -> None:
+def check_out_dir(
+    out: Path, resume: bool, force: bool, inputs: dict[str, str | None] | None = None
+) -> None:
     """Refuse to start a run in a directory that holds one (any of ``RUN_FILES``) unless
-    ``force``; ``resume`` needs one.  Other files in ``out`` are left alone."""
+    ``force``; ``resume`` needs one.  Other files in ``out`` are left alone.  Refused in any
+    case, before anything is touched: ``out`` of ``/``, a home directory or one of the run's
+    ``inputs`` (``{"model": path, "data": path}``), and a symlink on any path the run writes
+    (``RUN_FILES``, the manifest, the lock, the entries of ``checkpoints/`` and ``best/``):
+    the run never writes, renames or removes through one (``nestedfn.run.safedir``)."""
     if resume and force:
         raise RunError("--resume and --force contradict each other: pick one")
+    why = refuse_out(out, inputs)
+    if why is not None:
+        raise RunError(why)
+    links = refuse_links(out, (*RUN_FILES, MANIFEST, LOCK_FILE), (CHECKPOINT_DIR, BEST_DIR))
+    if links:
+        shown = ", ".join(str(p) for p in links[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise RunError(
+            f"{shown}{more}: symbolic link(s) where the run writes; a run never writes, renames "
+            "or removes through one: move them away and run again"
+        )
     if resume:
         if not (out / RUN_CONFIG).is_file():
             raise RunError(f"cannot resume: {out} holds no run ({RUN_CONFIG} missing)")

@@ -83,13 +83,14 @@ from nestedfn.lm.manifest import (
     MANIFEST,
     clean_temporaries,
     config_changed,
+    input_fingerprints,
     read_manifest,
     write_manifest,
 )
 from nestedfn.lm.mlxlm_compat import FACE
 from nestedfn.lm.prepare import Prepared, overview, prepare
 from nestedfn.lm.report import Reporter
-from nestedfn.lm.resume import pick_checkpoint, set_damaged_aside, started_config
+from nestedfn.lm.resume import check_resume, pick_checkpoint, set_damaged_aside, started_config
 from nestedfn.lm.rundir import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -111,6 +112,7 @@ from nestedfn.run.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from nestedfn.run.safedir import open_append
 from nestedfn.tiered.cms import _find_nested, tier_stats
 from nestedfn.tree import TreeMismatchError, to_flat
 
@@ -197,6 +199,7 @@ def train(
     warn: Callable[[str], None] | None = None,
     training_callback: Any = None,
     resume_hint: str = "nestedfn train --resume {out}",
+    accept_changed_inputs: bool = False,
 ) -> Summary:
     """Train LoRA adapters as ``config`` says, writing the run into ``out``.
 
@@ -207,7 +210,9 @@ def train(
     checkpoint there.  Rank 0 holds an exclusive lock on ``out`` for the whole run
     (``nestedfn.lm.lock``).  User errors raise ``RunError``/``ConfigError`` before anything in
     ``out`` is touched; ``warn`` gets one-line warnings (default: stderr).
-    ``training_callback`` gets mlx-lm's reports (module docstring) on rank 0.
+    ``training_callback`` gets mlx-lm's reports (module docstring) on rank 0.  A resume refuses
+    input files (data, model) that changed since the run started unless
+    ``accept_changed_inputs`` (recorded in the manifest; ``lm.resume.check_resume``).
     """
     out = Path(out).absolute()
     warn = warn or _warn
@@ -218,7 +223,9 @@ def train(
     lock = RunDirLock(out).acquire() if distributed.is_main() else None
     started = False
     try:
-        run, setup = _start(config, out, resume, force, overrides, log, warn, stop_at)
+        run, setup = _start(
+            config, out, resume, force, overrides, log, warn, stop_at, accept_changed_inputs
+        )
         started = True
         if distributed.is_main():
             setup()
@@ -243,14 +250,16 @@ def _start(
     log: Callable[[str], None],
     warn: Callable[[str], None],
     stop_at: int | None,
+    accept_changed_inputs: bool = False,
 ) -> tuple[_Run, Callable[[], None]]:
     """Everything checked and read before anything is written; returns the run and the
     function that writes the run directory's first files (rank 0 calls it)."""
-    check_out_dir(out, resume, force)
+    check_out_dir(out, resume, force, {"model": config.model, "data": config.data})
     ckpt, damaged = None, []
     if resume:
         config, ckpt, damaged = _resumed_config(out, overrides, warn)
     config = _pinned(config, out)
+    inputs, accepted = _checked_inputs(out, config, ckpt, accept_changed_inputs, warn)
     prep = prepare(config)
     batches = RunBatches.for_run(prep.config, prep.train_set, prep.valid_set, prep.test_set)
     if distributed.is_main():
@@ -264,7 +273,7 @@ def _start(
     run.seed_from(metrics)
 
     def setup() -> None:
-        _write_start(out, prep.config, resume, force, damaged, metrics)
+        _write_start(out, prep.config, resume, force, damaged, metrics, (inputs, accepted))
 
     return run, setup
 
@@ -297,6 +306,25 @@ def _resumed_config(
     if read_manifest(out) is None:
         warn(f"{out / MANIFEST} is missing or damaged; it is written again")
     return replace(config, **changed), ckpt, damaged
+
+
+def _checked_inputs(
+    out: Path,
+    config: TrainConfig,
+    ckpt: Path | None,
+    accept: bool,
+    warn: Callable[[str], None],
+) -> tuple[dict, list[dict]]:
+    """The fingerprints (size, SHA-256) of the run's inputs; a resume holds them against those
+    the run recorded (``check_resume``: a changed one is refused unless ``accept``, and an
+    accepted change is returned to be recorded)."""
+    if ckpt is None:
+        return input_fingerprints(config.model, config.data, config.resume_adapter_file), []
+    step = int(ckpt.name.split("_")[1])
+    inputs, accepted = check_resume(out, config, step, accept)
+    for change in accepted:
+        warn(f"input {change['file']} changed since the run started; accepted (recorded)")
+    return inputs, accepted
 
 
 def _pinned(config: TrainConfig, out: Path) -> TrainConfig:
@@ -372,6 +400,7 @@ def _write_start(
     force: bool,
     damaged: list[Path],
     metrics: str | None,
+    fingerprints: tuple[dict, list[dict]],
 ) -> None:
     """The run directory's first files, all atomic: an interrupted resume leaves the old files
     (and a manifest that accepts the old config.yaml or says it was being rewritten)."""
@@ -387,7 +416,8 @@ def _write_start(
         out.mkdir(parents=True, exist_ok=True)
         write_manifest(out, [], rewriting=True)
     save_config(config, out)
-    write_manifest(out, [file_sha256(out / RUN_CONFIG)])
+    inputs, accepted = fingerprints
+    write_manifest(out, [file_sha256(out / RUN_CONFIG)], inputs=inputs, accepted=accepted)
     if metrics is not None:
         atomic_write_text(out / METRICS_FILE, metrics)
 
@@ -475,7 +505,7 @@ class _Metrics:
     with the SHA-256 of the whole file so far (recorded with every checkpoint)."""
 
     def __init__(self, path: Path, main: bool):
-        self.file: TextIO | None = open(path, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        self.file: TextIO | None = open_append(path) if main else None  # never through a symlink
         self.sha = hashlib.sha256(path.read_bytes() if main else b"")
 
     def write(self, record: dict) -> str:
@@ -571,7 +601,11 @@ class _Run:
                     self.save(self.state, self.extra)
                 self.mark_done()
             self.finish()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            # a collective that failed because a peer left (its Ctrl-C came first) is this
+            # rank's interrupt too
+            if isinstance(exc, RuntimeError) and not distributed.peer_lost(exc):
+                raise
             self.interrupted()
         finally:
             self.bar.close()
@@ -691,7 +725,21 @@ class _Run:
 
     def interrupted(self) -> None:
         """Save the last completed step (rank 0, no collective: see the module docstring) and
-        raise ``Interrupted`` naming the checkpoint a resume takes."""
+        raise ``Interrupted`` naming the checkpoint a resume takes.  This rank's own Ctrl-C may
+        still be pending after a peer's and strike before the signals are held: the save is
+        then tried again under the guard (which drops a pending one)."""
+        step, ckpt = int(self.done.step), None
+        for _ in range(3):
+            try:
+                with _signals_held():
+                    step, ckpt = self.interrupt_save()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise Interrupted(self.out, step, ckpt, self.resume_hint) from None
+
+    def interrupt_save(self) -> tuple[int, Path | None]:
+        """The step and checkpoint an interrupt leaves (rank 0 writes it unless it is there)."""
         step = int(self.done.step)
         newest = latest_checkpoint(self.out / CHECKPOINT_DIR)
         on_disk = None if newest is None else int(newest.name.split("_")[1])
@@ -706,9 +754,8 @@ class _Run:
             ckpt = self.out / CHECKPOINT_DIR / step_dir_name(step)
             if self.main:
                 self.bar.close()
-                with _signals_held():
-                    self.save(self.done, self.done_extra)
-        raise Interrupted(self.out, step, ckpt, self.resume_hint) from None
+                self.save(self.done, self.done_extra)
+        return step, ckpt
 
     def summary(self) -> Summary:
         if self.main:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nestedfn.optim.checks import BY_NAME, FINITE, check_value, checked_schedule
 from nestedfn.optim.core import Optimizer, OptState, Params, Step, TrainState
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
@@ -56,13 +57,22 @@ def inject_hyperparams(
     def build(*args: Any, **kwargs: Any) -> Optimizer:
         bound = signature.bind(*args, **kwargs)
         values = dict(bound.arguments)
+        domains = getattr(factory, "domains", {})
+        who = getattr(factory, "__name__", "inject_hyperparams")
+        for k, v in values.items():  # the factory's own checks, on the values as given
+            if k in domains and not (callable(v) and not isinstance(v, mx.array)):
+                check_value(who, k, v, domains[k])
         static = {
             k: v
             for k, v in values.items()
             if k in static_names or not (_injectable(v) or callable(v))
         }
         numeric = {k: v for k, v in values.items() if k not in static and _injectable(v)}
-        schedules = {k: v for k, v in values.items() if k not in static and k not in numeric}
+        schedules = {
+            k: checked_schedule(v, who, k)
+            for k, v in values.items()
+            if k not in static and k not in numeric
+        }
 
         def current(hp: dict) -> Optimizer:
             return factory(**static, **hp)
@@ -113,7 +123,8 @@ def set_hyperparams(state: TrainState | InjectHyperparamsState, **values: float)
     """``state`` (a ``TrainState`` whose ``opt_state`` is, or a chain/tuple holding, an
     ``InjectHyperparamsState``, or that state itself) with ``values`` replacing those
     hyperparameters, as float32 scalars (the compiled graph is reused).  An unknown name is
-    an error naming the known ones."""
+    an error naming the known ones; a value outside its domain (``checks.BY_NAME``: finite,
+    ``b1``/``b2`` in [0, 1], ``eps`` > 0, ...) a ``TypeError``/``ValueError`` naming it."""
     if isinstance(state, TrainState):
         return state._replace(opt_state=set_hyperparams(state.opt_state, **values))
     if isinstance(state, InjectHyperparamsState):
@@ -123,6 +134,8 @@ def set_hyperparams(state: TrainState | InjectHyperparamsState, **values: float)
                 f"set_hyperparams: {unknown} are not injected hyperparameters; known: "
                 f"{sorted(state.hyperparams)}"
             )
+        for k, v in values.items():
+            check_value("set_hyperparams", k, v, BY_NAME.get(k, FINITE))
         hp = dict(state.hyperparams)
         hp.update({k: mx.array(v, dtype=mx.float32) for k, v in values.items()})
         return state._replace(hyperparams=hp)

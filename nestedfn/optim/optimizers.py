@@ -1,7 +1,9 @@
 """Ready optimizers, each a ``chain`` of ``nestedfn.transforms``.
 
 Every optimizer takes its learning rate as a float or a schedule ``step -> value``
-(``nestedfn.schedules``) read at the step being taken.  All are pure ``Optimizer``s.
+(``nestedfn.schedules``) read at the step being taken.  All are pure ``Optimizer``s.  Each
+declares its arguments' domains (``checks.declare``): a bad one is a ``TypeError`` or
+``ValueError`` at construction naming the argument and the value.
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ from typing import Any
 import mlx.core as mx
 
 from nestedfn.optim import transforms as t
+from nestedfn.optim.checks import (
+    LEARNING_RATE,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT,
+    UNIT_OPEN,
+    declare,
+)
 from nestedfn.optim.core import Optimizer, Params, Schedule, chain
 from nestedfn.optim.fused import ADAM, LION, MOMENTUM, ElementwiseSpec, register
 
@@ -20,11 +31,13 @@ __all__ = ["adam", "adamw", "lion", "momentum", "muon", "sgd"]
 LearningRate = float | Schedule
 
 
+@declare(learning_rate=LEARNING_RATE)
 def sgd(learning_rate: LearningRate) -> Optimizer:
     """Plain gradient descent: ``p <- p - lr g``."""
     return t.scale_by_learning_rate(learning_rate)
 
 
+@declare(learning_rate=LEARNING_RATE, decay=UNIT)
 def momentum(
     learning_rate: LearningRate,
     decay: float = 0.9,
@@ -38,6 +51,7 @@ def momentum(
     return register(opt, spec)
 
 
+@declare(learning_rate=LEARNING_RATE, b1=UNIT_OPEN, b2=UNIT_OPEN, eps=POSITIVE)
 def adam(
     learning_rate: LearningRate,
     b1: float = 0.9,
@@ -56,6 +70,9 @@ def adam(
     return register(opt, spec)
 
 
+@declare(
+    learning_rate=LEARNING_RATE, b1=UNIT_OPEN, b2=UNIT_OPEN, eps=POSITIVE, weight_decay=NONNEGATIVE
+)
 def adamw(
     learning_rate: LearningRate,
     b1: float = 0.9,
@@ -90,6 +107,7 @@ def adamw(
     return register(opt, spec)
 
 
+@declare(learning_rate=LEARNING_RATE, b1=UNIT, b2=UNIT, weight_decay=NONNEGATIVE)
 def lion(
     learning_rate: LearningRate,
     b1: float = 0.9,
@@ -120,6 +138,7 @@ def lion(
     return register(opt, spec)
 
 
+@declare(learning_rate=LEARNING_RATE, beta=UNIT, ns_steps=POSITIVE_INT, weight_decay=NONNEGATIVE)
 def muon(
     learning_rate: LearningRate,
     beta: float = 0.95,

@@ -3,7 +3,9 @@
 ``step`` is the number of updates applied so far (0 for the first update).  Each schedule
 accepts a Python int, giving a Python float, or an ``mx.array`` step, giving a float32
 ``mx.array`` computed with mx ops, so that the same schedule traces under ``mx.compile``
-(where ``compile_step`` passes the step as an array) and gives the same values.
+(where ``compile_step`` passes the step as an array) and gives the same values.  Values are
+declared finite (decay rates >= 0) and step counts ints, checked at construction
+(``optim.checks``): a ``ValueError``/``TypeError`` naming the argument and the value.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from nestedfn.optim.checks import FINITE, NONNEGATIVE, declare
 from nestedfn.optim.core import Step
 
 __all__ = [
@@ -40,6 +43,7 @@ def _check_steps(name: str, what: str, n: Any, minimum: int) -> int:
     return int(n)
 
 
+@declare(value=FINITE)
 def constant(value: float) -> Schedule:
     """``value`` at every step."""
 
@@ -49,6 +53,7 @@ def constant(value: float) -> Schedule:
     return schedule
 
 
+@declare(peak_value=FINITE, init_value=FINITE)
 def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
     """From ``init_value`` at step 0 linearly to ``peak_value`` at ``warmup_steps``, then
     ``peak_value``: ``init + (peak - init) * min(step, W) / W``."""
@@ -65,6 +70,7 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
     return schedule
 
 
+@declare(init_value=FINITE, end_value=FINITE)
 def cosine_decay(init_value: float, decay_steps: int, end_value: float = 0.0) -> Schedule:
     """Half a cosine from ``init_value`` at step 0 to ``end_value`` at ``decay_steps``, then
     ``end_value``: ``end + (init - end) * (1 + cos(pi * min(step, D) / D)) / 2``."""
@@ -80,6 +86,7 @@ def cosine_decay(init_value: float, decay_steps: int, end_value: float = 0.0) ->
     return schedule
 
 
+@declare(init_value=FINITE, decay_rate=NONNEGATIVE)
 def exponential_decay(init_value: float, decay_rate: float) -> Schedule:
     """``init_value * decay_rate ** step``."""
 
@@ -91,6 +98,7 @@ def exponential_decay(init_value: float, decay_rate: float) -> Schedule:
     return schedule
 
 
+@declare(init_value=FINITE, decay_rate=NONNEGATIVE)
 def step_decay(init_value: float, decay_rate: float, step_size: int) -> Schedule:
     """``init_value * decay_rate ** (step // step_size)``: a drop every ``step_size`` steps."""
     n = _check_steps("step_decay", "step_size", step_size, 1)
@@ -134,6 +142,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     return schedule
 
 
+@declare(peak_value=FINITE, init_value=FINITE, end_value=FINITE)
 def warmup_cosine(
     peak_value: float,
     warmup_steps: int,

@@ -19,6 +19,17 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nestedfn.optim.checks import (
+    FINITE,
+    LEARNING_RATE,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT,
+    UNIT_OPEN,
+    check_float_params,
+    declare,
+)
 from nestedfn.optim.core import (
     Optimizer,
     OptState,
@@ -113,6 +124,7 @@ def _empty_init(params: Params) -> OptState:
     return EmptyState()
 
 
+@declare(factor=FINITE)
 def scale(factor: float) -> Optimizer:
     """``updates = factor * grads``."""
 
@@ -122,19 +134,25 @@ def scale(factor: float) -> Optimizer:
     return Optimizer(_empty_init, update_fn)
 
 
+@declare(learning_rate=LEARNING_RATE)
 def scale_by_learning_rate(learning_rate: float | Schedule) -> Optimizer:
     """``updates = -lr(step) * grads``: the descent step every optimizer ends with.
 
     ``learning_rate`` is a float or a schedule ``step -> value`` (``nestedfn.schedules``),
-    read at the step being taken (0 for the first update).
+    read at the step being taken (0 for the first update).  ``init`` refuses parameters that
+    are not real floating point (``checks.check_float_params``), naming the path.
     """
+
+    def init_fn(params: Params) -> OptState:
+        check_float_params(params, "scale_by_learning_rate")
+        return EmptyState()
 
     def update_fn(grads: Any, state: OptState, params: Params, step: Step) -> Any:
         lr = learning_rate(step) if callable(learning_rate) else learning_rate
         neg = -lr
         return tree_map(lambda g: g * _as(neg, g), grads), state
 
-    return with_learning_rate(Optimizer(_empty_init, update_fn), learning_rate)
+    return with_learning_rate(Optimizer(init_fn, update_fn), learning_rate)
 
 
 def _bias_correction(b: float, step: Step) -> Any:
@@ -145,6 +163,7 @@ def _bias_correction(b: float, step: Step) -> Any:
     return 1.0 - b ** (int(step) + 1)
 
 
+@declare(b1=UNIT_OPEN, b2=UNIT_OPEN, eps=POSITIVE)
 def scale_by_adam(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -194,6 +213,7 @@ def scale_by_adam(
     return Optimizer(init_fn, update_fn)
 
 
+@declare(b1=UNIT, b2=UNIT)
 def scale_by_lion(
     b1: float = 0.9, b2: float = 0.99, state_dtype: mx.Dtype | None = None
 ) -> Optimizer:
@@ -217,6 +237,7 @@ def scale_by_lion(
     return Optimizer(init_fn, update_fn)
 
 
+@declare(decay=UNIT)
 def trace(decay: float, nesterov: bool = False, state_dtype: mx.Dtype | None = None) -> Optimizer:
     """Momentum: ``t = g + decay t``; ``u = t``, or ``u = g + decay t`` with ``nesterov``."""
 
@@ -236,6 +257,7 @@ def trace(decay: float, nesterov: bool = False, state_dtype: mx.Dtype | None = N
     return Optimizer(init_fn, update_fn)
 
 
+@declare(weight_decay=NONNEGATIVE)
 def add_decayed_weights(
     weight_decay: float, mask: Any | Callable[[Params], Any] | None = None
 ) -> Optimizer:
@@ -304,6 +326,7 @@ def _mask_groups(weight_decay: float, mask: Any) -> Callable[[Params], PackGroup
     return pack_groups
 
 
+@declare(max_norm=POSITIVE)
 def clip_by_global_norm(max_norm: float) -> Optimizer:
     """Rescale all gradients together so that their global L2 norm is at most ``max_norm``::
 
@@ -356,6 +379,7 @@ def newton_schulz(g: mx.array, steps: int = 5, eps: float = 1e-7) -> mx.array:
     return x.astype(g.dtype)
 
 
+@declare(steps=POSITIVE_INT, eps=POSITIVE)
 def scale_by_newton_schulz(steps: int = 5, eps: float = 1e-7) -> Optimizer:
     """Orthogonalise each 2-D leaf with ``newton_schulz`` (Muon); other leaves pass through."""
     if steps < 1:

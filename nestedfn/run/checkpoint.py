@@ -46,6 +46,7 @@ import mlx.core as mx
 import numpy as np
 
 from nestedfn.optim.core import TrainState
+from nestedfn.run.safedir import SafeDir
 from nestedfn.tree import TreeDef, TreeMismatchError, flatten, unflatten
 
 __all__ = [
@@ -147,6 +148,11 @@ def _encode_leaves(leaves: list, paths: list[str]) -> tuple[dict[str, mx.array],
     descs: list[dict] = []
     for i, (x, path) in enumerate(zip(leaves, paths)):
         if isinstance(x, mx.array):
+            if x.dtype == mx.float64:  # safetensors (MLX's writer) has no float64
+                raise CheckpointError(
+                    f"leaf {path or '<root>'!r} is a float64 mx.array, which a checkpoint "
+                    "(safetensors) cannot hold; cast it (float32) or keep it as a numpy array"
+                )
             arrays[str(i)] = x
             descs.append({"kind": "array", "key": str(i)})
         elif isinstance(x, (np.ndarray, np.generic)) and np.asarray(x).dtype.kind in "biufc":
@@ -215,38 +221,25 @@ def _decode_leaf(desc: dict, arrays: dict[str, mx.array], like: Any, path: str, 
 # ---- files --------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path | str, write: Callable[[str], None], suffix: str = "") -> Path:
     """Replace ``path`` all at once: ``write(tmp)`` fills a new file next to it (named
     ``.NAME.PID-RANDOM{suffix}``), which is fsynced and renamed over ``path``, then the
-    directory is fsynced.  A reader (or a crash) sees the old file or the new one, never a
-    part.  The file gets the permissions ``open(path, "w")`` would give (``0o666`` less the
-    umask), not ``mkstemp``'s ``0o600``.  Returns ``path``."""
+    directory is fsynced (``SafeDir.write_atomic``: never through a symlink, a symlink at
+    ``path`` is replaced, not written through).  A reader (or a crash) sees the old file or the
+    new one, never a part.  The file gets the permissions ``open(path, "w")`` would give
+    (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.  Returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(str(tmp))
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
+    with SafeDir.open(path.parent) as d:
+        d.write_atomic(path.name, write, suffix)
     return path
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     """``atomic_write`` of ``text`` (UTF-8)."""
-    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    path = Path(path)
+    with SafeDir.open(path.parent) as d:
+        d.write_atomic(path.name, text.encode("utf-8"))
+    return path
 
 
 def save_safetensors(path: Path | str, arrays: dict[str, mx.array], metadata: Any = None) -> None:
@@ -259,17 +252,30 @@ def save_safetensors(path: Path | str, arrays: dict[str, mx.array], metadata: An
         else:
             mx.save_safetensors(str(path), arrays, metadata=metadata)
     except RuntimeError as e:
-        try:
-            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
-        except OSError:
-            full = False
-        code = errno.ENOSPC if full else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} ({e})", str(path)) from None
+        raise _write_failure(Path(path), e) from None
 
 
-def _write_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
-    save_safetensors(path, arrays)
-    _fsync_path(path)
+def _write_failure(path: Path, e: RuntimeError) -> OSError:
+    try:
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({e})", str(path))
+
+
+def _write_file(d: SafeDir, name: str, fill: Callable[[Any], None]) -> None:
+    """Create ``name`` in ``d`` (``O_EXCL | O_NOFOLLOW``), ``fill`` the file object, fsync."""
+    fd = d.open_fd(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # MLX's write failure names no file
+        raise _write_failure(d.path / name, e) from None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(d.path / name)) from None
 
 
 def file_sha256(path: Path | str) -> str:
@@ -284,13 +290,6 @@ def file_sha256(path: Path | str) -> str:
 def _meta_digest(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def step_dir_name(step: int) -> str:
@@ -323,32 +322,38 @@ def save_checkpoint(directory: Path | str, state: TrainState, extra: dict, step:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint extra is not JSON-able: {e}") from e
 
-    directory.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(directory)
-    final = directory / step_dir_name(step)
-    tmp = directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        mx.eval(list(arrays.values()))
-        _write_arrays(tmp / ARRAYS, arrays)
-        meta["files"] = {
-            ARRAYS: {"bytes": (tmp / ARRAYS).stat().st_size, "sha256": file_sha256(tmp / ARRAYS)}
-        }
-        meta["digest"] = _meta_digest(meta)
-        _write_json(tmp / META, meta)  # last: its presence marks a complete directory
-        _fsync_path(tmp)
+    with SafeDir.open(directory, create=True, follow=False) as d:
+        _clean_temporaries(d)
+        final = step_dir_name(step)
+        tmp_name = f"{_TMP_PREFIX}{final}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        d.mkdir(tmp_name)
         old = None
-        if final.exists():
-            old = directory / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_path(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        try:
+            mx.eval(list(arrays.values()))
+            with d.sub(tmp_name) as tmp:
+                _write_file(tmp, ARRAYS, lambda f: mx.save_safetensors(f, arrays))
+                st = tmp.lstat(ARRAYS)
+                assert st is not None
+                digest = hashlib.sha256(tmp.read_bytes(ARRAYS)).hexdigest()
+                meta["files"] = {ARRAYS: {"bytes": st.st_size, "sha256": digest}}
+                meta["digest"] = _meta_digest(meta)
+                # last: its presence marks a complete directory
+                text = json.dumps(meta, indent=1).encode("utf-8")
+                _write_file(tmp, META, lambda f: f.write(text))
+                tmp.fsync()
+            if d.kind(final) is not None:
+                old = f"{_TMP_PREFIX}old-{final}-{uuid.uuid4().hex[:8]}"
+                d.rename(final, old)
+            d.rename(tmp_name, final)
+            d.fsync()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                d.remove_tree(tmp_name, missing_ok=True)
+            raise
+        if old is not None:
+            with contextlib.suppress(OSError):
+                d.remove_tree(old)
+    return directory / final
 
 
 def _paths(td: TreeDef, prefix: str = "") -> list[str]:
@@ -367,10 +372,11 @@ def _paths(td: TreeDef, prefix: str = "") -> list[str]:
     return out
 
 
-def _clean_temporaries(directory: Path) -> None:
-    for p in directory.iterdir():
-        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+def _clean_temporaries(d: SafeDir) -> None:
+    for name in d.listdir():
+        if name.startswith(_TMP_PREFIX) and d.kind(name) == "dir":
+            with contextlib.suppress(OSError):
+                d.remove_tree(name)
 
 
 def list_checkpoints(directory: Path | str) -> list[Path]:
@@ -381,7 +387,7 @@ def list_checkpoints(directory: Path | str) -> list[Path]:
     found = []
     for p in directory.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / META).is_file():
+        if m and not p.is_symlink() and (p / META).is_file() and not (p / META).is_symlink():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -473,8 +479,9 @@ def prune_checkpoints(
     keep = {Path(p).resolve() for p in protect}
     found = list_checkpoints(directory)
     removed = []
-    for p in found[:-keep_last]:
-        if p.resolve() not in keep:
-            shutil.rmtree(p)
-            removed.append(p)
+    with SafeDir.open(directory, follow=False) as d:
+        for p in found[:-keep_last]:
+            if p.resolve() not in keep:
+                d.remove_tree(p.name)
+                removed.append(p)
     return removed

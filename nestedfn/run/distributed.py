@@ -59,8 +59,8 @@ _LAUNCH_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _WORLD: Group | None = None
 _WORLD_READY = False
 
-CONNECT_TIMEOUT_VAR = "NESTEDFN_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 300.0
+_CONNECT_TIMEOUT = [DEFAULT_CONNECT_TIMEOUT]
 
 
 class ConnectError(RuntimeError):
@@ -132,16 +132,33 @@ if os.getppid() == pid:
 """
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another process of the launch left
+    (MLX's ``[ring] connection to a peer was lost``, or a backend's like error)."""
+    if not isinstance(e, RuntimeError) or world_size() <= 1:
+        return False
+    text = str(e).lower()
+    backend = text.startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]"))
+    return backend or any(w in text for w in ("peer", "connection", "socket", "recv", "send"))
+
+
 def connect_timeout() -> float:
-    """Seconds ``world()`` waits for the peers: ``NESTEDFN_CONNECT_TIMEOUT`` (default 300;
-    0 or less waits forever)."""
-    text = os.environ.get(CONNECT_TIMEOUT_VAR, "").strip()
-    if not text:
-        return DEFAULT_CONNECT_TIMEOUT
-    try:
-        return float(text)
-    except ValueError:
-        raise ConnectError(f"{CONNECT_TIMEOUT_VAR}={text!r} is not a number of seconds") from None
+    """Seconds ``world()`` waits for the peers (default 300; 0 waits forever): set by
+    ``set_connect_timeout`` (the CLI's ``--connect-timeout``)."""
+    return _CONNECT_TIMEOUT[0]
+
+
+def set_connect_timeout(seconds: float) -> None:
+    """How long the first ``world()`` waits for the peers, in seconds (0: forever); a
+    ``ConnectError`` (one line at the CLI) naming the value when it is not a finite number
+    >= 0."""
+    import math
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ConnectError(f"connect timeout must be a number of seconds, got {seconds!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConnectError(f"connect timeout must be a finite number >= 0, got {seconds!r}")
+    _CONNECT_TIMEOUT[0] = float(seconds)
 
 
 def _init_within(limit: float) -> Group:
@@ -160,7 +177,7 @@ def _init_within(limit: float) -> Group:
         message = (
             f"nestedfn: this process (rank {os.environ.get('MLX_RANK', '?')} of {size}) could "
             f"not connect to its peers within {limit:g} s; stopping it (are all the processes "
-            f"started? {CONNECT_TIMEOUT_VAR} sets the wait, 0 waits forever)"
+            "started? --connect-timeout sets the wait, 0 waits forever)"
         )
         watchdog = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(limit), message],
@@ -185,7 +202,8 @@ def world() -> Group | None:
     writing files as a second "rank 0"): ``ConnectError`` when the backend gives up (the ring's
     connecting side after about 30 s), and, for a side that would wait forever (the ring's
     listening rank 0 when a peer never starts), the process is terminated with a message on
-    stderr after ``connect_timeout()`` seconds (``NESTEDFN_CONNECT_TIMEOUT``, default 300).
+    stderr after ``connect_timeout()`` seconds (``set_connect_timeout``, the CLI's
+    ``--connect-timeout``; default 300).
     """
     global _WORLD, _WORLD_READY
     if not _WORLD_READY:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from nestedfn.optim.checks import FINITE, LEARNING_RATE, NONNEGATIVE, POSITIVE, declare
 from nestedfn.optim.core import Optimizer, Params, Step, branching_on, static_step
 from nestedfn.optim.transforms import newton_schulz
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
@@ -39,6 +40,14 @@ class MultiscaleMomentumState(NamedTuple):
     acc: Any
 
 
+@declare(
+    learning_rate=LEARNING_RATE,
+    b1=NONNEGATIVE,
+    b2=NONNEGATIVE,
+    b3=NONNEGATIVE,
+    alpha=FINITE,
+    eps=POSITIVE,
+)
 def multiscale_momentum(
     learning_rate: float | Callable[[Step], Any],
     b1: float = 0.9,

@@ -64,12 +64,29 @@ def to_flat(tree: Tree) -> dict[str, Leaf]:
     if is_leaf(tree):
         raise PathError("to_flat needs a container at the root, got a leaf", path="")
     out: dict[str, Leaf] = {}
-    _to_flat_into(tree, "", out)
+    try:
+        _to_flat_into(tree, "", out)
+    except RecursionError:
+        from nestedfn.tree.structure import TreeDepthError, tree_depth
+
+        raise TreeDepthError(tree_depth(tree), "to_flat") from None
     return out
 
 
 def _is_index(seg: str) -> bool:
     return seg.isdigit() and (seg == "0" or not seg.startswith("0"))
+
+
+def _check_shapes(paths: list[str], values: list[Any], like_leaves: list[Any]) -> None:
+    """``TreeMismatchError`` naming every path whose value's shape differs from ``like``'s."""
+    problems = []
+    for p, v, ref in zip(paths, values, like_leaves):
+        vs, rs = getattr(v, "shape", None), getattr(ref, "shape", None)
+        if rs is not None and (vs is None or tuple(vs) != tuple(rs)):
+            got = type(v).__name__ if vs is None else f"shape {tuple(vs)}"
+            problems.append((p, f"{got} where `like` has shape {tuple(rs)}"))
+    if problems:
+        raise TreeMismatchError(problems, "from_flat: leaves shaped unlike `like`")
 
 
 def from_flat(
@@ -81,17 +98,23 @@ def from_flat(
 
     With ``like`` (a tree or a ``TreeDef``) the result has exactly ``like``'s structure, and the
     paths must be exactly ``like``'s leaf paths (``TreeMismatchError`` lists missing and unknown
-    ones).  Without it, a node whose segments are all integers becomes a list; a gap in the
+    ones); when ``like`` is a tree, a leaf whose shape differs from ``like``'s leaf at that
+    path is a ``TreeMismatchError`` naming the path and both shapes.  Without it, a node whose segments are all integers becomes a list; a gap in the
     indices raises ``PathError`` unless ``sparse=True``, which fills it with ``{}`` (what
     ``nn.Module.update`` expects for partly-adapted ``layers``).
     """
     items = list(flat.items()) if isinstance(flat, Mapping) else _pairs(flat)
     if like is not None:
-        td = like if isinstance(like, TreeDef) else flatten(like)[1]
+        if isinstance(like, TreeDef):
+            td, like_leaves = like, None
+        else:
+            like_leaves, td = flatten(like)
         if td._paths is None:
             td.paths()
         paths = td._paths
         if len(items) == len(paths) and all(k == p for (k, _), p in zip(items, paths)):
+            if like_leaves is not None:
+                _check_shapes(paths, [v for _, v in items], like_leaves)
             return _build(td, iter([v for _, v in items]))  # the usual case: to_flat's order
         given = dict(items)
         if len(given) != len(items):
@@ -103,7 +126,10 @@ def from_flat(
             problems = [(p, "missing from the flat dict") for p in missing]
             problems += [(p, "not a leaf path of `like`") for p in extra]
             raise TreeMismatchError(problems, "from_flat: paths do not match `like`")
-        return _build(td, iter([given[p] for p in paths]))
+        values = [given[p] for p in paths]
+        if like_leaves is not None:
+            _check_shapes(paths, values, like_leaves)
+        return _build(td, iter(values))
 
     if len(items) == 1 and items[0][0] == "":
         return items[0][1]

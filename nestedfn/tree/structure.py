@@ -341,7 +341,62 @@ def flatten(tree: Tree) -> tuple[list[Leaf], TreeDef]:
     except _Refused:
         _raise_refusal(tree, "")
         raise AssertionError("flatten refused a tree without finding why") from None
+    except RecursionError:
+        raise TreeDepthError(tree_depth(tree), "flatten") from None
     return out, td
+
+
+class TreeDepthError(ValueError):
+    """A tree nested deeper than the tree functions' recursion allows; names the depth.
+
+    The tree functions recurse (about two Python frames per level), so the depth they take
+    is about half of ``sys.getrecursionlimit()`` (some 450 levels by default) -- far beyond
+    any model's parameters (a few levels); deeper trees are refused with this one error
+    instead of a ``RecursionError`` from wherever the limit struck."""
+
+    def __init__(self, depth: int, where: str):
+        import sys
+
+        self.depth = depth
+        super().__init__(
+            f"{where}: the tree is nested {depth} levels deep, deeper than the tree functions "
+            f"take under Python's recursion limit ({sys.getrecursionlimit()}, about two frames "
+            "a level); flatten part of it into a dict of dotted paths"
+        )
+
+
+def tree_depth(tree: Tree) -> int:
+    """The number of container levels above the deepest leaf (iterative: any depth; a
+    subtree shared twice is measured once; a container holding itself is a ``ValueError``)."""
+
+    def kids(node: Any) -> Any:
+        if isinstance(node, dict):
+            return node.values()
+        return node if isinstance(node, (list, tuple)) else ()
+
+    def is_node(x: Any) -> bool:
+        return isinstance(x, (dict, list, tuple))
+
+    memo: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(tree, False)]
+    while stack:
+        node, done = stack.pop()
+        if not is_node(node):
+            continue
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            memo[key] = 1 + max((memo[id(c)] for c in kids(node) if is_node(c)), default=0)
+            continue
+        if key in memo:
+            continue
+        if key in on_path:
+            raise ValueError("the tree contains itself (a container inside its own subtree)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in kids(node) if is_node(c) and id(c) not in memo)
+    return memo.get(id(tree), 0)
 
 
 def _build(td: TreeDef, it: Any) -> Tree:

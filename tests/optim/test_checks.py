@@ -73,3 +73,150 @@ def test_the_compiled_step_checks_only_when_it_builds_a_graph(monkeypatch):
     for _ in range(4):
         state = step(state, {"w": mx.ones((2,))})
     assert calls == [1] and step.graphs_built == 1
+
+
+# ---- argument domains, declared where the value is born (issue 23) -----------------------
+
+import math  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nestedfn.optim.hyperparams import inject_hyperparams, set_hyperparams  # noqa: E402
+
+# every constructor's hyperparameters and the domain they must lie in (the expectation,
+# written independently of the `declare` decorators)
+UNIT_OPEN = lambda v: 0 <= v < 1  # noqa: E731
+UNIT = lambda v: 0 <= v <= 1  # noqa: E731
+POS = lambda v: v > 0  # noqa: E731
+NONNEG = lambda v: v >= 0  # noqa: E731
+DOMAINS = {
+    "sgd": (nf.sgd, {"learning_rate": NONNEG}),
+    "momentum": (nf.momentum, {"learning_rate": NONNEG, "decay": UNIT}),
+    "adam": (nf.adam, {"learning_rate": NONNEG, "b1": UNIT_OPEN, "b2": UNIT_OPEN, "eps": POS}),
+    "adamw": (
+        nf.adamw,
+        {
+            "learning_rate": NONNEG,
+            "b1": UNIT_OPEN,
+            "b2": UNIT_OPEN,
+            "eps": POS,
+            "weight_decay": NONNEG,
+        },
+    ),
+    "lion": (nf.lion, {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "weight_decay": NONNEG}),
+    "muon": (nf.muon, {"learning_rate": NONNEG, "beta": UNIT, "weight_decay": NONNEG}),
+}
+BAD_TYPES = st.one_of(
+    st.text(max_size=4), st.booleans(), st.none(), st.lists(st.floats(), max_size=2)
+)
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 5),
+    st.sampled_from([0.0, 1.0, -0.0]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(DOMAINS)), st.data())
+def test_hyperparameters_are_checked_at_construction(name, data):
+    """A value in the domain constructs and takes a finite step; outside it, the constructor
+    raises naming the argument and the value; never a silent acceptance."""
+    make, domains = DOMAINS[name]
+    arg = data.draw(st.sampled_from(sorted(domains)))
+    value = data.draw(st.one_of(NUMBERS, BAD_TYPES))
+    kwargs = {"learning_rate": 1e-2, arg: value}
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and domains[arg](value):
+        opt = make(**kwargs)
+        state = nf.init(opt, {"w": mx.ones((2, 3))})
+        new = nf.apply_gradients(opt, state, {"w": mx.full((2, 3), 0.5)})
+        assert new.params["w"].shape == (2, 3)
+        assert bool(mx.all(mx.isfinite(new.params["w"])).item())
+        return
+    with pytest.raises((TypeError, ValueError)) as e:
+        make(**kwargs)
+    assert f"{name}: {arg} must be" in str(e.value) and repr(value)[:10] in str(e.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "0.1", True])
+def test_set_hyperparams_refuses_what_the_constructor_would(value):
+    opt = inject_hyperparams(nf.adam)(learning_rate=1e-3)
+    state = nf.init(opt, {"w": mx.ones(2)})
+    with pytest.raises((TypeError, ValueError), match="set_hyperparams: learning_rate"):
+        set_hyperparams(state, learning_rate=value)
+    with pytest.raises((TypeError, ValueError), match="adam: b1"):
+        inject_hyperparams(nf.adam)(learning_rate=1e-3, b1=1.5 if value != "0.1" else value)
+
+
+@pytest.mark.parametrize("kind", list(STEPS))
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        (lambda s: mx.array([[0.1], [0.2], [0.3]]), False),
+        (lambda s: mx.array([0.1, 0.2]), False),
+        (lambda s: mx.array([0.5]), True),  # one element: a scalar
+        (lambda s: 0.5, True),
+    ],
+)
+def test_a_schedule_value_must_be_a_scalar(kind, value, ok):
+    """A schedule's value never broadcasts into a parameter's shape."""
+    opt = nf.sgd(value)
+    state = nf.init(opt, {"w": mx.ones((4,))})
+    step = STEPS[kind](opt)
+    if ok:
+        new = step(state, {"w": mx.ones((4,))})
+        assert new.params["w"].shape == (4,) and mx.allclose(new.params["w"], mx.full((4,), 0.5))
+    else:
+        with pytest.raises(TypeError, match="schedule gave an array of shape"):
+            step(state, {"w": mx.ones((4,))})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_schedule_value_must_be_finite(bad):
+    opt = nf.sgd(lambda s: bad if s >= 1 else 0.1)
+    state = nf.init(opt, {"w": mx.ones((4,))})
+    state = nf.apply_gradients(opt, state, {"w": mx.ones((4,))})
+    with pytest.raises(ValueError, match="learning_rate .*step 1.* must be a finite number"):
+        nf.apply_gradients(opt, state, {"w": mx.ones((4,))})
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, mx.int8, mx.uint8, mx.complex64, mx.bool_])
+@pytest.mark.parametrize("make", [nf.sgd, nf.adam, nf.lion, nf.momentum])
+def test_non_float_params_are_refused_naming_the_path(make, dtype):
+    params = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((3,), dtype=dtype)}]}
+    with pytest.raises(TypeError, match=r"parameter layers\.1\.w is"):
+        nf.init(make(1e-2), params)
+
+
+def test_from_flat_refuses_a_leaf_shaped_unlike_like():
+    from nestedfn.tree import from_flat
+
+    like = {"a": mx.zeros((2,)), "b": {"c": mx.zeros((1, 3))}}
+    with pytest.raises(TreeMismatchError, match=r"a: shape \(7, 7\) where `like` has shape \(2,\)"):
+        from_flat({"a": mx.zeros((7, 7)), "b.c": mx.zeros((1, 3))}, like=like)
+    with pytest.raises(TreeMismatchError, match="b.c"):
+        from_flat({"b.c": mx.zeros((3,)), "a": mx.zeros((2,))}, like=like)
+    out = from_flat({"a": mx.ones((2,)), "b.c": mx.ones((1, 3))}, like=like)
+    assert out["b"]["c"].shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda v: nf.schedules.constant(v), "value"),
+        (lambda v: nf.schedules.linear_warmup(v, 10), "peak_value"),
+        (lambda v: nf.schedules.cosine_decay(v, 10), "init_value"),
+        (lambda v: nf.schedules.exponential_decay(1.0, v), "decay_rate"),
+        (lambda v: nf.schedules.warmup_cosine(1.0, 2, 10, end_value=v), "end_value"),
+        (lambda v: nf.multiscale_momentum(1e-3, b3=v), "b3"),
+        (lambda v: nf.multiscale_momentum(v), "learning_rate"),
+        (lambda v: nf.optim.transforms.scale(v), "factor"),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1", None])
+def test_schedules_and_other_constructors_check_their_values(make, arg, bad):
+    if arg == "decay_rate" or arg == "b3" or arg == "learning_rate":
+        bad = bad if bad is not None else -1.0  # negative: outside [0, ...)
+    with pytest.raises((TypeError, ValueError), match=f"{arg} must be"):
+        make(bad)

@@ -201,21 +201,22 @@ _CHILD = textwrap.dedent(
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "arrays":  # half of the array file on disk
-        def write_arrays(path, arrays):
-            mx.save_safetensors(str(path), arrays)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
+    write_file = ck._write_file
+
+    def half_then_die(d, name, fill):
+        # the file `where` names: half of it on disk, then SIGKILL
+        if name == {"arrays": ck.ARRAYS, "meta": ck.META}[where]:
+            write_file(d, name, fill)
+            fd = d.open_fd(name, os.O_RDWR)
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            os.close(fd)
             die()
-        ck._write_arrays = write_arrays
-    elif where == "meta":  # arrays done, meta.json half written
-        def write_json(path, obj):
-            with open(path, "w") as f:
-                f.write('{"format": "nestedfn-chec')
-            die()
-        ck._write_json = write_json
+        write_file(d, name, fill)
+
+    if where in ("arrays", "meta"):  # half of the array file / of meta.json on disk
+        ck._write_file = half_then_die
     else:  # every file complete, killed just before the rename
-        ck.os.rename = lambda *a: die()
+        ck.os.replace = lambda *a, **k: die()
     ck.save_checkpoint(directory, state(2.0), {"data_index": 2}, 2)
     print("not killed")
     """
@@ -296,3 +297,10 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, name, mode):
         return
     with pytest.raises(CheckpointError, match=name):
         load_checkpoint(path, sample_state())
+
+
+def test_a_float64_leaf_is_a_checkpoint_error_naming_its_path(tmp_path):
+    state = TrainState({"w": mx.zeros(2), "layers": [{"b": mx.zeros(2, dtype=mx.float64)}]}, (), 0)
+    with pytest.raises(CheckpointError, match="leaf 'params.layers.0.b' is a float64"):
+        save_checkpoint(tmp_path, state, {}, 1)
+    assert list(tmp_path.iterdir()) == []

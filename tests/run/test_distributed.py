@@ -176,14 +176,15 @@ def test_launch_detection_from_environment(monkeypatch, tmp_path):
     assert dist.is_launched()
 
 
-def test_connect_timeout_from_environment(monkeypatch):
-    monkeypatch.delenv("NESTEDFN_CONNECT_TIMEOUT", raising=False)
+def test_connect_timeout_is_an_option(monkeypatch):
+    monkeypatch.setattr(dist, "_CONNECT_TIMEOUT", [dist.DEFAULT_CONNECT_TIMEOUT])
     assert dist.connect_timeout() == 300
-    monkeypatch.setenv("NESTEDFN_CONNECT_TIMEOUT", "0")
+    dist.set_connect_timeout(0)
     assert dist.connect_timeout() == 0
-    monkeypatch.setenv("NESTEDFN_CONNECT_TIMEOUT", "soon")
-    with pytest.raises(dist.ConnectError, match="'soon' is not a number of seconds"):
-        dist.connect_timeout()
+    for bad in ("soon", float("nan"), -1, True):
+        with pytest.raises(dist.ConnectError, match="connect timeout must be"):
+            dist.set_connect_timeout(bad)
+    assert dist.connect_timeout() == 0
 
 
 def test_a_launched_rank_whose_peer_never_starts_stops_after_the_connect_timeout(tmp_path):
@@ -194,9 +195,12 @@ def test_a_launched_rank_whose_peer_never_starts_stops_after_the_connect_timeout
     port = _free_ports(2)
     hostfile = tmp_path / "hosts"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(hostfile), NESTEDFN_CONNECT_TIMEOUT="2")
+    env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(hostfile))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    code = "import nestedfn.run.distributed as d; d.world(); print('trained alone')"
+    code = (
+        "import nestedfn.run.distributed as d; d.set_connect_timeout(2); d.world(); "
+        "print('trained alone')"
+    )
     tic = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
@@ -206,7 +210,7 @@ def test_a_launched_rank_whose_peer_never_starts_stops_after_the_connect_timeout
     assert proc.stdout == ""
     assert proc.stderr == (
         "nestedfn: this process (rank 0 of 2) could not connect to its peers within 2 s; "
-        "stopping it (are all the processes started? NESTEDFN_CONNECT_TIMEOUT sets the wait, "
+        "stopping it (are all the processes started? --connect-timeout sets the wait, "
         "0 waits forever)\n"
     )
 
@@ -541,6 +545,7 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_proc
     assert "Node with rank 0 exited with code 130" in got.stderr, got.stderr
     assert "Node with rank 1 exited with code 130" in got.stderr, got.stderr
     done = len(_records(run))
+    assert (run / "checkpoints").is_dir(), got.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{done:08d}"]
     _launched_ok(
         launch(["-m", "nestedfn.cli", "train", "--resume", str(run), "--steps", str(done + 2)])

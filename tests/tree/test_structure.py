@@ -195,3 +195,52 @@ def test_tree_map_keeps_structure_and_refuses_mismatch():
     with pytest.raises(TreeMismatchError, match="x: tuple vs list"):
         nf.tree_map(lambda a, b: a, tree, {"x": [1, NT(2, None)], "y": [3]})
     assert nf.leaves(tree) == [1, 2, 3]
+
+
+# ---- deep trees: one clear error naming the depth (issue 23) ------------------------------
+
+
+@pytest.mark.parametrize("depth", [2000, 5000])
+@pytest.mark.parametrize("wrap", [lambda t: {"a": t}, lambda t: [t], lambda t: (t, 1)])
+def test_a_tree_too_deep_is_one_error_naming_its_depth(depth, wrap):
+    import mlx.core as mx
+
+    import nestedfn as nf
+    from nestedfn.tree import flatten, to_flat, tree_map
+    from nestedfn.tree.structure import TreeDepthError
+
+    t = mx.zeros(2)
+    for _ in range(depth):
+        t = wrap(t)
+    calls = {
+        "flatten": lambda: flatten(t),
+        "to_flat": lambda: to_flat(t),
+        "tree_map": lambda: tree_map(lambda x: x, t),
+        "init": lambda: nf.init(nf.adam(1e-3), t),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TreeDepthError, match=f"nested {depth} levels deep") as e:
+            call()
+        assert e.value.depth == depth, name
+
+
+def test_tree_depth_counts_levels_and_refuses_cycles():
+    from nestedfn.tree.structure import tree_depth
+
+    shared = {"x": [1, 2]}
+    assert tree_depth({"a": shared, "b": (shared, {"c": shared})}) == 5
+    assert tree_depth(3) == 0 and tree_depth([]) == 1
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="contains itself"):
+        tree_depth(loop)
+
+
+def test_a_moderately_deep_tree_still_works():
+    from nestedfn.tree import flatten, unflatten
+
+    t: object = 1.0
+    for _ in range(200):
+        t = {"a": t}
+    leaves, td = flatten(t)
+    assert leaves == [1.0] and unflatten(td, [2.0]) is not None
