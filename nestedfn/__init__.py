@@ -106,6 +106,7 @@ from nestedfn.tiered import (
 from nestedfn.tree import (
     PathError,
     TreeDef,
+    TreeDepthError,
     TreeMismatchError,
     check_fits,
     flatten,
@@ -226,5 +227,6 @@ __all__ = [
     "NotPackableError",
     "PathError",
     "RunError",
+    "TreeDepthError",
     "TreeMismatchError",
 ]

@@ -138,6 +138,7 @@ NOT_CAUGHT_BY_USERS = {
     "NormalizeError": "lm.config raises it as ConfigError",
     "RunDirBusy": "a RunError",
     "Interrupted": "a KeyboardInterrupt (Ctrl-C), exported beside train by nestedfn.lm.trainer",
+    "YamlError": "a yaml.YAMLError, raised as ConfigError by lm.config.load_config",
 }
 
 

@@ -64,7 +64,7 @@ __all__ = ["KernelSig", "MultiTensorStep", "compile_step", "kernel_source", "sup
 GROUP = 32  # leaves per launch at most
 TPB = 256  # threads per block (threadgroup)
 MAX_BLOCKS = 1024  # per leaf; larger leaves loop (grid stride within the leaf's blocks)
-ACCUMULATE = 3  # the kernel of an inactive nested tier: acc' = acc + g
+ACCUMULATE = "ACCUMULATE"  # the kernel of an inactive nested tier: acc' = acc + g
 _RTOL = 1e-5  # the self-check: max |kernel - eager| <= _RTOL * max |eager|, leaf by leaf
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
@@ -102,7 +102,7 @@ def supports(opt: Optimizer) -> bool:
 class KernelSig(NamedTuple):
     """What one kernel source depends on (not the leaf sizes: they are a kernel input)."""
 
-    algo: int  # ADAM, LION, MOMENTUM or ACCUMULATE
+    algo: str  # ADAM, LION, MOMENTUM or ACCUMULATE
     k: int  # leaves per launch
     bias_correction: bool = True
     nesterov: bool = False

@@ -103,18 +103,13 @@ def _memory() -> int | None:
         return None
 
 
-def check_sizes(config: TrainConfig, model: nn.Module, train_set: Any) -> None:
-    """Batch size, sequence length and LoRA rank against the data, the model and the
-    machine's memory, before anything of their size is allocated: a batch larger than the
-    training set (mlx-lm refuses it too), and a memory estimate -- the logits of a batch
+def check_sizes(config: TrainConfig, model: nn.Module) -> None:
+    """Batch size, sequence length and LoRA rank against the model and the machine's memory,
+    before anything of their size is allocated: a memory estimate -- the logits of a batch
     (``batch x max_seq_len x vocab`` float32) or the adapters with their gradients and two
     moments (``4 x rank x sum(in + out)`` float32 over the adapted linear layers) -- larger
-    than the machine's physical memory.  A ``RunError`` naming the option."""
-    if train_set is not None and config.batch_size > len(train_set):
-        raise RunError(
-            f"batch_size {config.batch_size} is larger than the {len(train_set)} training "
-            f"examples in {config.data}; lower --batch-size"
-        )
+    than the machine's physical memory is a ``RunError`` naming the option.  A batch larger
+    than a split is refused where batches are made (``lm.batches.split_batches``)."""
     mem = _memory()
     if mem is None:
         return
@@ -176,7 +171,7 @@ def prepare(config: TrainConfig, need_data: bool = True) -> Prepared:
         except DataError as e:
             raise RunError(str(e)) from None
         test_set = rest[0] if rest else None
-    check_sizes(config, model, train_set)
+    check_sizes(config, model)
     world = distributed.world_size()
     if config.batch_size % world:
         raise RunError(f"batch_size {config.batch_size} is not a multiple of {world} processes")

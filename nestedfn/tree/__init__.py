@@ -13,6 +13,7 @@ from nestedfn.tree.paths import from_flat, set_paths, to_flat
 from nestedfn.tree.structure import (
     PathError,
     TreeDef,
+    TreeDepthError,
     TreeMismatchError,
     flatten,
     is_leaf,
@@ -24,6 +25,7 @@ from nestedfn.tree.structure import (
 __all__ = [
     "PathError",
     "TreeDef",
+    "TreeDepthError",
     "TreeMismatchError",
     "check_fits",
     "flatten",

@@ -254,7 +254,7 @@ def test_turned_off_by_the_native_kill_switch(monkeypatch) -> None:
 
 SIGS = st.builds(
     mt.KernelSig,
-    algo=st.sampled_from([0, 1, 2, mt.ACCUMULATE]),
+    algo=st.sampled_from([mt.ADAM, mt.LION, mt.MOMENTUM, mt.ACCUMULATE]),
     k=st.integers(1, 40),
     bias_correction=st.booleans(),
     nesterov=st.booleans(),
@@ -310,9 +310,9 @@ def test_generated_cuda_compiles_as_cpp(tmp_path) -> None:
         "static float __fsqrt_rn(float a) { return std::sqrt(a); }\n"
     )
     for sig in (
-        mt.KernelSig(0, 3, has_wd=True, post=True, acc=True, mean=True),
-        mt.KernelSig(1, 2, has_wd=True),
-        mt.KernelSig(2, 4, nesterov=True),
+        mt.KernelSig(mt.ADAM, 3, has_wd=True, post=True, acc=True, mean=True),
+        mt.KernelSig(mt.LION, 2, has_wd=True),
+        mt.KernelSig(mt.MOMENTUM, 4, nesterov=True),
         mt.KernelSig(mt.ACCUMULATE, 2),
     ):
         header, src = mt.kernel_source(sig, "cuda")

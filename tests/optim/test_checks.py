@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 import nestedfn as nf
-from nestedfn.optim import checks
+from nestedfn.optim import checks, schedules
 from nestedfn.tree import TreeMismatchError
 
 STEPS = {
@@ -204,11 +204,11 @@ def test_from_flat_refuses_a_leaf_shaped_unlike_like():
 @pytest.mark.parametrize(
     "make,arg",
     [
-        (lambda v: nf.schedules.constant(v), "value"),
-        (lambda v: nf.schedules.linear_warmup(v, 10), "peak_value"),
-        (lambda v: nf.schedules.cosine_decay(v, 10), "init_value"),
-        (lambda v: nf.schedules.exponential_decay(1.0, v), "decay_rate"),
-        (lambda v: nf.schedules.warmup_cosine(1.0, 2, 10, end_value=v), "end_value"),
+        (lambda v: schedules.constant(v), "value"),
+        (lambda v: schedules.linear_warmup(v, 10), "peak_value"),
+        (lambda v: schedules.cosine_decay(v, 10), "init_value"),
+        (lambda v: schedules.exponential_decay(1.0, v), "decay_rate"),
+        (lambda v: schedules.warmup_cosine(1.0, 2, 10, end_value=v), "end_value"),
         (lambda v: nf.multiscale_momentum(1e-3, b3=v), "b3"),
         (lambda v: nf.multiscale_momentum(v), "learning_rate"),
         (lambda v: nf.optim.transforms.scale(v), "factor"),
