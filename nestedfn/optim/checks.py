@@ -77,6 +77,7 @@ class Domain(NamedTuple):
     schedule: bool = False
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger magnitudes are inf where steps compute
 FINITE = Domain("a finite number", lambda v: True)
 NONNEGATIVE = Domain("a finite number >= 0", lambda v: v >= 0)
 POSITIVE = Domain("a finite number > 0", lambda v: v > 0)
@@ -121,6 +122,12 @@ def check_value(who: str, name: str, value: Any, domain: Domain = FINITE) -> Any
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{who}: {name} must be {domain.text}, got {value!r} ({type(value).__name__})"
+        )
+    if not domain.integer and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        # the step computes in float32, where this value is not a finite number
+        raise ValueError(
+            f"{who}: {name} must be {domain.text}, got {value!r}: beyond float32's range "
+            f"(|x| <= {FLOAT32_MAX:.6g}), where the step computes"
         )
     if not math.isfinite(value) or not domain.ok(value):
         raise ValueError(f"{who}: {name} must be {domain.text}, got {value!r}")
