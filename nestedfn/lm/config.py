@@ -27,6 +27,7 @@ from nestedfn.lm.mlxlm_compat import (
     normalize,
     to_face,
 )
+from nestedfn.optim.checks import FLOAT32_MAX
 from nestedfn.run.checkpoint import atomic_write_text
 
 __all__ = [
@@ -292,6 +293,10 @@ def _check_numbers(c: TrainConfig) -> None:
         )
     if not _is_finite(c.learning_rate) or c.learning_rate <= 0:
         raise ConfigError(f"learning_rate must be a finite number > 0, got {c.learning_rate!r}")
+    if c.learning_rate > FLOAT32_MAX:  # inf in float32, where the step computes
+        raise ConfigError(
+            f"learning_rate must be a finite number > 0 in float32, got {c.learning_rate!r}"
+        )
 
 
 def _check_lora(c: TrainConfig) -> None:
