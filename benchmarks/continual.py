@@ -338,6 +338,20 @@ class Settings:
     sweep_seed: int
 
 
+def lora_init(treedef: Any, leaves: list, seed: int) -> Params:
+    """Fresh adapters for ``seed``: ``lora_a ~ U(±1/sqrt(in))``, ``lora_b = 0`` (mlx-lm's
+    ``LoRALinear`` init) from ``Generator(PCG64([seed, 7]))``, independent of MLX's state."""
+    rng = np.random.Generator(np.random.PCG64([seed, 7]))
+    out = []
+    for path, x in zip(treedef.paths(), leaves):
+        if str(path).endswith("lora_a"):
+            b = 1.0 / math.sqrt(x.shape[0])
+            out.append(mx.array(rng.uniform(-b, b, size=x.shape).astype(np.float32)))
+        else:
+            out.append(mx.zeros(x.shape, dtype=x.dtype))
+    return nf.unflatten(treedef, out)
+
+
 class Bench:
     """The demo model with LoRA, the tokenized tasks, and compiled loss/gradient functions
     built once (every run starts from its own adapters; the base weights never change)."""
@@ -383,17 +397,8 @@ class Bench:
         self.model.train(False)  # no dropout anywhere
 
     def init_params(self, seed: int) -> Params:
-        """Fresh adapters for ``seed``: ``lora_a ~ U(±1/sqrt(in))``, ``lora_b = 0`` (mlx-lm's
-        ``LoRALinear`` init) from ``Generator(PCG64([seed, 7]))``, independent of MLX's state."""
-        rng = np.random.Generator(np.random.PCG64([seed, 7]))
-        out = []
-        for path, x in zip(self.treedef.paths(), self.leaves0):
-            if str(path).endswith("lora_a"):
-                b = 1.0 / math.sqrt(x.shape[0])
-                out.append(mx.array(rng.uniform(-b, b, size=x.shape).astype(np.float32)))
-            else:
-                out.append(mx.zeros(x.shape, dtype=x.dtype))
-        return nf.unflatten(self.treedef, out)
+        """Fresh adapters for ``seed`` (``lora_init``)."""
+        return lora_init(self.treedef, self.leaves0, seed)
 
     def loss_before(self, seed: int) -> float:
         """A's test loss of the fresh adapters of ``seed`` (the same for every contender)."""

@@ -61,9 +61,9 @@ import numpy as np
 import nestedfn as nf
 
 try:
-    from benchmarks.continual import _write_json, mean_ci, seed_discard
+    from benchmarks.continual import _write_json, lora_init, mean_ci, seed_discard
 except ModuleNotFoundError:  # run as a script: benchmarks/ is sys.path[0]
-    from continual import _write_json, mean_ci, seed_discard  # type: ignore[no-redef]
+    from continual import _write_json, lora_init, mean_ci, seed_discard  # type: ignore[no-redef]
 
 Params = Any
 
@@ -394,15 +394,7 @@ class Bench:
         init); full: the pretrained blocks themselves (the seed then only orders the data)."""
         if self.mode == "full":
             return nf.unflatten(self.treedef, list(self.leaves0))
-        rng = np.random.Generator(np.random.PCG64([seed, 7]))
-        out = []
-        for path, x in zip(self.treedef.paths(), self.leaves0):
-            if str(path).endswith("lora_a"):
-                b = 1.0 / math.sqrt(x.shape[0])
-                out.append(mx.array(rng.uniform(-b, b, size=x.shape).astype(np.float32)))
-            else:
-                out.append(mx.zeros(x.shape, dtype=x.dtype))
-        return nf.unflatten(self.treedef, out)
+        return lora_init(self.treedef, self.leaves0, seed)
 
     def loss(self, params: Params, domain: str, split: str = "test") -> float:
         return float(self._eval(nf.flatten(params)[0], self.held[split][domain]).item())
