@@ -6,14 +6,16 @@ be accepted.  ``check_grads`` refuses a grads tree whose structure or leaf shape
 the params, naming every path with both shapes (``TreeMismatchError``).
 
 Dtypes may differ (bfloat16 gradients on float32 parameters are normal; each parameter keeps
-its dtype through ``apply_updates``); the packed step additionally refuses gradients that are
-not floating point (``NotPackableError`` naming the dtype).
+its dtype through ``apply_updates``), except that a complex gradient on a real parameter is a
+``TypeError`` naming the path and dtype (casting ``p + g`` back to ``p``'s dtype would drop
+the imaginary part silently); the packed step additionally refuses gradients that are not
+floating point (``NotPackableError`` naming the dtype).
 
 Cost: the signature that passed last is kept with a straight-line leaf getter for its
 structure (``nestedfn.tree.codegen``), so the usual call (the same trees every step) is two
-generated walks and a comparison of the shapes, about 0.1 ms on a 336-array LoRA tree
+generated walks and a comparison of the shapes and dtypes, about 0.1 ms on a 336-array LoRA tree
 (``benchmarks/grads_check.py``); other signatures are looked up in a table of those that passed
-(``TreeDef`` of both and every leaf's shape), and compared leaf by leaf only when new.  The
+(``TreeDef`` of both and every leaf's shape and dtype), and compared leaf by leaf only when new.  The
 compiled steps call it only when they build a graph (their graph cache is keyed by the same
 signature), so their steady state pays nothing.
 
@@ -209,13 +211,36 @@ def check_float_params(params: Any, who: str) -> None:
 
 _CHECKED: dict[Any, None] = {}  # signatures that passed; bounded (a dict keeps insertion order)
 _MAX_CHECKED = 4096
-_LAST: list[Any] = [None]  # (leaf getter, shapes) of the signature that passed last
-_SHAPE = operator.attrgetter("shape")
+_LAST: list[Any] = [None]  # (leaf getter, params' and grads' (shape, dtype)) that passed last
+_SIG = operator.attrgetter("shape", "dtype")
 
 
 def _shape(x: Any) -> tuple[int, ...] | None:
     s = getattr(x, "shape", None)
     return None if s is None else tuple(s)
+
+
+def _dtype(x: Any) -> Any:
+    return getattr(x, "dtype", None)
+
+
+def _check_complex_grads(
+    p_leaves: list[Any], p_td: TreeDef, g_leaves: list[Any], what: str
+) -> None:
+    """Refuse a complex gradient on a real parameter, naming the first path and its dtype:
+    ``p + u`` would be complex, and casting it back to the parameter's dtype drops the
+    imaginary part without a word."""
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        gd = _dtype(g)
+        if gd is not None and mx.issubdtype(gd, mx.complexfloating):
+            pd = _dtype(p)
+            if pd is None or not mx.issubdtype(pd, mx.complexfloating):
+                path = p_td.paths()[i]
+                raise TypeError(
+                    f"{what}: the gradient of {path or '<root>'} is {gd} but the parameter is "
+                    f"{pd if pd is not None else type(p).__name__}; its imaginary part would be "
+                    "lost: take the real part (or the gradient of a real loss)"
+                )
 
 
 def grads_problems(
@@ -240,12 +265,20 @@ def check_grads_leaves(
     p_leaves: list[Any], p_td: TreeDef, g_leaves: list[Any], g_td: TreeDef, what: str
 ) -> None:
     """``check_grads`` on already flattened trees."""
-    key = (p_td, g_td, tuple(map(_shape, p_leaves)), tuple(map(_shape, g_leaves)))
+    key = (
+        p_td,
+        g_td,
+        tuple(map(_shape, p_leaves)),
+        tuple(map(_shape, g_leaves)),
+        tuple(map(_dtype, p_leaves)),
+        tuple(map(_dtype, g_leaves)),
+    )
     if key in _CHECKED:
         return
     problems = grads_problems(p_leaves, p_td, g_leaves, g_td)
     if problems:
         raise TreeMismatchError(problems, f"{what}: grads shaped unlike params")
+    _check_complex_grads(p_leaves, p_td, g_leaves, what)
     if len(_CHECKED) >= _MAX_CHECKED:
         _CHECKED.pop(next(iter(_CHECKED)))
     _CHECKED[key] = None
@@ -253,15 +286,16 @@ def check_grads_leaves(
 
 def check_grads(params: Any, grads: Any, what: str = "apply_gradients") -> None:
     """Raise ``TreeMismatchError`` naming each path where ``grads`` differs from ``params`` in
-    structure or leaf shape (both shapes given); a signature that passed once is not
-    compared again."""
+    structure or leaf shape (both shapes given), ``TypeError`` naming a complex gradient on a
+    real parameter; a signature (structure, shapes, dtypes) that passed once is not compared
+    again."""
     last = _LAST[0]
     if last is not None:
-        get, shapes = last
+        get, p_sigs, g_sigs = last
         p_leaves, g_leaves = get(params), get(grads)
         if p_leaves is not None and g_leaves is not None:
             try:
-                if list(map(_SHAPE, p_leaves)) == shapes == list(map(_SHAPE, g_leaves)):
+                if list(map(_SIG, p_leaves)) == p_sigs and list(map(_SIG, g_leaves)) == g_sigs:
                     return
             except AttributeError:  # a leaf that is not an array: the general path
                 pass
@@ -269,6 +303,6 @@ def check_grads(params: Any, grads: Any, what: str = "apply_gradients") -> None:
     g_leaves, g_td = flatten(grads)
     check_grads_leaves(p_leaves, p_td, g_leaves, g_td, what)
     try:
-        _LAST[0] = (leaf_getter(p_td), list(map(_SHAPE, p_leaves)))
+        _LAST[0] = (leaf_getter(p_td), list(map(_SIG, p_leaves)), list(map(_SIG, g_leaves)))
     except AttributeError:
         _LAST[0] = None

@@ -222,3 +222,24 @@ def test_schedules_and_other_constructors_check_their_values(make, arg, bad):
         bad = bad if bad is not None else -1.0  # negative: outside [0, ...)
     with pytest.raises((TypeError, ValueError), match=f"{arg} must be"):
         make(bad)
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("make", [nf.sgd, nf.adam, nf.lion, nf.momentum])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_complex_grads_on_real_params_are_refused_naming_the_path(kind, make, dtype):
+    """A complex gradient would lose its imaginary part in the cast back to the parameter's
+    dtype; it is refused (after a real step with the same trees, so no cache lets it by)."""
+    opt = make(1e-2)
+    params = {"layers": [{"w": mx.ones((2,), dtype=dtype)}, {"w": mx.ones((3,), dtype=dtype)}]}
+    state = nf.init(opt, params)
+    step = STEPS[kind](opt)
+    real = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((3,))}]}
+    step(state, real)
+    cplx = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((3,), dtype=mx.complex64) * 1j}]}
+    before = [mx.array(w["w"]) for w in state.params["layers"]]
+    with pytest.raises(TypeError, match=r"gradient of layers\.1\.w is .*complex64") as e:
+        step(state, cplx)
+    assert str(dtype) in str(e.value)
+    for b, w in zip(before, state.params["layers"]):
+        assert w["w"].dtype == dtype and mx.array_equal(w["w"], b)
