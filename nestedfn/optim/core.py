@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 
 from nestedfn.optim.checks import check_grads
-from nestedfn.tree import tree_map
+from nestedfn.tree import TreeMismatchError, flatten, tree_map
 
 __all__ = [
     "Grads",
@@ -249,9 +249,16 @@ def is_no_update(u: Any) -> bool:
     return isinstance(u, mx.array) and _NO_UPDATE.get(id(u)) is u
 
 
+class _ShapeChanged(Exception):
+    """Raised by ``_add`` on the first update shaped unlike its parameter; ``apply_updates``
+    turns it into a ``TreeMismatchError`` naming every such path."""
+
+
 def _add(p: Any, u: Any) -> Any:
     if isinstance(p, mx.array):
-        if is_no_update(u) and u.shape == p.shape:
+        if isinstance(u, mx.array) and u.shape != p.shape:
+            raise _ShapeChanged
+        if is_no_update(u):
             return p
         out = p + u
         return out if out.dtype == p.dtype else out.astype(p.dtype)
@@ -259,9 +266,23 @@ def _add(p: Any, u: Any) -> Any:
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """``params + updates`` leaf by leaf; each parameter keeps its dtype.  A ``no_update``
-    leaf gives the parameter itself back (the same array, nothing computed)."""
-    return tree_map(_add, params, updates)
+    """``params + updates`` leaf by leaf; each parameter keeps its dtype and its shape: an
+    array update shaped unlike its parameter (which ``+`` would broadcast into a new shape, or
+    accept where it should not) is a ``TreeMismatchError`` naming each path and both shapes.
+    Shapes are static, so the check is a comparison per leaf eagerly and costs nothing
+    inside a compiled graph (it runs when the graph is traced).  A ``no_update`` leaf gives
+    the parameter itself back (the same array, nothing computed)."""
+    try:
+        return tree_map(_add, params, updates)
+    except _ShapeChanged:
+        p_leaves, p_td = flatten(params)
+        u_leaves = flatten(updates)[0]
+        problems = [
+            (path, f"update shape {tuple(u.shape)} vs param shape {tuple(p.shape)}")
+            for path, p, u in zip(p_td.paths(), p_leaves, u_leaves)
+            if isinstance(p, mx.array) and isinstance(u, mx.array) and u.shape != p.shape
+        ]
+        raise TreeMismatchError(problems, "apply_updates: updates shaped unlike params") from None
 
 
 def apply_gradients(opt: Optimizer, state: TrainState, grads: Grads) -> TrainState:

@@ -243,3 +243,37 @@ def test_complex_grads_on_real_params_are_refused_naming_the_path(kind, make, dt
     assert str(dtype) in str(e.value)
     for b, w in zip(before, state.params["layers"]):
         assert w["w"].dtype == dtype and mx.array_equal(w["w"], b)
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(3, 4), (1, 4), (4, 1), (1,), ()])
+def test_an_update_shaped_unlike_its_param_is_refused_naming_the_path(kind, shape):
+    """A transform's update never broadcasts into a new parameter shape (nor is one of
+    another shape accepted): ``apply_updates`` compares shapes, eagerly and at trace time."""
+
+    def update(grads, state, params, step):
+        bad = mx.full(shape, -0.1)
+        return {"layers": [{"w": -0.1 * grads["layers"][0]["w"]}, {"w": bad}]}, state
+
+    opt = nf.Optimizer(lambda params: (), update)
+    params = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((4,))}]}
+    state = nf.init(opt, params)
+    grads = {"layers": [{"w": mx.ones((2,))}, {"w": mx.ones((4,))}]}
+    with pytest.raises(TreeMismatchError) as e:
+        STEPS[kind](opt)(state, grads)
+    assert [p for p, _ in e.value.problems] == ["layers.1.w"]
+    assert f"update shape {shape} vs param shape (4,)" in str(e.value)
+    assert state.params["layers"][1]["w"].shape == (4,)
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_an_update_shaped_like_its_param_is_applied(kind):
+    """The same custom transform with the right shape: ``params + updates`` exactly."""
+
+    def update(grads, state, params, step):
+        return nf.tree_map(lambda g: -0.5 * g, grads), state
+
+    opt = nf.Optimizer(lambda params: (), update)
+    state = nf.init(opt, {"w": mx.ones((2, 3))})
+    new = STEPS[kind](opt)(state, {"w": mx.full((2, 3), 2.0)})
+    assert new.params["w"].shape == (2, 3) and new.params["w"].tolist() == [[0.0] * 3] * 2

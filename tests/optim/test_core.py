@@ -8,6 +8,7 @@ import pytest
 
 import nestedfn as nf
 from nestedfn.optim import core
+from nestedfn.tree import TreeMismatchError
 
 
 class CountState(NamedTuple):
@@ -162,9 +163,9 @@ def test_no_update_gives_the_param_itself_and_reads_as_negative_zero():
     # a consumer that adds it by hand, or a rewritten copy, still leaves p bit-identical
     np.testing.assert_array_equal(_bits(p["a"] + u["a"]), _bits(p["a"]))
     np.testing.assert_array_equal(_bits(p["a"] + u["a"] * 2.0), _bits(p["a"]))
-    # a param of another shape is not replaced by the mark: it is added (broadcast)
-    wide = mx.ones((2, 5))
-    assert nf.apply_updates(wide, core.no_update(p["a"])).shape == (2, 5)
+    # a mark of another shape neither replaces the param nor broadcasts into it
+    with pytest.raises(TreeMismatchError, match=r"update shape \(5,\) vs param shape \(2, 5\)"):
+        nf.apply_updates(mx.ones((2, 5)), core.no_update(p["a"]))
 
 
 def test_no_update_under_mx_compile_passes_the_param_through_bit_identical():
