@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -29,21 +28,11 @@ import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from step_latency import NF_OPTS, TREES  # noqa: E402
+from step_latency import NF_OPTS, TREES, time_loop  # noqa: E402
 
 import nestedfn as nf  # noqa: E402
 from nestedfn.fast import multitensor as mt  # noqa: E402
 from nestedfn.tiered import nested_adam  # noqa: E402
-
-
-def _timed(step, iters: int) -> list[float]:
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        mx.synchronize()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return out
 
 
 def make_nf(params, grads, opt, kind: str, group: int | None = None):
@@ -153,7 +142,7 @@ def race(makers: dict[str, Any], rounds: int, iters: int, warmup: int, tag: str)
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for key in order:
             try:
-                times[key] += _timed(steps[key][0], iters)
+                times[key] += time_loop(steps[key][0], iters, warmup=0)
             except Exception as e:
                 print(f"  {tag}/{key}: {type(e).__name__}: {e}", flush=True)
     info = {k: v[1]() for k, v in steps.items()}
