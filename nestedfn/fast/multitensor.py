@@ -514,7 +514,7 @@ class MultiTensorStep(CompiledStep):
             if not all(isinstance(x, mx.array) for x in leaves):
                 raise _Mismatch
             plan = self._plans[td] = self._make_plan(params, td, list(map(_SHAPE, leaves)))
-        self._last = (leaf_getter(td, check_leaves=False), plan)
+        self._last = (plan.get, plan)
         return plan, leaves
 
     def _make_plan(self, params: Any, td: TreeDef, shapes: list) -> _Plan:

@@ -111,6 +111,7 @@ from nestedfn.run.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     step_dir_name,
+    step_of,
 )
 from nestedfn.run.safedir import open_append
 from nestedfn.tiered.cms import _find_nested, tier_stats
@@ -320,8 +321,7 @@ def _checked_inputs(
     accepted change is returned to be recorded)."""
     if ckpt is None:
         return input_fingerprints(config.model, config.data, config.resume_adapter_file), []
-    step = int(ckpt.name.split("_")[1])
-    inputs, accepted = check_resume(out, config, step, accept)
+    inputs, accepted = check_resume(out, config, step_of(ckpt), accept)
     for change in accepted:
         warn(f"input {change['file']} changed since the run started; accepted (recorded)")
     return inputs, accepted
@@ -742,7 +742,7 @@ class _Run:
         """The step and checkpoint an interrupt leaves (rank 0 writes it unless it is there)."""
         step = int(self.done.step)
         newest = latest_checkpoint(self.out / CHECKPOINT_DIR)
-        on_disk = None if newest is None else int(newest.name.split("_")[1])
+        on_disk = None if newest is None else step_of(newest)
         if on_disk is not None and on_disk >= step:
             # the step was saved (the interrupt came in the save, after the checkpoint): that
             # is the checkpoint a resume takes

@@ -296,6 +296,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path | str) -> int:
+    """The step of the checkpoint directory ``path`` (``step_dir_name``'s inverse)."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory (step_########)")
+    return int(m.group(1))
+
+
 def save_checkpoint(directory: Path | str, state: TrainState, extra: dict, step: int) -> Path:
     """Write ``directory/step_{step:08d}`` atomically and return its path.
 
