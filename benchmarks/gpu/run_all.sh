@@ -3,18 +3,22 @@
 # (and JSON) under $OUT, so one failing stage does not lose the others.  Run from the repo root
 # after MLX's CUDA build is unpacked in /root/mlxsite (shared/gpu/README.md, steps 2-3):
 #   bash benchmarks/gpu/run_all.sh [STAGES]    STAGES: a comma list of
-#   env,mt,bench,suite,trainer,throughput,resident  (default: all of them)
+#   env,mt,bench,suite,trainer,throughput,profile,resident  (default: all of them)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=",${1:-env,mt,bench,suite,trainer,throughput,resident},"
+STAGES=",${1:-env,mt,bench,suite,trainer,throughput,profile,resident},"
 T_MT=${T_MT:-120}; T_BENCH=${T_BENCH:-200}; T_SUITE=${T_SUITE:-300}; T_TRAINER=${T_TRAINER:-150}
-T_TP=${T_TP:-150}; T_RES=${T_RES:-120}
-if [ -d .whl ] && [ ! -d /root/site/pytest ]; then
-  mkdir -p /root/site
-  for w in .whl/*.whl; do python3 -m zipfile -e "$w" /root/site/ >/dev/null; done
+T_TP=${T_TP:-150}; T_RES=${T_RES:-120}; T_PROF=${T_PROF:-120}
+# install (once per machine): MLX's CUDA build from /root/mlxsite (a .pth, so that every
+# subprocess sees it), the carried wheels from /root/whl, nestedfn editable (no native build)
+if [ ! -f /root/.nestedfn_installed ]; then
+  site=$(python3 -c "import site; print(site.getsitepackages()[0])")
+  printf '/root/mlxsite\n%s\n' "$PWD" > "$site/mlxsite.pth"
+  python3 -m pip install -q --no-index --no-deps --break-system-packages /root/whl/*.whl
+  NESTEDFN_NATIVE_BUILD=0 python3 -m pip install -q --no-deps --no-build-isolation \
+    --break-system-packages -e . && touch /root/.nestedfn_installed
 fi
-export PYTHONPATH=/root/mlxsite:/root/site:$PWD:$PWD/benchmarks/gpu
-export PATH=/root/site/bin:$PATH
+export PYTHONPATH=$PWD/benchmarks/gpu
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 run() {  # run NAME LIMIT CMD...: its log to $OUT/NAME.log, its exit status and seconds to status
@@ -42,7 +46,7 @@ if stage bench; then
 fi
 if stage suite; then
   MODTIMES_JSON="$OUT/suite_modules.json" run suite "$T_SUITE" python3 -m pytest -p modtimes \
-    -p no:cacheprovider -rfEs --durations=25 ${SUITE_ARGS:-}
+    -p no:cacheprovider -rfEs --durations=40 --junitxml="$OUT/suite.xml" ${SUITE_ARGS:-}
 fi
 if stage trainer; then
   run trainer "$T_TRAINER" python3 benchmarks/gpu/trainer_gpu.py --iters 20 --demo-steps 60 \
@@ -51,6 +55,9 @@ fi
 if stage throughput; then
   run throughput "$T_TP" python3 benchmarks/train_throughput.py --iters "${TP_ITERS:-200}" \
     --rounds "${TP_ROUNDS:-2}" --json "$OUT/train_throughput_gpu.json"
+fi
+if stage profile; then  # where a GPU training step's host time goes (cProfile, top functions)
+  run profile "$T_PROF" python3 benchmarks/gpu/profile_train.py --iters 60 --out "$OUT/profile"
 fi
 if stage resident; then
   run resident "$T_RES" python3 benchmarks/resident_step.py --device gpu --rounds 3

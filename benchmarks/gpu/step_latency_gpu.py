@@ -37,7 +37,8 @@ from nestedfn.tiered import nested_adam  # noqa: E402
 
 def make_nf(params, grads, opt, kind: str, group: int | None = None):
     """(step, info) for nestedfn's ``kind``: default, graph (the MLX graph, the GPU default
-    before), packed; ``group`` sets the multi-tensor step's leaves per launch."""
+    before), packed, uncompiled (the default's launches issued from Python each step, not
+    replayed by ``mx.compile``); ``group`` sets the multi-tensor step's leaves per launch."""
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
@@ -55,6 +56,13 @@ def make_nf(params, grads, opt, kind: str, group: int | None = None):
     def step():
         box[0] = fn(box[0], grads)
         mx.eval(box[0].params, box[0].opt_state)
+
+    if kind == "uncompiled":  # the plan (and its launches) is built on the first call
+        mt._COMPILE = False
+        try:
+            step()
+        finally:
+            mt._COMPILE = True
 
     def info() -> dict[str, Any]:
         if not isinstance(fn, mt.MultiTensorStep):
@@ -149,6 +157,33 @@ def race(makers: dict[str, Any], rounds: int, iters: int, warmup: int, tag: str)
     return {k: _med(v) for k, v in times.items() if v}, {k: i for k, i in info.items() if i}
 
 
+def host_split(params, grads, kind: str, iters: int) -> dict[str, float]:
+    """Median ms of the step's call alone (graph building and launch bookkeeping on the host)
+    and of the ``mx.eval`` that follows it, for ``kind`` (``make_nf``'s) Adam."""
+    import time
+
+    opt = NF_OPTS["adam"]()
+    if kind == "uncompiled":
+        mt._COMPILE = False
+    fn = nf.compile_step(opt, packed=kind == "packed")
+    state = fn.init(params) if kind == "packed" else nf.init(opt, params)
+    call, ev = [], []
+    try:
+        for it in range(iters + 5):
+            mx.synchronize()
+            t0 = time.perf_counter()
+            state = fn(state, grads)
+            t1 = time.perf_counter()
+            mx.eval(state.params, state.opt_state)
+            mx.synchronize()
+            if it >= 5:
+                call.append(1e3 * (t1 - t0))
+                ev.append(1e3 * (time.perf_counter() - t1))
+    finally:
+        mt._COMPILE = True
+    return {"call": _med(call), "eval": _med(ev)}
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 4) if xs else float("nan")
 
@@ -160,7 +195,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--trees", default="lora,big")
     ap.add_argument("--opts", default="adam,adamw,lion,momentum")
-    ap.add_argument("--groups", default="8,16,32,64,112")
+    ap.add_argument("--groups", default="16,32,64")
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--mlx-peers-for",
@@ -192,6 +227,7 @@ def main() -> None:
             o = NF_OPTS[name]
             makers = {
                 "default": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "default"),
+                "uncompiled": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "uncompiled"),
                 "graph": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "graph"),
                 "packed": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "packed"),
                 "torch_fused": lambda n=name, p=params, g=grads: make_torch(p, g, n, "fused"),
@@ -212,6 +248,9 @@ def main() -> None:
     params = TREES["lora"][1]()
     grads = nf.tree_map(lambda x: mx.random.normal(x.shape) * 1e-3, params)
     mx.eval(params, grads)
+    split = {k: host_split(params, grads, k, N) for k in ("default", "uncompiled", "packed")}
+    result["host_split_lora_adam"] = split
+    print("LoRA Adam, ms of the call / of its eval:", split, flush=True)
     makers = {
         "nested_adam_default": lambda: make_nf(params, grads, nested_adam(1e-3, (1, 2, 4)), "d"),
         "adam_default": lambda: make_nf(params, grads, NF_OPTS["adam"](), "default"),
