@@ -458,7 +458,8 @@ FUZZ_FLAGS = {
     "--tiers": (["depth"], ["{(: 0}", "[1, 2]"]),
     "--steps": (["2", "3"], ["0", "-3", "x"]),
     "--max-seq-len": (["24", "16"], ["0", "100000000"]),
-    "--frequencies": (["1 2", "1"], ["0", "2 1"]),
+    # any positive ints (tier 0 may be the slow one: [2, 1] is [1, 2] with deep_fast)
+    "--frequencies": (["1 2", "1", "2 1"], ["0", "1 0"]),
 }
 RUN_PATHS = [
     "checkpoints",
