@@ -22,8 +22,9 @@ mid-chunk) and holds the outcome against a run that went straight through:
   one bit flipped, then ``--resume``.  Pass: refused (status 2, a line naming the file or the
   option) or continued with a warning naming the file, ending bit-identical to the straight
   run.  Fail: anything else (a *silent acceptance*).
-* ``concurrent``: two new runs on one ``--out`` at once, and two ``--resume`` at once.  Pass:
-  one runs (and ends bit-identical), the other exits 2 naming the holder.
+* ``concurrent``: a second new run on one ``--out``, and a second ``--resume``, started while
+  the first holds the run's lock (the first is paused with SIGSTOP meanwhile).  Pass: the
+  first runs (and ends bit-identical), the second exits 2 naming the holder.
 * ``os``: ``--out`` on a full file system (a small tmpfs), a read-only one, in an immutable
   directory (``chattr +i``) and under a regular file.  Pass: status 74, one line naming the
   path and the cause, no traceback, no temporary, every checkpoint written before intact
@@ -318,13 +319,31 @@ def concurrent_trial(ctx: Ctx, kind: str) -> dict:
         args = ["--resume", str(run)]
     else:
         args = run_args(ctx, run)
-    a, b = start(args), start(args)
-    (ra, ea), (rb, eb) = finish(ctx, a), finish(ctx, b)
-    codes = sorted([ra, rb])
-    loser = ea if ra == 2 else eb
-    ok = codes == [0, 2] and "in use by" in loser and same_as_ref(ctx, run)
+    # The second starts while the first holds the lock, for sure: the first is stopped
+    # (SIGSTOP: it keeps its lock) once its pid is in the lock file, until the second has
+    # exited.  Two started at once overlapped only by timing: on a loaded machine the second
+    # could import for longer than the first trained, find a finished run and say --resume.
+    a = start(args)
+    lock = run / ".nestedfn.lock"
+    while a.poll() is None and f"pid {a.pid} " not in _read_quietly(lock):
+        time.sleep(0.02)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        rb, eb = finish(ctx, start(args))
+    finally:
+        a.send_signal(signal.SIGCONT)
+    ra, ea = finish(ctx, a)
+    codes = [ra, rb]
+    ok = codes == [0, 2] and "in use by" in eb and same_as_ref(ctx, run)
     shutil.rmtree(run, ignore_errors=True)
-    return {"ok": ok, "codes": codes, "loser": loser.strip()[-200:]}
+    return {"ok": ok, "codes": codes, "loser": eb.strip()[-200:], "winner": ea.strip()[-200:]}
+
+
+def _read_quietly(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 # ---- OS errors --------------------------------------------------------------------------
