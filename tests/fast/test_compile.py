@@ -251,7 +251,7 @@ def _shapeless_grad(shape: tuple[int, ...], kind: str, seed: int) -> mx.array:
     return g.astype(mx.bfloat16) if kind == "bfloat16" else g
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(cases=st.lists(_SHAPELESS_CASE, min_size=2, max_size=6))
 def test_shapeless_step_equals_eager_or_refuses_like_it_whatever_came_before(cases):
     """A shapeless graph, traced once for the first shapes, serves every later call: each call
