@@ -22,8 +22,9 @@ mid-chunk) and holds the outcome against a run that went straight through:
   one bit flipped, then ``--resume``.  Pass: refused (status 2, a line naming the file or the
   option) or continued with a warning naming the file, ending bit-identical to the straight
   run.  Fail: anything else (a *silent acceptance*).
-* ``concurrent``: two new runs on one ``--out`` at once, and two ``--resume`` at once.  Pass:
-  one runs (and ends bit-identical), the other exits 2 naming the holder.
+* ``concurrent``: a second new run on one ``--out``, and a second ``--resume``, started while
+  the first holds the run's lock (the first is paused with SIGSTOP meanwhile).  Pass: the
+  first runs (and ends bit-identical), the second exits 2 naming the holder.
 * ``os``: ``--out`` on a full file system (a small tmpfs), a read-only one, in an immutable
   directory (``chattr +i``) and under a regular file.  Pass: status 74, one line naming the
   path and the cause, no traceback, no temporary, every checkpoint written before intact
@@ -38,8 +39,15 @@ mid-chunk) and holds the outcome against a run that went straight through:
   ``--force`` or ``--resume``, the CLI run in-process.  One oracle: exit 0 with a correct run
   (every step's record, finite losses, the adapters), or exit 2/74/130/143 with exactly one
   error line; no traceback; nothing outside the run directory changed; nothing of the
-  user's in it removed.  Counted: cases, tracebacks, silent acceptances (exit 0 without a
-  correct run, or with a symlink on the run's paths), outside changes, user files removed.
+  user's in it removed; no completed step lost (recorded past the last checkpoint by a run
+  that stopped).  Counted: cases, tracebacks, silent acceptances (exit 0 without a correct
+  run, or with a symlink on the run's paths, or where a permission state must stop it),
+  outside changes, user files removed, steps lost.  Permission states (``--fuzz-perms N``):
+  the run directory, its parent, ``checkpoints/`` and the newest checkpoint, ``best/``,
+  ``metrics.jsonl``, ``config.yaml``, the adapters and the manifest read-only or
+  unreadable, and a new ``--out`` in a parent that cannot take it; the CLI runs as a
+  subprocess that file modes bind (``unprivileged()``: root without its capabilities), and
+  an error line must name a path of the case.
 
 Prints one line per category and the totals, e.g. ``SIGKILL 20/20 resumed bit-identical``,
 ``tracebacks 0``, ``user files deleted 0``.  Every process's stderr is scanned for
@@ -311,13 +319,31 @@ def concurrent_trial(ctx: Ctx, kind: str) -> dict:
         args = ["--resume", str(run)]
     else:
         args = run_args(ctx, run)
-    a, b = start(args), start(args)
-    (ra, ea), (rb, eb) = finish(ctx, a), finish(ctx, b)
-    codes = sorted([ra, rb])
-    loser = ea if ra == 2 else eb
-    ok = codes == [0, 2] and "in use by" in loser and same_as_ref(ctx, run)
+    # The second starts while the first holds the lock, for sure: the first is stopped
+    # (SIGSTOP: it keeps its lock) once its pid is in the lock file, until the second has
+    # exited.  Two started at once overlapped only by timing: on a loaded machine the second
+    # could import for longer than the first trained, find a finished run and say --resume.
+    a = start(args)
+    lock = run / ".nestedfn.lock"
+    while a.poll() is None and f"pid {a.pid} " not in _read_quietly(lock):
+        time.sleep(0.02)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        rb, eb = finish(ctx, start(args))
+    finally:
+        a.send_signal(signal.SIGCONT)
+    ra, ea = finish(ctx, a)
+    codes = [ra, rb]
+    ok = codes == [0, 2] and "in use by" in eb and same_as_ref(ctx, run)
     shutil.rmtree(run, ignore_errors=True)
-    return {"ok": ok, "codes": codes, "loser": loser.strip()[-200:]}
+    return {"ok": ok, "codes": codes, "loser": eb.strip()[-200:], "winner": ea.strip()[-200:]}
+
+
+def _read_quietly(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 # ---- OS errors --------------------------------------------------------------------------
@@ -451,7 +477,8 @@ FUZZ_FLAGS = {
     "--tiers": (["depth"], ["{(: 0}", "[1, 2]"]),
     "--steps": (["2", "3"], ["0", "-3", "x"]),
     "--max-seq-len": (["24", "16"], ["0", "100000000"]),
-    "--frequencies": (["1 2", "1"], ["0", "2 1"]),
+    # any positive ints (tier 0 may be the slow one: [2, 1] is [1, 2] with deep_fast)
+    "--frequencies": (["1 2", "1", "2 1"], ["0", "1 0"]),
 }
 RUN_PATHS = [
     "checkpoints",
@@ -588,7 +615,7 @@ def fuzz_case(model: Path, data: Path, done: Path, case: dict) -> dict:
     root = Path(tempfile.mkdtemp(prefix="fuzz-"))
     try:
         run, argv, links = _prepare_fuzz(root, model, data, done, case)
-        before = _snapshot(root, skip=run)
+        before, steps_before = _snapshot(root, skip=run), _last_step(run)
         err, out = io.StringIO(), io.StringIO()
         tb = ""
         with redirect_stderr(err), redirect_stdout(out):
@@ -598,43 +625,114 @@ def fuzz_case(model: Path, data: Path, done: Path, case: dict) -> dict:
                 code = e.code if isinstance(e.code, int) else 2
             except BaseException:  # an escape is a traceback at the CLI
                 code, tb = None, traceback.format_exc()
-        text = err.getvalue()
-        errors = [ln for ln in text.splitlines() if ": error:" in ln]
-        result = {"code": code, "traceback": bool(tb) or "Traceback" in text}
-        result["outside"] = sorted(
-            k for k in set(before) | set(_snapshot(root, skip=run))
-            if before.get(k) != _snapshot(root, skip=run).get(k)
-        )  # fmt: skip
-        notes = run / "notes.txt"
-        result["user_removed"] = not (notes.is_file() and "the user's" in notes.read_text())
-        why = ""
-        silent = False
-        if code == 0:
-            correct, why = _correct_run(run)
-            refuse = _must_refuse(case)
-            if links:
-                silent, why = True, f"exit 0 with symlink(s) {links} on the run's paths"
-            elif refuse:
-                silent, why = True, f"exit 0 though {refuse} must be refused"
-            elif not correct:
-                silent = True
-        elif code not in (2, 74, 130, 143):
-            why = f"exit {code}"
-        elif len(errors) != 1:
-            why = f"{len(errors)} error lines: {text[-300:]!r}"
-        result["silent"] = silent
-        result["why"] = why or (tb[-300:] if tb else "")
-        result["ok"] = not (
-            why or result["traceback"] or result["outside"] or result["user_removed"]
-        )
-        return result
+        return _oracle(case, code, err.getvalue(), tb, root, run, before, links, None, steps_before)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _oracle(
+    case: dict,
+    code: int | None,
+    text: str,
+    tb: str,
+    root: Path,
+    run: Path,
+    before: dict,
+    links: list[str],
+    notes: Path | None = None,
+    steps_before: int = 0,
+) -> dict:
+    """The fuzzer's one oracle (the module doc) on a finished case: ``text`` is its stderr,
+    ``tb`` a traceback that escaped (in-process), ``before`` the snapshot of ``root`` outside
+    ``run`` taken before it ran, ``notes`` the user's file that must survive, ``steps_before``
+    the last step ``run`` recorded before it ran."""
+    errors = [ln for ln in text.splitlines() if ": error:" in ln]
+    result = {"code": code, "traceback": bool(tb) or "Traceback" in text}
+    after = _snapshot(root, skip=run)
+    result["outside"] = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    notes = run / "notes.txt" if notes is None else notes
+    result["steps_lost"] = _steps_lost(run, steps_before) if code != 0 else 0
+    result["user_removed"] = not (notes.is_file() and "the user's" in notes.read_text())
+    why = ""
+    silent = False
+    if code == 0:
+        correct, why = _correct_run(run)
+        refuse = _must_refuse(case)
+        if links:
+            silent, why = True, f"exit 0 with symlink(s) {links} on the run's paths"
+        elif refuse:
+            silent, why = True, f"exit 0 though {refuse} must be refused"
+        elif not correct:
+            silent = True
+    elif code not in (2, 74, 130, 143):
+        why = f"exit {code}"
+    elif len(errors) != 1:
+        why = f"{len(errors)} error lines: {text[-300:]!r}"
+    elif case.get("perms") and str(root) not in errors[0]:
+        why = f"the error line names no path of the case: {errors[0]!r}"
+    elif result["steps_lost"]:
+        why = f"{result['steps_lost']} completed step(s) past the last checkpoint lost"
+    result["silent"] = silent
+    result["error"] = errors[0] if errors else ""
+    result["why"] = why or (tb[-300:] if tb else "")
+    result["ok"] = not (why or result["traceback"] or result["outside"] or result["user_removed"])
+    return result
+
+
+# what a resume reads before its first step: unreadable, it cannot continue the same run
+RESUME_READS = {
+    "config.yaml",
+    ".nestedfn-run.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "checkpoints/LATEST",
+    "checkpoints/LATEST/arrays.safetensors",
+    "checkpoints/LATEST/meta.json",
+}
+
+
+def _perm_must_refuse(case: dict) -> str:
+    """What in a permission case a run must refuse, or ``""``: a run directory it cannot
+    write, a new ``--out`` it cannot make, a resume's inputs it cannot read, ``checkpoints/``
+    or ``best/`` that a resume writes and ``--force`` empties."""
+    for target, state in case.get("perms", []):
+        if target == "." or (target == ".." and case["mode"] == "new-out"):
+            return f"{state} {target}"
+        if case["mode"] == "resume" and state == "unreadable" and target in RESUME_READS:
+            return f"{state} {target}"
+        if case["mode"] in ("resume", "force") and target in ("checkpoints", "best"):
+            return f"{state} {target}"
+    return ""
+
+
+def _last_step(run: Path) -> int:
+    """The last training step ``run``'s metrics record (0: none, or no records to go by)."""
+    try:
+        records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r.get("step") or 0 for r in records if r.get("type") == "train"]
+        return int(max(steps, default=0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def _steps_lost(run: Path, before: int) -> int:
+    """Steps this invocation completed (recorded past ``before``, the last step recorded when
+    it started) that no checkpoint holds: work a resume must do again."""
+    from nestedfn.run.checkpoint import latest_checkpoint, step_of
+
+    try:
+        ckpt = latest_checkpoint(run / "checkpoints")
+    except OSError:
+        ckpt = None
+    saved = step_of(ckpt) if ckpt is not None else 0
+    return max(_last_step(run) - max(saved, before), 0)
+
+
 def _must_refuse(case: dict) -> str:
     """What in ``case`` a run must refuse (a value of a flag's refused list, a bad config or
-    damaged data for a new run), or ``""``."""
+    damaged data for a new run, a permission state that stops it), or ``""``."""
+    if _perm_must_refuse(case):
+        return _perm_must_refuse(case)
     for f, v in case["flags"]:
         if v in FUZZ_FLAGS[f][1]:
             return f"{f} {v}"
@@ -664,6 +762,147 @@ def _correct_run(run: Path) -> tuple[bool, str]:
     return True, ""
 
 
+# ---- fuzz: permission states, the CLI run without the power to override them ----------
+
+# Targets inside the run directory ("." the directory itself, ".." its parent, LATEST the
+# newest checkpoint) and what is done to them: "read-only" (a directory 0o555, a file
+# 0o444), "unreadable" (0o000).  Mode "new-out": --out names a directory not made yet.
+PERM_TARGETS = [
+    ".",
+    "..",
+    "checkpoints",
+    "checkpoints/LATEST",
+    "checkpoints/LATEST/arrays.safetensors",
+    "checkpoints/LATEST/meta.json",
+    "best",
+    "metrics.jsonl",
+    "config.yaml",
+    "adapters.safetensors",
+    ".nestedfn-run.json",
+]
+PERM_STATES = ["read-only", "unreadable"]
+
+
+def fuzz_perm_cases():  # noqa: ANN201 - a Hypothesis strategy
+    """Cases of the permission fuzzer: ``{"mode", "perms": [(target, state), ...]}`` (a new
+    run's directory holds only the user's notes: its targets are "." and "..")."""
+    from hypothesis import strategies as st
+
+    def perms(targets: list[str]) -> st.SearchStrategy:
+        pair = st.tuples(st.sampled_from(targets), st.sampled_from(PERM_STATES))
+        return st.lists(pair, min_size=1, max_size=2, unique_by=lambda t: t[0])
+
+    def case(mode: str) -> st.SearchStrategy:
+        targets = {"new": [".", ".."], "new-out": [".."]}.get(mode, PERM_TARGETS)
+        return st.fixed_dictionaries({"mode": st.just(mode), "perms": perms(targets)})
+
+    return st.sampled_from(["new", "new-out", "force", "resume", "resume"]).flatmap(case)
+
+
+_UNPRIVILEGED: list = []
+
+
+def unprivileged() -> tuple[list[str] | None, str]:
+    """``(prefix, "")``: a command prefix that runs a process which file permissions bind, or
+    ``(None, why not)``.  An ordinary user needs none (``[]``).  Root keeps its user id and
+    loses every capability (``setpriv --bounding-set=-all``; ``CAP_DAC_OVERRIDE`` is what
+    lets root ignore a mode): the run's files are root's, so their owner bits apply as they
+    would to a user's own read-only files.  (Switching to ``nobody`` would also need the
+    interpreter, the model and the data readable by it: here the interpreter is under
+    ``/root``, mode 0700.)  Probed once: the prefix must really be refused a 0o444 file."""
+    if _UNPRIVILEGED:
+        return _UNPRIVILEGED[0]
+    found: tuple[list[str] | None, str]
+    if os.geteuid() != 0:
+        found = ([], "")
+    elif shutil.which("setpriv") is None:
+        found = (None, "running as root and setpriv (util-linux) is not installed")
+    else:
+        prefix = [shutil.which("setpriv") or "setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+        with tempfile.TemporaryDirectory() as d:
+            probe = Path(d) / "read-only"
+            probe.write_text("")
+            probe.chmod(0o444)
+            code = (
+                "import sys\ntry:\n open(sys.argv[1], 'a')\nexcept PermissionError:\n sys.exit(7)"
+            )
+            r = subprocess.run(
+                [*prefix, sys.executable, "-c", code, str(probe)], capture_output=True
+            )
+        found = (prefix, "") if r.returncode == 7 else (None, f"setpriv did not drop root's "
+                 f"power over file modes (exit {r.returncode}: {r.stderr.decode()[-200:]})")  # fmt: skip
+    _UNPRIVILEGED.append(found)
+    return found
+
+
+def _apply_perms(run: Path, perms: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Set each ``(target, state)``; those set (an absent target is left out)."""
+    from nestedfn.run.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+    changed: list[tuple[Path, str, str]] = []
+    for target, state in perms:
+        name = target.replace("LATEST", latest.name) if latest is not None else target
+        p = run.parent if target == ".." else run / name
+        if "LATEST" not in name and p.exists() and not p.is_symlink():
+            changed.append((p, target, state))
+    # deepest first: an unreadable directory would hide what is below it
+    for p, _, state in sorted(changed, key=lambda t: -len(t[0].parts)):
+        p.chmod((0o555 if p.is_dir() else 0o444) if state == "read-only" else 0o000)
+    return [(target, state) for _, target, state in changed]
+
+
+def _restore_perms(root: Path) -> None:
+    """Owner read/write/search on everything under ``root`` again (to inspect and remove)."""
+    root.chmod(0o700)
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(d, n), 0o700, follow_symlinks=False)
+        for n in files:
+            with contextlib.suppress(OSError, NotImplementedError):
+                os.chmod(os.path.join(d, n), 0o600, follow_symlinks=False)
+
+
+def fuzz_perm_case(model: Path, data: Path, done: Path, case: dict, timeout: float = 600) -> dict:
+    """Run one permission case: the CLI as a subprocess without root's power over file modes
+    (``unprivileged()``), held to the fuzzer's oracle; ``{"skipped": why}`` where it cannot
+    run."""
+    prefix, why = unprivileged()
+    if prefix is None:
+        return {"skipped": why}
+    full = {"flags": [], "run_state": [], "data": "ok", "config": None, **case}
+    root = Path(tempfile.mkdtemp(prefix="fuzz-perm-"))
+    try:
+        mode = "new" if case["mode"] == "new-out" else case["mode"]
+        run, argv, _ = _prepare_fuzz(root, model, data, done, {**full, "mode": mode})
+        notes = run / "notes.txt"
+        if case["mode"] == "new-out":  # --out names a directory to make in `parent`
+            parent = root / "parent"
+            parent.mkdir()
+            notes = parent / "notes.txt"
+            notes.write_text("the user's notes\n")
+            shutil.rmtree(run)
+            argv[argv.index(str(run))] = str(parent / "run")
+            run = parent / "run"
+        steps_before = _last_step(run)
+        full["perms"] = _apply_perms(run, case["perms"])  # what the oracle holds it to
+        before = _snapshot(root, skip=run)
+        cmd = [*prefix, sys.executable, "-m", "nestedfn.cli", *argv]
+        try:
+            r = subprocess.run(
+                cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=timeout
+            )
+            code, text = r.returncode, r.stderr
+        except subprocess.TimeoutExpired as e:
+            code, text = None, f"hung for {timeout} s: {(e.stderr or b'')[-300:]!r}"
+        _restore_perms(root)
+        return _oracle(full, code, text, "", root, run, before, [], notes, steps_before)
+    finally:
+        _restore_perms(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def fuzz_trials(model: Path, data: Path, done: Path, n: int, seed: int) -> list[dict]:
     """``n`` Hypothesis examples of ``fuzz_cases`` through ``fuzz_case`` (all kept)."""
     from hypothesis import HealthCheck, given, settings
@@ -681,6 +920,40 @@ def fuzz_trials(model: Path, data: Path, done: Path, n: int, seed: int) -> list[
     return results
 
 
+def fuzz_perm_trials(model: Path, data: Path, done: Path, n: int, seed: int) -> list[dict]:
+    """``n`` Hypothesis examples of ``fuzz_perm_cases`` through ``fuzz_perm_case``; one
+    ``{"skipped": why}`` where the CLI cannot be run bound by file permissions."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    prefix, why = unprivileged()
+    if prefix is None:
+        return [{"skipped": why}]
+    results: list[dict] = []
+
+    @hseed(seed)
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(fuzz_perm_cases())
+    def trial(case: dict) -> None:
+        results.append({"case": case, **fuzz_perm_case(model, data, done, case)})
+
+    trial()
+    return results
+
+
+def _fuzz_line(name: str, res: list[dict]) -> str:
+    tally = Counter(r["code"] for r in res)
+    return (
+        f"{name} {sum(r['ok'] for r in res)}/{len(res)} cases held the oracle (exit "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items(), key=str))
+        + f"); tracebacks {sum(r['traceback'] for r in res)}, silent acceptances "
+        f"{sum(r['silent'] for r in res)}, outside changes "
+        f"{sum(bool(r['outside']) for r in res)}, user files removed "
+        f"{sum(r['user_removed'] for r in res)}, completed steps lost "
+        f"{sum(r['steps_lost'] for r in res)}"
+    )
+
+
 # ---- main -------------------------------------------------------------------------------
 
 
@@ -695,6 +968,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="kill,corrupt,concurrent,os,force,fuzz")
     ap.add_argument("--fuzz", type=int, default=200, help="fuzzer examples (default 200)")
+    ap.add_argument(
+        "--fuzz-perms", type=int, default=40, help="permission-state examples (default 40)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -784,17 +1060,19 @@ def main() -> int:
                 failures += fail([f"--force: {n - ok} trial(s) failed"])
         pool.shutdown()
         if "fuzz" in only and args.fuzz:
+            tic = time.monotonic()
             res = fuzz_trials(ctx.model, ctx.data, ctx.base, args.fuzz, args.seed)
-            tally = Counter(r["code"] for r in res)
-            say(
-                f"fuzz {sum(r['ok'] for r in res)}/{len(res)} cases held the oracle (exit "
-                + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items(), key=str))
-                + f"); tracebacks {sum(r['traceback'] for r in res)}, silent acceptances "
-                f"{sum(r['silent'] for r in res)}, outside changes "
-                f"{sum(bool(r['outside']) for r in res)}, user files removed "
-                f"{sum(r['user_removed'] for r in res)}"
-            )
+            say(_fuzz_line("fuzz", res) + f" ({time.monotonic() - tic:.0f} s)")
             failures += fail([f"fuzz {r['case']}: {r['why']}" for r in res if not r["ok"]])
+        if "fuzz" in only and args.fuzz_perms:
+            tic = time.monotonic()
+            res = fuzz_perm_trials(ctx.model, ctx.data, ctx.base, args.fuzz_perms, args.seed)
+            if "skipped" in res[0]:
+                say(f"fuzz permissions skipped: {res[0]['skipped']}")
+            else:
+                line = _fuzz_line("fuzz permissions (unprivileged CLI)", res)
+                say(line + f" ({time.monotonic() - tic:.0f} s)")
+                failures += fail([f"fuzz {r['case']}: {r['why']}" for r in res if not r["ok"]])
         say(f"tracebacks {len(ctx.tracebacks)}")
         print("\n".join(lines))
         for tb in ctx.tracebacks[:3]:

@@ -55,6 +55,12 @@ def _signature(leaves: list[mx.array]) -> tuple[Any, ...]:
     return tuple((tuple(x.shape), x.dtype) for x in leaves)
 
 
+def _dtypes(leaves: list[mx.array]) -> tuple[Any, ...]:
+    """A shapeless graph's part of the signature: the leaves' dtypes (``mx.compile`` traces a
+    shapeless function again for new dtypes, so they are a new graph here too)."""
+    return tuple(x.dtype for x in leaves)
+
+
 class CompiledStep:
     """``(state, grads) -> state`` equal to ``apply_gradients(opt, state, grads)``, compiled.
 
@@ -121,17 +127,16 @@ class CompiledStep:
         grad_leaves, grads_td = flatten(grads)
         _check_arrays(state_leaves, state_td, "state")
         _check_arrays(grad_leaves, grads_td, "grads")
-        key = (
-            state_td,
-            grads_td,
-            self.opt.phase(concrete),
-            None if self.shapeless else _signature(state_leaves),
-            None if self.shapeless else _signature(grad_leaves),
-        )
+        sig = _dtypes if self.shapeless else _signature
+        key = (state_td, grads_td, self.opt.phase(concrete), sig(state_leaves), sig(grad_leaves))
         entry = self._graphs.get(key)
-        if entry is None:
-            # a new signature: the grads must fit the params (the graph would broadcast them)
+        if entry is None or self.shapeless:
+            # a new signature: the grads must fit the params (the graph would broadcast them,
+            # or drop a complex gradient's imaginary part).  A shapeless graph serves new
+            # shapes without a new key, so it checks every call (check_grads compares a
+            # signature it has seen in one pass over the leaves)
             check_grads(state.params, grads, "compile_step")
+        if entry is None:
             entry = self._graphs[key] = self._build(state_td, grads_td, concrete)
         fn, out_td = entry
         out = fn(mx.array(concrete, dtype=mx.int32), state_leaves, grad_leaves)
@@ -154,7 +159,8 @@ def compile_step(
 
     One graph is traced per ``(tree structure, leaf shapes/dtypes, opt.phase(step))`` and
     reused; ``shapeless=True`` lets one graph serve changing leaf shapes (only valid for
-    optimizers whose graph does not depend on shapes).
+    optimizers whose graph does not depend on shapes; one graph per leaf dtypes still, and
+    the gradients are checked against the params at every call).
 
     ``packed=True`` runs an elementwise optimizer on flat buffers of about ``chunk_size``
     elements per dtype (``nestedfn.fast.packing.default_chunk()`` for the device when ``None``)

@@ -88,10 +88,18 @@ def write_manifest(
 
 def read_manifest(out: Path) -> dict | None:
     """The manifest of ``out``, or ``None`` when it is missing or damaged (its own digest
-    does not match)."""
+    does not match, or a directory stands in its place).  A manifest that cannot be read
+    (``EACCES``, ``EIO``) is an ``OSError`` naming it: taken for missing, it would be written
+    again and the input fingerprints it holds lost unchecked."""
     try:
         record = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        UnicodeDecodeError,
+        ValueError,
+    ):
         return None
     ok = isinstance(record, dict) and record.get("format") == "nestedfn-run"
     ok = ok and isinstance(record.get("config_sha256"), list)

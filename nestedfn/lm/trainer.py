@@ -113,7 +113,7 @@ from nestedfn.run.checkpoint import (
     step_dir_name,
     step_of,
 )
-from nestedfn.run.safedir import open_append
+from nestedfn.run.safedir import SafeDir, open_append
 from nestedfn.tiered.cms import _find_nested, tier_stats
 from nestedfn.tree import TreeMismatchError, to_flat
 
@@ -393,6 +393,27 @@ def _check_ranks(state: TrainState) -> None:
         ) from None
 
 
+def _check_writable(out: Path) -> None:
+    """Every directory of ``out`` that the run writes or empties (``out``, ``checkpoints/``,
+    ``best/``, each checkpoint that pruning or ``--force`` removes) takes a new entry, or an
+    ``OSError`` names it now (exit 74): a read-only ``checkpoints/`` found at the first save
+    would cost every step done before it.  A directory not made yet is made later, in one
+    that passed."""
+    if not out.is_dir():
+        return
+    with SafeDir.open(out) as d:
+        d.check_writable()
+        for name in (CHECKPOINT_DIR, BEST_DIR):
+            if d.kind(name) != "dir":
+                continue
+            with d.sub(name) as sub:
+                sub.check_writable()
+                for entry in sub.listdir():
+                    if sub.kind(entry) == "dir":
+                        with sub.sub(entry) as step:
+                            step.check_writable()
+
+
 def _write_start(
     out: Path,
     config: TrainConfig,
@@ -404,6 +425,7 @@ def _write_start(
 ) -> None:
     """The run directory's first files, all atomic: an interrupted resume leaves the old files
     (and a manifest that accepts the old config.yaml or says it was being rewritten)."""
+    _check_writable(out)
     if resume:
         clean_temporaries(out)
         set_damaged_aside(damaged)
@@ -589,28 +611,42 @@ class _Run:
         self.done, self.done_extra, self.nothing_done = self.state, dict(self.extra), True
         self.started = time.perf_counter()
         try:
-            if self.resumed:
-                self.nothing_done = False
-            elif self.evaluate_if_due(0):
-                self.mark_done()
-            while int(self.state.step) < end and not self.stopped:
-                self.one_step()
-                step = int(self.state.step)
-                self.evaluate_if_due(step)
-                if c.save_every and step % c.save_every == 0 and step != end:
-                    self.save(self.state, self.extra)
-                self.mark_done()
-            self.finish()
-        except (KeyboardInterrupt, RuntimeError) as exc:
-            # a collective that failed because a peer left (its Ctrl-C came first) is this
-            # rank's interrupt too
-            if isinstance(exc, RuntimeError) and not distributed.peer_lost(exc):
+            try:
+                self.steps(end)
+            except (KeyboardInterrupt, RuntimeError) as exc:
+                # a collective that failed because a peer left (its Ctrl-C came first) is this
+                # rank's interrupt too
+                if isinstance(exc, RuntimeError) and not distributed.peer_lost(exc):
+                    raise
+                self.interrupted()
+        except KeyboardInterrupt as late:
+            if isinstance(late, Interrupted):
                 raise
+            # This rank's own Ctrl-C, pending while it was blocked in a collective that then
+            # failed (a peer had left): Python runs the handler at its next check, which can
+            # fall in the handler above, before the save -- the save is done here instead.
             self.interrupted()
         finally:
             self.bar.close()
             self.metrics.close()
         return self.summary()
+
+    def steps(self, end: int) -> None:
+        """The steps up to ``end`` (each one's eval and checkpoint when due), then the last
+        save and the test loss; each completed step is marked done (what an interrupt saves)."""
+        c = self.config
+        if self.resumed:
+            self.nothing_done = False
+        elif self.evaluate_if_due(0):
+            self.mark_done()
+        while int(self.state.step) < end and not self.stopped:
+            self.one_step()
+            step = int(self.state.step)
+            self.evaluate_if_due(step)
+            if c.save_every and step % c.save_every == 0 and step != end:
+                self.save(self.state, self.extra)
+            self.mark_done()
+        self.finish()
 
     def mark_done(self) -> None:
         self.done, self.done_extra, self.nothing_done = self.state, dict(self.extra), False

@@ -334,7 +334,10 @@ def save_checkpoint(directory: Path | str, state: TrainState, extra: dict, step:
         _clean_temporaries(d)
         final = step_dir_name(step)
         tmp_name = f"{_TMP_PREFIX}{final}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        d.mkdir(tmp_name)
+        try:
+            d.mkdir(tmp_name)
+        except OSError as e:  # EACCES, EROFS...: the directory is the cause, not our temporary
+            raise OSError(e.errno, e.strerror, str(directory)) from None
         old = None
         try:
             mx.eval(list(arrays.values()))

@@ -277,6 +277,19 @@ class SafeDir:
     def fsync(self) -> None:
         os.fsync(self.fd)
 
+    def check_writable(self) -> None:
+        """Raise ``OSError`` naming this directory unless an entry can be created and removed
+        in it (a temporary file, made ``O_EXCL`` and unlinked): a run checks the directories
+        it will write before its first step, not at its first save after hours of steps."""
+        name = self.temp_name("probe")
+        try:
+            os.close(
+                os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, dir_fd=self.fd)
+            )
+            os.unlink(name, dir_fd=self.fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+
 
 class _NamedFile:
     """A text file whose write errors name it (``OSError.filename``)."""

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nestedfn.fast.compile import compile_step
 from nestedfn.optim.core import Optimizer, apply_gradients, chain, init, static_step
@@ -227,3 +229,61 @@ def test_graphs_are_cached_by_phase_key_and_traced_at_a_concrete_step():
     assert step_fn.graphs_built == 2
     with pytest.raises(ValueError, match="phase_key"):
         compile_step(base._replace(phase_key=3))
+
+
+# ---- shapeless=True: one graph over shapes, never over dtypes, every call checked ----------
+
+
+_SHAPELESS_CASE = st.tuples(
+    st.sampled_from([(2,), (3,), (5,), (2, 3), (3, 2)]),  # the parameter's shape
+    st.sampled_from(["same", "one", "transposed", "complex", "bfloat16"]),  # the gradient
+)
+
+
+def _shapeless_grad(shape: tuple[int, ...], kind: str, seed: int) -> mx.array:
+    g = mx.array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    if kind == "one":
+        return g.reshape(-1)[:1]  # broadcastable onto the parameter: never silently
+    if kind == "transposed":
+        return g.T if g.ndim == 2 and shape[0] != shape[1] else g.reshape(-1)[:-1]
+    if kind == "complex":
+        return g.astype(mx.complex64) * 1j
+    return g.astype(mx.bfloat16) if kind == "bfloat16" else g
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases=st.lists(_SHAPELESS_CASE, min_size=2, max_size=6))
+def test_shapeless_step_equals_eager_or_refuses_like_it_whatever_came_before(cases):
+    """A shapeless graph, traced once for the first shapes, serves every later call: each call
+    does what eager ``apply_gradients`` does -- the same parameters, or the same refusal
+    (a gradient of another shape: ``TreeMismatchError``; a complex gradient on a real
+    parameter: ``TypeError`` naming the path) -- whatever real-gradient calls of the same
+    structure came before it."""
+    from nestedfn.tree import TreeMismatchError
+
+    opt = _adam(1e-2)
+    step_fn = compile_step(opt, shapeless=True)
+    for i, (shape, kind) in enumerate(cases):
+        state = init(opt, {"w": mx.ones(shape), "b": mx.zeros((2,))})
+        grads = {"w": _shapeless_grad(shape, kind, i), "b": mx.ones((2,))}
+        try:
+            want = apply_gradients(opt, state, grads)
+        except (TreeMismatchError, TypeError) as e:
+            with pytest.raises(type(e)) as got:
+                step_fn(state, grads)
+            assert "w" in str(got.value) and str(got.value).startswith("compile_step")
+            continue
+        _assert_close(step_fn(state, grads).params, want.params)
+    dtypes = {mx.bfloat16 if kind == "bfloat16" else mx.float32 for _, kind in cases}
+    assert step_fn.graphs_built <= len(dtypes)  # one graph per gradient dtype, not per shape
+
+
+def test_shapeless_complex_grads_after_a_real_graph_are_refused_naming_the_path():
+    opt = _adam(1e-2)
+    step_fn = compile_step(opt, shapeless=True)
+    state = init(opt, {"layers": [{"w": mx.ones((3,))}]})
+    step_fn(state, {"layers": [{"w": mx.ones((3,))}]})
+    cplx = {"layers": [{"w": mx.ones((3,), dtype=mx.complex64) * 1j}]}
+    with pytest.raises(TypeError, match=r"gradient of layers\.0\.w is .*complex64"):
+        step_fn(state, cplx)
+    assert step_fn.graphs_built == 1

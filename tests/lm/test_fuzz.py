@@ -36,7 +36,8 @@ def done(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz") / "done"
     args = ["train", "--model", str(model), "--data", str(data), "--out", str(out)]
     args += ["--batch-size", "2", "--max-seq-len", "24", "--lora-rank", "2", "--lora-layers", "4"]
-    assert main([*args, "--steps", "2", "--eval-every", "0"]) == 0
+    # best/ and two checkpoints: every path a resume reads and --force empties is there
+    assert main([*args, "--steps", "2", "--eval-every", "1", "--save-every", "1"]) == 0
     return out
 
 
@@ -74,3 +75,47 @@ def test_the_cases_of_issue_23_hold_the_oracle(assets, done, case):
     full = {"flags": [], "run_state": [], "data": "ok", "config": None, **case}
     result = faults.fuzz_case(model, data, done, full)
     assert result["ok"] and not result["silent"] and result["code"] == 2, result
+
+
+# ---- permission states: the CLI run without root's power over file modes -----------------
+
+
+def _unprivileged_or_skip() -> None:
+    prefix, why = faults.unprivileged()
+    if prefix is None:
+        pytest.skip(f"cannot run the CLI bound by file permissions: {why}")
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=faults.fuzz_perm_cases())
+def test_permission_states_hold_the_oracle(assets, done, case):
+    """Read-only and unreadable run directories, checkpoints, metrics, config and manifest, a
+    parent where a new ``--out`` cannot be made: exit 0 with a correct run, or one error line
+    naming the path, nothing outside changed, no completed step lost (a subprocess each)."""
+    _unprivileged_or_skip()
+    model, data = assets
+    result = faults.fuzz_perm_case(model, data, done, case, timeout=300)
+    assert result["ok"] and not result["silent"], (case, result)
+
+
+@pytest.mark.parametrize(
+    "case,names",
+    [
+        # was exit 0: the manifest taken for missing, rewritten, its input fingerprints unchecked
+        ({"mode": "resume", "perms": [(".nestedfn-run.json", "unreadable")]}, ".nestedfn-run.json"),
+        # was refused only at the first save after the steps, naming a temporary inside it
+        ({"mode": "resume", "perms": [("checkpoints", "read-only")], "flags": [("--steps", "3")]},
+         "checkpoints"),
+    ],
+)  # fmt: skip
+def test_permission_cases_refused_before_any_step(assets, done, case, names):
+    _unprivileged_or_skip()
+    model, data = assets
+    result = faults.fuzz_perm_case(model, data, done, case, timeout=300)
+    assert result["ok"] and result["code"] == 74, (case, result)
+    assert result["error"].endswith(f"/run/{names}: Permission denied"), result

@@ -94,3 +94,40 @@ def test_resume_and_force_clean_stale_temporaries(assets, run_dir, tmp_path):
         p.write_bytes(b"half")
     train(small(assets, steps=2), run, force=True, progress=False, log=lambda s: None)
     assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "missing", "garbage"])
+def test_an_unreadable_manifest_is_an_os_error_not_a_missing_one(
+    run_dir, tmp_path, monkeypatch, damage
+):
+    """Missing or damaged, the manifest is ``None`` (a resume warns and writes it again);
+    unreadable (``EACCES``), it is an ``OSError`` naming it: taken for missing, it would be
+    replaced and the input fingerprints it holds never checked."""
+    import os
+    from pathlib import Path
+
+    from nestedfn.lm.manifest import read_manifest
+
+    run = _copy(run_dir, tmp_path)
+    manifest = run / MANIFEST
+    assert read_manifest(run) is not None
+    if damage == "missing":
+        manifest.unlink()
+    elif damage == "garbage":
+        manifest.write_bytes(b"\x00{not json")
+    else:
+        manifest.chmod(0o000)
+        if os.geteuid() == 0:  # root reads any mode: the OS refusing it, as to a user
+            real = Path.read_text
+
+            def refused(self, *a, **kw):
+                if self == manifest:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return real(self, *a, **kw)
+
+            monkeypatch.setattr(Path, "read_text", refused)
+        with pytest.raises(PermissionError) as e:
+            read_manifest(run)
+        assert e.value.filename == str(manifest)
+        return
+    assert read_manifest(run) is None

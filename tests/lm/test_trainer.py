@@ -160,6 +160,54 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_is_identical(
     assert _records(run, timing=False) == _records(straight, timing=False)
 
 
+@pytest.mark.parametrize("lands_in", ["peer_lost", "interrupted"])
+def test_ctrl_c_pending_behind_a_peers_failure_still_saves_the_last_step(
+    assets, tmp_path, monkeypatch, lands_in
+):
+    """Under ``mlx.launch`` a rank blocked in a collective gets its own Ctrl-C only when the
+    collective returns -- failing, because the peer that was interrupted first has left.
+    Python runs the pending handler at its next check: inside the handling of that failure
+    (checking it, or entering the save).  The step completed before it is saved all the same."""
+    import nestedfn.lm.trainer as trainer
+    from nestedfn.run import distributed
+
+    lost = RuntimeError("[ring] Too many send/recv errors. Failing pending tasks...")
+    real_step, real_save, steps = trainer._Run.one_step, trainer._Run.interrupted, []
+
+    def one_step(self):
+        steps.append(1)
+        if len(steps) == 4:  # step 4's collective fails: the peer left after step 3
+            raise lost
+        real_step(self)
+
+    def interrupted_once(self):  # the pending Ctrl-C lands as the save is entered, once
+        if not getattr(self, "_landed", False):
+            self._landed = True
+            raise KeyboardInterrupt
+        real_save(self)
+
+    monkeypatch.setattr(trainer._Run, "one_step", one_step)
+    if lands_in == "peer_lost":
+        landed = []
+
+        def peer_lost(e):
+            if not landed:
+                landed.append(e)
+                raise KeyboardInterrupt
+            return True
+
+        monkeypatch.setattr(distributed, "peer_lost", peer_lost)
+    else:
+        monkeypatch.setattr(distributed, "peer_lost", lambda e: e is lost)
+        monkeypatch.setattr(trainer._Run, "interrupted", interrupted_once)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        train(small(assets, steps=8, save_every=100), run, progress=False, log=lambda s: None)
+    assert e.value.step == 3 and e.value.checkpoint == run / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
+    assert [r["step"] for r in _records(run) if r["type"] == "train"] == [1, 2, 3]
+
+
 def test_ctrl_c_before_any_step_saves_nothing(assets, tmp_path, monkeypatch):
     _interrupt_on_call(monkeypatch, mx, "get_peak_memory", 1)
     with pytest.raises(Interrupted, match="nothing to resume") as e:

@@ -13,6 +13,7 @@ from nestedfn.tree import TreeMismatchError
 STEPS = {
     "eager": lambda opt: lambda s, g: nf.apply_gradients(opt, s, g),
     "compiled": lambda opt: nf.compile_step(opt),
+    "shapeless": lambda opt: nf.compile_step(opt, shapeless=True),
     "packed": lambda opt: nf.compile_step(opt, packed=True),
 }
 
@@ -224,7 +225,7 @@ def test_schedules_and_other_constructors_check_their_values(make, arg, bad):
         make(bad)
 
 
-@pytest.mark.parametrize("kind", ["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["eager", "compiled", "shapeless"])
 @pytest.mark.parametrize("make", [nf.sgd, nf.adam, nf.lion, nf.momentum])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_complex_grads_on_real_params_are_refused_naming_the_path(kind, make, dtype):

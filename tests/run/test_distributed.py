@@ -6,9 +6,11 @@ loopback) and compare what each rank computed with a numpy reference computed he
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,12 +71,81 @@ def _free_ports(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
-def start(args: list[str], n: int = 2, cwd=None) -> subprocess.Popen:
-    """Start ``mlx.launch -n N python ARGS...`` on loopback, in its own process group."""
+# Each launched rank's stdout and stderr go to files of its own (RANK_LOG, set up by a
+# ``sitecustomize`` on the ranks' PYTHONPATH, so the command line is the one a user types):
+# a failure then shows what each rank did.  ``rankR.pid`` names the process, ``rankR.status``
+# holds the status it exits with (what ``sys.exit`` was given: none when it died otherwise),
+# ``rankR.exit`` the time its interpreter reached exit.  SIGUSR1 makes a rank dump every
+# thread's stack into its stderr file (sent before a hung launch is killed).
+#
+# The ranks are waited for themselves, not through ``mlx.launch``: a Ctrl-C that reaches the
+# launcher inside ``Thread.is_alive`` marks that rank's reader thread finished while the rank
+# still runs (CPython 3.11's ``_wait_for_tstate_lock``, bpo-45274 / python/cpython#31290), so
+# the launcher can return -- and miss reporting that rank's exit -- before the rank is done.
+RANK_LOG = """
+import atexit, faulthandler, os, signal, sys, time
+_rank, _dir = os.environ.get("MLX_RANK"), os.environ.get("NESTEDFN_TEST_RANK_LOGS")
+if _rank is not None and _dir:
+    _base = f"{_dir}/rank{_rank}"
+    for _fd, _ext in ((1, "out"), (2, "err")):
+        _f = os.open(f"{_base}.{_ext}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(_f, _fd)
+        os.close(_f)
+    with open(f"{_base}.pid", "w") as _f:
+        _f.write(str(os.getpid()))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _real_exit = sys.exit
+
+    def _exit(code=None):
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        with open(f"{_base}.status", "w") as f:
+            f.write(str(status))
+        _real_exit(code)
+
+    sys.exit = _exit
+
+    def _exiting():
+        with open(f"{_base}.exit", "a") as f:
+            f.write(f"interpreter exit at {time.time():.3f}\\n")
+
+    atexit.register(_exiting)  # registered first: runs last
+"""
+
+
+class Launch(subprocess.Popen):
+    """A started ``mlx.launch``; ``logs`` holds each rank's output (see ``RANK_LOG``)."""
+
+    logs: Path
+    n: int
+
+
+class Launched(subprocess.CompletedProcess):
+    """A finished launch: the launcher's output followed by each rank's; ``ranks_err`` the
+    ranks' stderr alone; ``status`` each rank's exit status (``None``: it did not exit through
+    ``sys.exit``)."""
+
+    status: list[int | None]
+    ranks_err: str
+
+
+def _default_sigint() -> None:
+    """SIGINT's default action in the launcher (and so in its ranks): a caller started in the
+    background by a shell (``cmd &``) has SIGINT ignored, which every child would inherit --
+    Ctrl-C could then not be tested at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(args: list[str], logs: Path, n: int = 2, cwd=None) -> Launch:
+    """Start ``mlx.launch -n N python ARGS...`` on loopback, in its own process group, each
+    rank's stdout/stderr written to ``logs/rankR.out``/``.err`` (``logs`` a new directory)."""
+    logs.mkdir(parents=True)
+    (logs / "sitecustomize.py").write_text(RANK_LOG)
     cmd = [*_launcher(), "-n", str(n), "-p", str(_free_ports(n)), sys.executable, *args]
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    return subprocess.Popen(
+    path = [str(logs), str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["NESTEDFN_TEST_RANK_LOGS"] = str(logs)
+    proc = Launch(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -83,27 +154,98 @@ def start(args: list[str], n: int = 2, cwd=None) -> subprocess.Popen:
         env=env,
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
+    proc.logs, proc.n = logs, n
+    return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    """Wait for a ``start``-ed launch; kill its whole process group on timeout (and fail)."""
+def _read(path: Path, missing: str = "") -> str:
+    return path.read_text(errors="replace").strip() if path.exists() else missing
+
+
+def rank_output(logs: Path, n: int = 2) -> tuple[str, str]:
+    """(stdout, stderr) of the ranks, in rank order, each rank's under a header line."""
+    out, err = [], []
+    for r in range(n):
+        base = logs / f"rank{r}"
+        status = _read(base.with_suffix(".status"), "none")
+        exited = _read(base.with_suffix(".exit"), "no interpreter exit")
+        for ext, into in (("out", out), ("err", err)):
+            text = _read(base.with_suffix("." + ext), "(no file)")
+            into.append(f"--- rank {r} {ext} (status {status}, {exited}) ---\n{text}\n")
+    return "".join(out), "".join(err)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _ranks_running(proc: Launch) -> list[int]:
+    pids = [_read(proc.logs / f"rank{r}.pid") for r in range(proc.n)]
+    return [r for r, pid in enumerate(pids) if pid and _running(int(pid))]
+
+
+def finish(proc: Launch, timeout: float = LAUNCH_TIMEOUT) -> Launched:
+    """Wait for a ``start``-ed launch and for each of its ranks (see ``RANK_LOG``); on timeout
+    dump the ranks' stacks (SIGUSR1), kill the whole process group and fail, showing each
+    rank's output."""
+    import time
+
+    deadline = time.monotonic() + timeout
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_hung(proc)
         out, err = proc.communicate()
-        pytest.fail(f"mlx.launch timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        _fail(proc, f"mlx.launch timed out after {timeout}s", out, err)
+    while _ranks_running(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _ranks_running(proc):
+        hung = _ranks_running(proc)
+        kill_hung(proc)
+        _fail(proc, f"rank(s) {hung} still running {timeout}s after the launch began", out, err)
+    rout, rerr = rank_output(proc.logs, proc.n)
+    done = Launched(proc.args, proc.returncode, out + rout, err + rerr)
+    done.status = [_status(proc.logs / f"rank{r}.status") for r in range(proc.n)]
+    done.ranks_err = rerr
+    return done
 
 
-def launch(args: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=None):
+def _status(path: Path) -> int | None:
+    return int(path.read_text()) if path.exists() else None
+
+
+def _fail(proc: Launch, why: str, out: str, err: str) -> None:
+    rout, rerr = rank_output(proc.logs, proc.n)
+    pytest.fail(f"{why}\nlauncher stdout:\n{out}\nlauncher stderr:\n{err}\n{rout}{rerr}")
+
+
+def kill_hung(proc: Launch) -> None:
+    """Each rank's stacks into its stderr file (SIGUSR1 to the ranks), then SIGKILL to all
+    (the ranks stay in the launcher's process group when it has gone)."""
+    import time
+
+    for r in _ranks_running(proc):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(_read(proc.logs / f"rank{r}.pid")), signal.SIGUSR1)
+    time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def launch(args: list[str], logs: Path, n: int = 2, timeout: float = LAUNCH_TIMEOUT, cwd=None):
     """Run ``mlx.launch -n N python ARGS...`` on loopback; return the CompletedProcess.
 
     ``mlx.launch`` exits 0 even when a rank fails, so callers must check what the ranks
     wrote.  The launcher and its ranks run in their own process group, killed on timeout.
     """
-    return finish(start(args, n, cwd), timeout)
+    return finish(start(args, logs, n, cwd), timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +476,7 @@ def two_ranks(tmp_path_factory):
         + textwrap.dedent(inspect.getsource(make_inputs))
         + textwrap.dedent(WORKER)
     )
-    proc = launch([str(script), str(out)])
+    proc = launch([str(script), str(out)], out / "logs")
     results, arrays = [], []
     for r in range(2):
         path = out / f"rank{r}.json"
@@ -463,11 +605,12 @@ def _cli(args: list[str], timeout: float = LAUNCH_TIMEOUT) -> subprocess.Complet
     return proc
 
 
-def _launched_ok(proc: subprocess.CompletedProcess) -> None:
-    # mlx.launch exits 0 even when a rank fails; it reports the failure on stderr instead.
-    assert "exited with code" not in proc.stderr and "Traceback" not in proc.stderr, (
+def _launched_ok(proc: Launched) -> None:
+    # mlx.launch exits 0 even when a rank fails: each rank's own status says it
+    assert set(proc.status) == {0} and "exited with code" not in proc.stderr, (
         f"a rank failed:\n{proc.stdout}\n{proc.stderr}"
     )
+    assert "Traceback" not in proc.stderr, f"a rank failed:\n{proc.stdout}\n{proc.stderr}"
 
 
 def _files(run: Path) -> set[str]:
@@ -504,7 +647,8 @@ def single_run(demo_assets, tmp_path_factory):
 
 
 def test_two_processes_train_like_one_and_only_rank0_writes(demo_assets, single_run, tmp_path):
-    proc = launch(["-c", PER_RANK_OUT, "train", *demo_assets, *TRAIN_FLAGS, "--out", str(tmp_path)])
+    args = ["-c", PER_RANK_OUT, "train", *demo_assets, *TRAIN_FLAGS, "--out", str(tmp_path)]
+    proc = launch(args, tmp_path / "logs")
     _launched_ok(proc)
     assert not (tmp_path / "rank1").exists(), _files(tmp_path / "rank1")  # rank 1: no files
     _same_run(tmp_path / "rank0", single_run)
@@ -516,9 +660,9 @@ def test_two_processes_train_like_one_and_only_rank0_writes(demo_assets, single_
 def test_two_processes_resume_matches_one_process(demo_assets, single_run, tmp_path):
     run = tmp_path / "run"
     first = ["-c", RANK1_LATE, "train", *demo_assets, *TRAIN_FLAGS, "--out", str(run)]
-    _launched_ok(launch([*first, "--stop-at", "2"]))
+    _launched_ok(launch([*first, "--stop-at", "2"], tmp_path / "logs1"))
     assert [r["step"] for r in _records(run) if r["type"] == "train"] == [1, 2]
-    _launched_ok(launch(["-m", "nestedfn.cli", "train", "--resume", str(run)]))
+    _launched_ok(launch(["-m", "nestedfn.cli", "train", "--resume", str(run)], tmp_path / "logs2"))
     _same_run(run, single_run)
 
 
@@ -533,22 +677,29 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_proc
     run, one = tmp_path / "run", tmp_path / "one"
     flags = [*demo_assets, "--batch-size", "4", "--max-seq-len", "64", "--seed", "3"]
     flags += ["--frequencies", "1", "2", "--eval-every", "0", "--save-every", "1000"]
-    proc = start(["-m", "nestedfn.cli", "train", *flags, "--steps", "1000", "--out", str(run)])
+    args = ["-m", "nestedfn.cli", "train", *flags, "--steps", "1000", "--out", str(run)]
+    proc = start(args, tmp_path / "logs1")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not ((run / "metrics.jsonl").is_file() and len(_records(run)) >= 3):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"no 3 steps done:\n{proc.communicate()}")
+            kill_hung(proc)
+            _fail(proc, "no 3 steps done", *proc.communicate())
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     got = finish(proc, timeout=60)
-    assert "Node with rank 0 exited with code 130" in got.stderr, got.stderr
-    assert "Node with rank 1 exited with code 130" in got.stderr, got.stderr
+    assert got.status == [130, 130], got.stderr  # each rank's own exit status
+    # what mlx.launch reports of them (it may miss a rank: see RANK_LOG) says the same
+    reported = re.findall(r"Node with rank (\d) (exited with code -?\d+|was killed)", got.stderr)
+    assert all(what == "exited with code 130" for _, what in reported), got.stderr
+    assert "Traceback" not in got.ranks_err, got.stderr  # (the launcher's own: MLX's)
     done = len(_records(run))
     assert (run / "checkpoints").is_dir(), got.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{done:08d}"]
     _launched_ok(
-        launch(["-m", "nestedfn.cli", "train", "--resume", str(run), "--steps", str(done + 2)])
+        launch(
+            ["-m", "nestedfn.cli", "train", "--resume", str(run), "--steps", str(done + 2)],
+            tmp_path / "logs2",
+        )
     )
     _cli(["train", *flags, "--steps", str(done + 2), "--out", str(one)])
     assert [r["step"] for r in _records(run)] == [r["step"] for r in _records(one)]
@@ -572,9 +723,11 @@ def test_two_processes_starting_from_different_parameters_stop_before_writing(
 ):
     run = tmp_path / "run"
     flags = [f for f in TRAIN_FLAGS if f not in ("--seed", "3")]
-    proc = launch(["-c", PER_RANK_SEED, "train", *demo_assets, *flags, "--out", str(run)])
+    args = ["-c", PER_RANK_SEED, "train", *demo_assets, *flags, "--out", str(run)]
+    proc = launch(args, tmp_path / "logs")
     assert "Traceback" not in proc.stderr, proc.stderr
-    # (mlx.launch terminates the other rank once one has exited: its code can be -15)
+    # (mlx.launch terminates the other rank once one has exited: it may die of SIGTERM, None)
+    assert 2 in proc.status and set(proc.status) <= {2, None}, proc.stderr
     assert "exited with code 2" in proc.stderr, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nestedfn train: error:")]
     assert errors and all(
@@ -601,8 +754,11 @@ def test_two_processes_resuming_different_optimizer_states_stop_before_writing(
     _reseal(ckpt.parent)  # a valid checkpoint of another state, not a damaged one
     before = {r: {p: (tmp_path / f"rank{r}" / p).read_bytes() for p in _files(tmp_path / f"rank{r}")}
               for r in (0, 1)}  # fmt: skip
-    proc = launch(["-c", PER_RANK_OUT, "train", "--resume", "--out", str(tmp_path)])
+    proc = launch(
+        ["-c", PER_RANK_OUT, "train", "--resume", "--out", str(tmp_path)], tmp_path / "logs"
+    )
     assert "Traceback" not in proc.stderr and "exited with code 2" in proc.stderr, proc.stderr
+    assert 2 in proc.status and set(proc.status) <= {2, None}, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nestedfn train: error:")]
     assert errors and all(
         "differ across the 2 ranks: opt_state." in ln and "params." not in ln for ln in errors
