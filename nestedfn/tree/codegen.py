@@ -3,7 +3,8 @@
 A training step walks the same structure every call; for a fixed ``TreeDef`` the walk is
 written out once as plain Python (a chain of subscripts and type checks, one literal
 expression for the rebuild) and compiled with ``exec``, a fraction of the recursive
-``flatten``/``unflatten``.  (The native step walks in C++ instead: ``_native.TreeSpec``.)
+``flatten``/``unflatten``.  The fast steps (``nestedfn.fast``) and the step checks
+(``nestedfn.optim.checks``) walk their trees with these.
 
 - ``leaf_getter(td)(tree)``: the leaves of ``tree`` in ``flatten`` order when ``tree`` has
   exactly the structure ``td`` (node types, dict keys in order, lengths, NamedTuple classes),
