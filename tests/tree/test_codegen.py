@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nestedfn as nf
 import nestedfn.fast.native as native
@@ -134,3 +135,28 @@ def test_unchecked_walk_of_named_tuples_none_and_equal_but_distinct_keys():
     assert get(TrainState({"alpha": mx.zeros(2), "b": 0, "c": arr["c"]}, (), 0)) is None
     back = build(list(leaves))
     assert type(back) is TrainState and back.params["b"] is None and back.step is leaves[-1]
+
+
+@given(
+    keys=st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=8, unique=True),
+    data=st.data(),
+)
+def test_keys_moved_between_dicts_are_refused(keys, data):
+    """The keys are checked as one chain over all dicts; the same chain cut into dicts at
+    other places is another structure, and the getter says so (None) exactly when
+    ``flatten`` does."""
+
+    def tree(cuts):
+        bounds = [0, *sorted(cuts), len(keys)]
+        return [{k: mx.zeros((1,)) for k in keys[a:b]} for a, b in zip(bounds, bounds[1:])]
+
+    cut = st.lists(st.integers(0, len(keys)), min_size=2, max_size=2)
+    a, b = tree(data.draw(cut)), tree(data.draw(cut))
+    td = nf.flatten(a)[1]
+    leaves, td_b = nf.flatten(b)
+    for check in (True, False):
+        got = leaf_getter(td, check_leaves=check)(b)
+        if td_b == td:
+            assert got is not None and all(x is y for x, y in zip(got, leaves))
+        else:
+            assert got is None
