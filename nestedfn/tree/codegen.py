@@ -158,7 +158,8 @@ def tree_builder(td: TreeDef) -> Callable[[list], Any]:
             return "None"
         parts = [expr(c) for c in node.children]
         if kind == "dict":
-            return "{" + ", ".join(f"{const(k)}: {p}" for k, p in zip(node.meta, parts)) + "}"
+            items = (f"{_literal(k) or const(k)}: {p}" for k, p in zip(node.meta, parts))
+            return "{" + ", ".join(items) + "}"  # all literal keys: one BUILD_CONST_KEY_MAP
         if kind == "list":
             return "[" + ", ".join(parts) + "]"
         if kind == "tuple":
