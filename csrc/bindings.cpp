@@ -13,10 +13,6 @@ using namespace nb::literals;
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
 
-namespace nestedfn {
-void bind_tree_spec(nb::module_& m);  // tree_spec.cpp
-}
-
 NB_MODULE(_native, m) {
   using nestedfn::Hyper;
   m.doc() = "nestedfn's multi-tensor fused optimizer step (CPU), an MLX extension";
@@ -44,7 +40,6 @@ NB_MODULE(_native, m) {
       .def_rw("post", &Hyper::post)
       .def_rw("with_acc", &Hyper::with_acc)
       .def_rw("f", &Hyper::f);
-  nestedfn::bind_tree_spec(m);
   m.def(
       "fused_update",
       [](const std::vector<mlx::core::array>& params, const std::vector<mlx::core::array>& grads,

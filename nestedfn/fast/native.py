@@ -32,7 +32,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -123,21 +122,12 @@ def _hyper(mod: Any, spec: ElementwiseSpec, step: int, post: float | None, f: fl
     return h
 
 
-def _plain_dicts(td: TreeDef) -> bool:
-    return td.ctor is None and all(_plain_dicts(c) for c in td.children)
-
-
-@lru_cache(maxsize=256)
 def _walkers(td: TreeDef) -> tuple[Callable[[Any], list | None], Callable[[list], Any]]:
-    """``(leaves, build)`` for trees shaped as ``td``: ``leaves(tree)`` is the leaves in
-    flatten order or None for a tree shaped otherwise (no type test per leaf: the binding
-    refuses anything but an ``mx.array``); ``build(leaves)`` the tree over a list of leaves.
-    The leaves are read in C++ (``_native.TreeSpec``: a tenth of the generated Python's time
-    on a LoRA tree) unless a dict node is an ``OrderedDict``/``defaultdict``; the tree is
-    built by the generated Python of ``nestedfn.tree.codegen``."""
-    mod = native_module()
-    get = mod.TreeSpec(td).leaves if mod is not None and _plain_dicts(td) else None
-    return get or leaf_getter(td, check_leaves=False), tree_builder(td)
+    """``(leaves, build)`` for trees shaped as ``td`` (``nestedfn.tree.codegen``):
+    ``leaves(tree)`` is the leaves in flatten order or None for a tree shaped otherwise (no
+    type test per leaf: the binding refuses anything but an ``mx.array``); ``build(leaves)``
+    the tree over a list of leaves.  Both are cached per ``td``."""
+    return leaf_getter(td, check_leaves=False), tree_builder(td)
 
 
 class _Tier(NamedTuple):

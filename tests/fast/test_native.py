@@ -425,67 +425,6 @@ def test_async_eval_of_the_new_state():
     _assert_identical(got, expected)
 
 
-# -- _native.TreeSpec: the native step's tree walks, in C++ --------------------------------
-
-
-@settings(max_examples=60, deadline=None)
-@given(tree=nfs.trees(nfs.mlx_arrays(max_dims=2, max_side=3), max_leaves=12))
-def test_tree_spec_walks_as_flatten_and_unflatten(tree):
-    """Its leaves are ``flatten``'s, its build is ``unflatten`` (same structure, the very same
-    leaf objects), and a tree of any other structure gives None."""
-    leaves, td = flatten(tree)
-    get, build = native._walkers(td)
-    in_cpp = isinstance(getattr(get, "__self__", None), native.native_module().TreeSpec)
-    assert in_cpp == all(c is None for c in _ctors(td))  # OrderedDict & co: the Python walk
-    got = get(tree)
-    assert got is not None and len(got) == len(leaves)
-    assert all(a is b for a, b in zip(got, leaves))
-    rebuilt = build(list(leaves))
-    assert flatten(rebuilt)[1] == td
-    assert all(a is b for a, b in zip(flatten(rebuilt)[0], leaves))
-    for other in _other_structures(tree):
-        assert get(other) is None
-
-
-def _ctors(td):
-    yield td.ctor
-    for c in td.children:
-        yield from _ctors(c)
-
-
-def _other_structures(tree):
-    """Trees one change away from ``tree`` at its root: a key renamed, a key dropped, keys
-    reordered, a tuple for a list, an element dropped.  (What stands in a leaf's place is not
-    tested: the binding refuses anything but an array.)"""
-    if isinstance(tree, dict) and type(tree) is dict:
-        for k in tree:
-            yield {**{j: v for j, v in tree.items() if j != k}, f"{k}_x": tree[k]}
-            yield {j: v for j, v in tree.items() if j != k}
-            break
-        if len(tree) > 1:
-            yield dict(reversed(list(tree.items())))
-    elif isinstance(tree, list):
-        yield tuple(tree)
-        if tree:
-            yield tree[:-1]
-
-
-def test_tree_spec_named_tuples_none_and_equal_but_distinct_keys():
-    from nestedfn.optim.core import TrainState
-
-    tree = TrainState({"a": mx.zeros(2), "b": None, "c": [mx.ones(1), (mx.zeros(1),)]}, (), 0)
-    leaves, td = flatten(tree)
-    get, build = native._walkers(td)
-    assert [id(x) for x in get(tree)] == [id(x) for x in leaves]
-    key = "".join(["a"])  # equal to "a", another object
-    same = TrainState({key: tree.params["a"], "b": None, "c": tree.params["c"]}, (), 0)
-    assert get(same) is not None
-    assert get(tuple(tree)) is None  # a plain tuple is not the NamedTuple
-    assert get(TrainState({"a": mx.zeros(2), "b": 0, "c": tree.params["c"]}, (), 0)) is None
-    back = build(list(leaves))
-    assert type(back) is TrainState and back.params["b"] is None and back.step is leaves[-1]
-
-
 def test_the_kernel_scalars_are_one_typed_struct():
     """``_native.Hyper`` refuses a value of the wrong type (no positional argument lists), and
     its algorithms are the names ``nestedfn.optim.fused`` uses."""

@@ -1,4 +1,4 @@
-"""treecode: generated leaf extraction and rebuild agree with flatten/unflatten exactly."""
+"""nestedfn.tree.codegen: generated leaf extraction and rebuild equal flatten/unflatten."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import mlx.core as mx
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nestedfn as nf
+import nestedfn.fast.native as native
+from nestedfn.optim.core import TrainState
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree.codegen import leaf_getter, tree_builder
 
@@ -79,3 +82,81 @@ def test_unchecked_leaves_return_nodes_in_leaf_positions_for_the_caller_to_check
     assert leaf_getter(td)(odd) is None
     assert leaf_getter(td, check_leaves=False)(odd) == [{"x": 1}, None]
     assert leaf_getter(td, check_leaves=False)({"a": 1, "b": (2,)}) is None  # nodes still checked
+
+
+# -- the native step's walk: unchecked leaves (``nestedfn.fast.native._walkers``) ----------
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=nfs.trees(nfs.mlx_arrays(max_dims=2, max_side=3), max_leaves=12))
+def test_unchecked_walk_equals_flatten_and_unflatten(tree):
+    """Its leaves are ``flatten``'s, its build is ``unflatten`` (same structure, the very same
+    leaf objects), and a tree of any other structure gives None."""
+    leaves, td = nf.flatten(tree)
+    get, build = native._walkers(td)
+    got = get(tree)
+    assert got is not None and len(got) == len(leaves)
+    assert all(a is b for a, b in zip(got, leaves))
+    rebuilt = build(list(leaves))
+    assert nf.flatten(rebuilt)[1] == td
+    assert all(a is b for a, b in zip(nf.flatten(rebuilt)[0], leaves))
+    for other in _other_structures(tree):
+        assert get(other) is None
+
+
+def _other_structures(tree):
+    """Trees one change away from ``tree`` at its root: a key renamed, a key dropped, keys
+    reordered, a tuple for a list, an element dropped.  (What stands in a leaf's place is not
+    tested: the native step's kernel refuses anything but an array.)"""
+    if isinstance(tree, dict) and type(tree) is dict:
+        for k in tree:
+            yield {**{j: v for j, v in tree.items() if j != k}, f"{k}_x": tree[k]}
+            yield {j: v for j, v in tree.items() if j != k}
+            break
+        if len(tree) > 1:
+            yield dict(reversed(list(tree.items())))
+    elif isinstance(tree, list):
+        yield tuple(tree)
+        if tree:
+            yield tree[:-1]
+
+
+def test_unchecked_walk_of_named_tuples_none_and_equal_but_distinct_keys():
+    arr = {"alpha": mx.zeros(2), "b": None, "c": [mx.ones(1), (mx.zeros(1),)]}
+    tree = TrainState(arr, (), 0)
+    leaves, td = nf.flatten(tree)
+    get, build = native._walkers(td)
+    assert [id(x) for x in get(tree)] == [id(x) for x in leaves]
+    key, alpha = "".join(["al", "pha"]), "alpha"
+    assert key == alpha and key is not alpha  # equal, another object
+    same = TrainState({key: arr["alpha"], "b": None, "c": arr["c"]}, (), 0)
+    assert get(same) is not None
+    assert get(tuple(tree)) is None  # a plain tuple is not the NamedTuple
+    assert get(TrainState({"alpha": mx.zeros(2), "b": 0, "c": arr["c"]}, (), 0)) is None
+    back = build(list(leaves))
+    assert type(back) is TrainState and back.params["b"] is None and back.step is leaves[-1]
+
+
+@given(
+    keys=st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=8, unique=True),
+    data=st.data(),
+)
+def test_keys_moved_between_dicts_are_refused(keys, data):
+    """The keys are checked as one chain over all dicts; the same chain cut into dicts at
+    other places is another structure, and the getter says so (None) exactly when
+    ``flatten`` does."""
+
+    def tree(cuts):
+        bounds = [0, *sorted(cuts), len(keys)]
+        return [{k: mx.zeros((1,)) for k in keys[a:b]} for a, b in zip(bounds, bounds[1:])]
+
+    cut = st.lists(st.integers(0, len(keys)), min_size=2, max_size=2)
+    a, b = tree(data.draw(cut)), tree(data.draw(cut))
+    td = nf.flatten(a)[1]
+    leaves, td_b = nf.flatten(b)
+    for check in (True, False):
+        got = leaf_getter(td, check_leaves=check)(b)
+        if td_b == td:
+            assert got is not None and all(x is y for x, y in zip(got, leaves))
+        else:
+            assert got is None
