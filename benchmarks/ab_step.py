@@ -2,10 +2,12 @@
 
 ``python benchmarks/ab_step.py --a DIR_A --b DIR_B [--rows big:lion,big:momentum] [--rounds N]``
 
-Each checkout runs in its own long-lived worker process (``PYTHONPATH=DIR``), which builds
-every row's tree, optimizer and compiled step once.  The driver then alternates the two
-workers turn by turn (``--per-turn`` steps a turn, who goes first alternating), so slow drifts
-of a shared machine (other jobs, thermal state) fall on both sides alike.  A step is timed as
+Each checkout runs in two long-lived worker processes (``PYTHONPATH=DIR``), each of which
+builds every row's tree, optimizer and compiled step once; they are started in the order A, B,
+B, A, and each side's turns alternate between its two workers, because a worker's slot alone
+moved medians by 4-11% in A/A runs (same code both sides).  The driver alternates the sides
+turn by turn (``--per-turn`` steps a turn, who goes first alternating), so slow drifts of a
+shared machine (other jobs, thermal state) fall on both sides alike.  A step is timed as
 ``benchmarks/step_latency.py`` times it: the step, ``mx.eval`` of params and state, and
 ``mx.synchronize``.  Printed per row: median ms of each side, the B/A ratio of the medians,
 and the 10th percentiles (the least disturbed steps).  Run it once with the same directory on
@@ -100,16 +102,20 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write every time here")
     args = ap.parse_args()
     rows = args.rows.split(",")
-    procs = {"A": start(args.a, rows), "B": start(args.b, rows)}
+    paths = {"A": args.a, "B": args.b}
+    procs: dict[str, list[subprocess.Popen]] = {"A": [], "B": []}
+    for side in "ABBA":
+        procs[side].append(start(paths[side], rows))
     times: dict[str, dict[str, list[float]]] = {r: {"A": [], "B": []} for r in rows}
     for spec in rows:
         for side in "AB":
-            turn(procs[side], spec, args.warmup)
+            for proc in procs[side]:
+                turn(proc, spec, args.warmup)
     for k in range(args.rounds):
         for spec in rows:
             order = "AB" if k % 2 == 0 else "BA"
             for side in order:
-                times[spec][side] += turn(procs[side], spec, args.per_turn)
+                times[spec][side] += turn(procs[side][(k // 2) % 2], spec, args.per_turn)
     print(f"A = {args.a}\nB = {args.b}\n{args.rounds} rounds x {args.per_turn} steps a turn\n")
     print("| row | A median ms | B median ms | B/A | A p10 | B p10 | B/A p10 |")
     print("|---|---|---|---|---|---|---|")
@@ -122,7 +128,7 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps({"a": str(args.a), "b": str(args.b), "times": times}))
-    for p in procs.values():
+    for p in procs["A"] + procs["B"]:
         p.kill()
 
 
