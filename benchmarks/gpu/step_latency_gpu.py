@@ -37,8 +37,7 @@ from nestedfn.tiered import nested_adam  # noqa: E402
 
 def make_nf(params, grads, opt, kind: str, group: int | None = None):
     """(step, info) for nestedfn's ``kind``: default, graph (the MLX graph, the GPU default
-    before), packed, uncompiled (the default's launches issued from Python each step, not
-    replayed by ``mx.compile``); ``group`` sets the multi-tensor step's leaves per launch."""
+    before), packed; ``group`` sets the multi-tensor step's leaves per launch."""
     if kind == "packed":
         fn = nf.compile_step(opt, packed=True)
         state = fn.init(params)
@@ -56,13 +55,6 @@ def make_nf(params, grads, opt, kind: str, group: int | None = None):
     def step():
         box[0] = fn(box[0], grads)
         mx.eval(box[0].params, box[0].opt_state)
-
-    if kind == "uncompiled":  # the plan (and its launches) is built on the first call
-        mt._COMPILE = False
-        try:
-            step()
-        finally:
-            mt._COMPILE = True
 
     def info() -> dict[str, Any]:
         if not isinstance(fn, mt.MultiTensorStep):
@@ -163,24 +155,19 @@ def host_split(params, grads, kind: str, iters: int) -> dict[str, float]:
     import time
 
     opt = NF_OPTS["adam"]()
-    if kind == "uncompiled":
-        mt._COMPILE = False
     fn = nf.compile_step(opt, packed=kind == "packed")
     state = fn.init(params) if kind == "packed" else nf.init(opt, params)
     call, ev = [], []
-    try:
-        for it in range(iters + 5):
-            mx.synchronize()
-            t0 = time.perf_counter()
-            state = fn(state, grads)
-            t1 = time.perf_counter()
-            mx.eval(state.params, state.opt_state)
-            mx.synchronize()
-            if it >= 5:
-                call.append(1e3 * (t1 - t0))
-                ev.append(1e3 * (time.perf_counter() - t1))
-    finally:
-        mt._COMPILE = True
+    for it in range(iters + 5):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        state = fn(state, grads)
+        t1 = time.perf_counter()
+        mx.eval(state.params, state.opt_state)
+        mx.synchronize()
+        if it >= 5:
+            call.append(1e3 * (t1 - t0))
+            ev.append(1e3 * (time.perf_counter() - t1))
     return {"call": _med(call), "eval": _med(ev)}
 
 
@@ -227,7 +214,6 @@ def main() -> None:
             o = NF_OPTS[name]
             makers = {
                 "default": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "default"),
-                "uncompiled": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "uncompiled"),
                 "graph": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "graph"),
                 "packed": lambda o=o, p=params, g=grads: make_nf(p, g, o(), "packed"),
                 "torch_fused": lambda n=name, p=params, g=grads: make_torch(p, g, n, "fused"),
@@ -248,7 +234,7 @@ def main() -> None:
     params = TREES["lora"][1]()
     grads = nf.tree_map(lambda x: mx.random.normal(x.shape) * 1e-3, params)
     mx.eval(params, grads)
-    split = {k: host_split(params, grads, k, N) for k in ("default", "uncompiled", "packed")}
+    split = {k: host_split(params, grads, k, N) for k in ("default", "packed")}
     result["host_split_lora_adam"] = split
     print("LoRA Adam, ms of the call / of its eval:", split, flush=True)
     makers = {

@@ -69,7 +69,6 @@ _RTOL = 1e-5  # the self-check: max |kernel - eager| <= _RTOL * max |eager|, lea
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 _WARNED: set[str] = set()
-_COMPILE = True  # the launches of a step under mx.compile (benchmarks compare with False)
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -348,7 +347,6 @@ class _Group(NamedTuple):
 class _Launches(NamedTuple):
     groups: list[_Group]
     order: Callable[[list], tuple]  # the outputs in group order -> in the tier's order
-    run: Callable[[list[list], mx.array], list[list]]  # every launch, as one compiled graph
 
 
 class _Tier(NamedTuple):
@@ -546,12 +544,7 @@ class MultiTensorStep(CompiledStep):
                 groups.append(_group(base._replace(k=len(idx)), idx, [shapes[i] for i in idx], row))
                 position += idx
         inverse = sorted(range(len(position)), key=position.__getitem__)  # leaf i at inverse[i]
-        order = _taker(tuple(inverse))
-
-        def run(kinds: list[list], hp: mx.array) -> list[list]:
-            return self._launch_all(groups, order, kinds, hp)
-
-        plan.groups[key] = _Launches(groups, order, mx.compile(run) if _COMPILE else run)
+        plan.groups[key] = _Launches(groups, _taker(tuple(inverse)))
         return plan.groups[key]
 
     # -- the step --------------------------------------------------------------------------------
@@ -574,15 +567,11 @@ class MultiTensorStep(CompiledStep):
             kinds = [[x.reshape(()) for x in kind] for kind in kinds]
         return kinds
 
-    def _launch_all(
-        self, groups: list[_Group], order: Callable, kinds: list[list], hp: mx.array
-    ) -> list[list]:
+    def _launch_all(self, launches: _Launches, kinds: list[list], hp: mx.array) -> list[list]:
         """Every launch of a tier over the leaves ``kinds`` (p, g, moments, acc, each in the
-        tier's order); the new leaves per output kind, in the tier's order.  Run under
-        ``mx.compile`` (``_Launches.run``): the launches, splits and reordering of a step are
-        replayed in C++, not re-issued from Python leaf by leaf."""
+        tier's order); the new leaves per output kind, in the tier's order."""
         per_kind: list[list] = []
-        for grp in groups:
+        for grp in launches.groups:
             ins: list[mx.array] = []
             for leaves in kinds:
                 ins.extend(grp.take(leaves))
@@ -592,7 +581,7 @@ class MultiTensorStep(CompiledStep):
             per_kind = per_kind or [[] for _ in out]
             for acc_list, new in zip(per_kind, out):
                 acc_list.extend(new)
-        return [list(order(x)) for x in per_kind]
+        return [list(launches.order(x)) for x in per_kind]
 
     def _run_tier(
         self, plan: _Plan, k: int, pga: list[list], inner: Any, step: int, post: Any
@@ -614,7 +603,7 @@ class MultiTensorStep(CompiledStep):
         base = KernelSig(spec.algo, 0, *flags, acc and self.spec.reduce == "mean")
         hp = _scalars(spec, step, post, float(tier.freq))
         kinds = pga[:2] + moments + pga[2:]
-        outs = self._launches(plan, k, base, tier.shapes).run(kinds, hp)
+        outs = self._launch_all(self._launches(plan, k, base, tier.shapes), kinds, hp)
         new_m = outs[1 : 1 + len(moments)]
         for i, m in enumerate(new_m):
             self._making[("m", k, i)] = m
@@ -625,7 +614,7 @@ class MultiTensorStep(CompiledStep):
         """Tier ``k`` between its updates: ``acc + g``."""
         hp = mx.array([0.0] * len(HP), dtype=mx.float32)
         launches = self._launches(plan, k, KernelSig(ACCUMULATE, 0), plan.tiers[k].shapes)
-        return launches.run([g, acc], hp)[0]
+        return self._launch_all(launches, [g, acc], hp)[0]
 
     def _checked(self, role: Any, leaves: list, shapes: list) -> bool:
         """Float32 leaves of ``shapes``: the very arrays the last step made for ``role``
