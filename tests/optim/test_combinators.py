@@ -18,6 +18,7 @@ from nestedfn.optim import optimizers as opt
 from nestedfn.optim.core import Optimizer, static_step
 from nestedfn.testing import strategies as nfs
 from nestedfn.tree import TreeMismatchError, flatten, tree_map, unflatten
+from tests.devices import assert_same_math
 
 
 def _params(seed: int = 0) -> dict:
@@ -189,7 +190,8 @@ def test_skip_nonfinite_changes_nothing_and_counts(compiled):
 def test_skip_nonfinite_of_accumulate_is_as_if_the_bad_steps_never_happened(compiled):
     """The inner clock is data-dependent (``step - skipped``), so skip_nonfinite has period 1
     and runs accumulate branch-free: its chunks restart counting after a skipped step, and
-    the params equal accumulate's on the good gradients alone, bit for bit."""
+    the params equal accumulate's on the good gradients alone, bit for bit on the CPU
+    (``tests.devices``: to float32 rounding on a GPU, where the two graphs fuse differently)."""
     inner = C.accumulate(opt.adam(0.1), 3)
     skip = C.skip_nonfinite(inner)
     assert skip.period == 1
@@ -203,7 +205,8 @@ def test_skip_nonfinite_of_accumulate_is_as_if_the_bad_steps_never_happened(comp
             continue
         state = step_fn(state, g)
         ref = ref_fn(ref, g)
-        _equal(state.params, ref.params)
+        for a, b in zip(flatten(state.params)[0], flatten(ref.params)[0]):
+            assert_same_math(a, b)  # bit for bit on the CPU
     assert int(state.opt_state.skipped) == 2
 
 

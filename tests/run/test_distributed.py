@@ -33,7 +33,14 @@ LAUNCH_TIMEOUT = 120  # seconds; a hung ring (e.g. a peer that died) must not ha
 
 
 def _launcher() -> list[str]:
-    """The ``mlx.launch`` next to this interpreter, else the one on PATH, else its module."""
+    """The ``mlx.launch`` next to this interpreter, else the one on PATH, else its module.
+    Where CUDA is available ``mlx.launch`` picks its NCCL backend and gives rank ``r`` the GPU
+    ``CUDA_VISIBLE_DEVICES=r``: two ranks need two GPUs (a one-GPU machine skips, naming it)."""
+    if mx.cuda.is_available() and mx.device_count(mx.gpu) < 2:
+        pytest.skip(
+            "mlx.launch uses NCCL where CUDA is available, one GPU per rank: 2 ranks need 2 "
+            f"GPUs, this machine has {mx.device_count(mx.gpu)}"
+        )
     here = Path(sys.executable).with_name("mlx.launch")
     if here.exists():
         return [str(here)]
