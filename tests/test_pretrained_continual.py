@@ -9,12 +9,14 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import benchmarks.pretrained_continual as pc
+import nestedfn as nf
 
 
 @given(
@@ -99,3 +101,83 @@ def test_end_to_end_toy_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mod
     assert pc.main([*argv[:6], str(tmp_path / "out2"), *argv[7:]]) == 0
     again = json.loads((tmp_path / "out2" / "pretrained_continual.json").read_text())["base"]
     assert again["cached"] and again["held_out_loss"] == base["held_out_loss"]
+
+
+def _toy_problem(seed: int):
+    """A small two-layer tanh regression as a loss of a flat leaf list (what ``FusedStep`` takes),
+    its parameters and a few batches."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    params = {
+        "blocks": [
+            {"w": mx.array(rng.normal(size=(6, 5)).astype(np.float32) * 0.5)},
+            {"w": mx.array(rng.normal(size=(5, 3)).astype(np.float32) * 0.5)},
+            {"w": mx.array(rng.normal(size=(3, 2)).astype(np.float32) * 0.5)},
+        ]
+    }
+    leaves, td = nf.flatten(params)
+    xs = mx.array(rng.normal(size=(12, 4, 8)).astype(np.float32))
+
+    def loss_fn(ls: list[mx.array], x: mx.array) -> mx.array:
+        p = nf.unflatten(td, ls)
+        h = x[:, :6]
+        for b in p["blocks"]:
+            h = mx.tanh(h @ b["w"])
+        return mx.mean((h - x[:, 6:]) ** 2)
+
+    return params, td, loss_fn, xs
+
+
+@pytest.mark.parametrize(
+    "name", ["adam", "nested_adam(1, 2, 4) deep_fast", "seed_discard(1, 2, 4)"]
+)
+@given(seed=st.integers(0, 2**16))
+@settings(max_examples=4, deadline=None)
+def test_fused_step_is_compile_step_after_the_gradient(name: str, seed: int):
+    """The fused step (loss, gradient and update in one graph) against the unfused peer: the
+    compiled gradient, then ``nf.compile_step``'s MLX graph (bit for bit) and eager
+    ``nf.apply_gradients`` (float32 rounding: the graph reads the step as float32)."""
+    params, td, loss_fn, xs = _toy_problem(seed)
+    opt = pc.make_optimizer(name, 0.05)
+    fused = pc.FusedStep(opt, loss_fn, td)
+    grad = mx.compile(mx.value_and_grad(loss_fn))
+    peer, eager = nf.compile_step(opt, native=False), nf.init(opt, params)
+    ref = nf.init(opt, params)
+    p, (o, otd) = nf.flatten(params)[0], nf.flatten(ref.opt_state)
+    for k in range(len(xs)):
+        loss, p, o = fused(p, o, otd, k, xs[k])
+        want, g = grad(nf.flatten(ref.params)[0], xs[k])
+        ref = peer(ref, nf.unflatten(td, g))
+        eager = nf.apply_gradients(
+            opt, eager, nf.unflatten(td, grad(nf.flatten(eager.params)[0], xs[k])[1])
+        )
+        assert loss.item() == want.item()
+        got = fused.state(p, o, k + 1)
+        for a, b in zip(nf.flatten(got)[0], nf.flatten(ref)[0]):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), (name, k)
+        for a, b in zip(nf.flatten(got.params)[0], nf.flatten(eager.params)[0]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert len(fused._graphs) == (1 if name == "adam" else 3)  # one graph per phase
+
+
+def test_train_names_the_first_non_finite_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A divergent rate: ``Bench.train`` raises naming the first step whose training loss is
+    not finite, found apart here by a step-by-step replay of the same windows."""
+    for i, d in enumerate(pc.DOMAINS):
+        monkeypatch.setitem(pc.LOADERS, d, _synthetic(i))
+    s = pc.Settings(hidden=16, intermediate=32, seq_len=16, pretrain_steps=5, steps=12,
+                    eval_every=5, eval_windows=4)  # fmt: skip
+    base = pc.pretrain(s, pc.load_domains(s.data_seed), tmp_path)
+    bench = pc.Bench(s, "full", Path(base["cache"]) / "weights.safetensors")
+    # a rate that is 0 for 6 steps, then blows up: the first non-finite loss is in the second
+    # chunk between checks (eval_every 5), where the step's offset matters
+    opt = nf.sgd(lambda k: mx.where(k < 6, 0.0, 1e30))
+    with pytest.raises(FloatingPointError) as e:
+        bench.train(opt, nf.init(opt, bench.init_params(0)), "A", 0)
+    state, xs = nf.init(opt, bench.init_params(0)), bench.phase_windows("A", 0)
+    grad = mx.value_and_grad(bench._mean_loss)
+    for k in range(s.steps):
+        loss, g = grad(nf.flatten(state.params)[0], xs[k])
+        if not math.isfinite(loss.item()):
+            break
+        state = nf.apply_gradients(opt, state, nf.unflatten(bench.treedef, g))
+    assert k > s.eval_every and f"at step {k + 1}" in str(e.value)
