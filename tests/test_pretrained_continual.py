@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import benchmarks.pretrained_continual as pc
 import nestedfn as nf
+from benchmarks.continual import discard_schedule
 
 
 @given(
@@ -181,3 +182,24 @@ def test_train_names_the_first_non_finite_step(tmp_path: Path, monkeypatch: pyte
             break
         state = nf.apply_gradients(opt, state, nf.unflatten(bench.treedef, g))
     assert k > s.eval_every and f"at step {k + 1}" in str(e.value)
+
+
+def test_default_phases_give_every_slowest_tier_50_updates():
+    """The issue's floor: in one phase of the default length, the slowest tier of each frequency
+    set updates at least 50 times (counted by the discard rule's own schedule), and each set is
+    a contender in both orders."""
+    s = pc.Settings()
+    for freqs in (pc.F1, pc.F2):
+        slowest = [k for k in range(s.steps) if discard_schedule(k, freqs)[-1]]
+        assert len(slowest) >= 50, (freqs, len(slowest))
+        for order in ("shallow_fast", "deep_fast"):
+            assert f"nested_adam{freqs} {order}" in pc.CONTENDERS
+    assert s.steps % s.eval_every == 0  # the switch is an evaluation point
+
+
+def test_grids_give_every_family_of_a_mode_the_same_number_of_points():
+    for mode, grids in pc.GRIDS.items():
+        assert len({len(g) for g in grids.values()}) == 1, mode
+        for g in grids.values():
+            assert list(g) == sorted(set(g)), (mode, g)
+    assert {fam for _, fam in pc.CONTENDERS.values()} <= set(pc.GRIDS["lora"])
