@@ -14,20 +14,17 @@ import nestedfn as nf
 from nestedfn.bridge import as_mlx_optimizer
 from nestedfn.fast.compile import compile_step
 from nestedfn.tree import flatten, leaves
+from tests.devices import ON_CPU
 
 
 def _bits(tree):
     return [np.array(x).view(np.uint32).tolist() for x in leaves(tree)]
 
 
-# On the CPU two graphs of the same arithmetic round alike; on a GPU each graph's elementwise
-# ops are fused into kernels of their own, which may contract a * b + c into one FMA in one
-# graph and not in the other: there, equal to float32 rounding (1e-5 of the largest value).
-_EXACT = mx.default_device() == mx.cpu
-
-
 def _same(a, b) -> bool:
-    if _EXACT:
+    """Bit for bit on the CPU; to float32 rounding (1e-5 of the largest value) on a GPU, where
+    two graphs of the same arithmetic fuse differently (``tests.devices``)."""
+    if ON_CPU:
         return _bits(a) == _bits(b)
     la, lb = leaves(a), leaves(b)
     return len(la) == len(lb) and all(
