@@ -198,10 +198,15 @@ def _ranks_running(proc: Launch) -> list[int]:
     return [r for r, pid in enumerate(pids) if pid and _running(int(pid))]
 
 
-def finish(proc: Launch, timeout: float = LAUNCH_TIMEOUT) -> Launched:
+def finish(
+    proc: Launch, timeout: float = LAUNCH_TIMEOUT, launcher_may_hang: bool = False
+) -> Launched:
     """Wait for a ``start``-ed launch and for each of its ranks (see ``RANK_LOG``); on timeout
     dump the ranks' stacks (SIGUSR1), kill the whole process group and fail, showing each
-    rank's output."""
+    rank's output.  ``launcher_may_hang``: a launcher still running after every rank exited
+    with a status is killed and the ranks' results stand -- after a Ctrl-C, ``mlx.launch``
+    itself can hang for good when the KeyboardInterrupt lands inside its stdin forwarding's
+    ``Queue.put`` (seen: in ``threading.Lock.__enter__``), which is MLX's, not nestedfn's."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -210,7 +215,9 @@ def finish(proc: Launch, timeout: float = LAUNCH_TIMEOUT) -> Launched:
     except subprocess.TimeoutExpired:
         kill_hung(proc)
         out, err = proc.communicate()
-        _fail(proc, f"mlx.launch timed out after {timeout}s", out, err)
+        statuses = [_status(proc.logs / f"rank{r}.status") for r in range(proc.n)]
+        if not (launcher_may_hang and None not in statuses):
+            _fail(proc, f"mlx.launch timed out after {timeout}s", out, err)
     while _ranks_running(proc) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _ranks_running(proc):
@@ -693,7 +700,7 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches_one_proc
             _fail(proc, "no 3 steps done", *proc.communicate())
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
-    got = finish(proc, timeout=60)
+    got = finish(proc, timeout=60, launcher_may_hang=True)
     assert got.status == [130, 130], got.stderr  # each rank's own exit status
     # what mlx.launch reports of them (it may miss a rank: see RANK_LOG) says the same
     reported = re.findall(r"Node with rank (\d) (exited with code -?\d+|was killed)", got.stderr)
