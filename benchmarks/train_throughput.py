@@ -6,12 +6,15 @@ rank/scale, number of layers, learning rate, optimizer (Adam) and seed; each run
 process, alternating (``--rounds``) so that a noisy machine hits both.  On a GPU both run on
 the GPU (MLX's default device).
 
-* mlx-lm: its own tokens/s reports (tokens = the target tokens its mask selects), the first
-  report (compilation) left out.
-* nestedfn: ``adam`` (the config's optimizer) and ``nested_adam`` (frequencies 1, 2, 4);
-  tokens/s = target tokens of the steps after the warm-up divided by the *wall-clock* time
-  between those steps' records in ``metrics.jsonl`` (batching, logging, tier statistics and
-  the progress bar included).
+Both are timed the same way, from outside: each process runs with unbuffered output, every
+report line is stamped as it arrives, and tokens/s is the tokens trained between the second
+report and the second-to-last one divided by the wall-clock time between those two lines
+(batching, evaluation points, logging, checkpoint and progress output included for both; the
+first window, with compilation, and the last, with the final evaluation, left out).  Tokens:
+mlx-lm's running total from its report rows, nestedfn's from ``metrics.jsonl``.  mlx-lm's
+own tokens/s (its step time only: no batching, no reporting) is printed beside it.
+
+* nestedfn: ``adam`` (the config's optimizer) and ``nested_adam`` (frequencies 1, 2, 4).
 
 Prints one line per run and the median ratios nestedfn / mlx-lm; ``--json`` writes them.
 Not a test.
@@ -23,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from itertools import accumulate
 from pathlib import Path
 
 
@@ -44,42 +50,66 @@ def write_config(path: Path, model: Path, data: Path, a: argparse.Namespace) -> 
     return path
 
 
-# mlx-lm's report lines: "Iter 10: Train loss 2.3, ..., Tokens/sec 1234.5, ..." (classic) or
-# a table row "  10    2.345 ▼    1,234    12.3k" (newer)
-_CLASSIC = re.compile(r"Iter (\d+): Train loss [^,]+,.*?Tokens/sec ([0-9.]+)")
-_TABLE = re.compile(r"^\s*(\d+)\s+[0-9.]+ [▼▲]\s+([0-9,]+)\s+[0-9.]+k", re.M)
+# mlx-lm's report lines: "Iter 10: Train loss 2.3, ..., Tokens/sec 1234.5, Trained Tokens
+# 5678, ..." (classic) or a table row "  10    2.345 ▼    1,234    12.3k" (newer: tok/s, tokens)
+_CLASSIC = re.compile(r"Iter (\d+): Train loss [^,]+,.*?Tokens/sec ([0-9.]+), Trained Tokens (\d+)")
+_TABLE = re.compile(r"^\s*(\d+)\s+[0-9.]+ [▼▲]\s+([0-9,]+)\s+([0-9.]+)k\s*$")
+_NESTEDFN = re.compile(r"^step (\d+)/\d+: loss")
 
 
-def mlx_lm_tokens_per_sec(cfg: Path, work: Path) -> float:
+def _stamped(cmd: list[str]) -> list[tuple[float, str]]:
+    """Run ``cmd`` with unbuffered output; each output line with the time it arrived."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines = [(time.perf_counter(), line.rstrip("\n")) for line in proc.stdout]
+    if proc.wait():
+        tail = "\n".join(x for _, x in lines[-30:])
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{tail}")
+    return lines
+
+
+def _window_rate(reports: list[tuple[int, float, float]]) -> float:
+    """Tokens/s between the second report and the second-to-last one: ``reports`` holds
+    (step, time the line arrived, tokens trained so far)."""
+    if len(reports) < 4:
+        raise SystemExit(f"too few reports to time ({len(reports)}): raise --iters")
+    (_, t0, n0), (_, t1, n1) = reports[1], reports[-2]
+    return (n1 - n0) / (t1 - t0)
+
+
+def mlx_lm_tokens_per_sec(cfg: Path, work: Path) -> tuple[float, float]:
+    """(tokens/s timed from outside, mlx-lm's own mean tokens/s after its first report)."""
     cmd = [sys.executable, "-m", "mlx_lm", "lora", "-c", str(cfg)]
-    cmd += ["--adapter-path", str(work / "mlx_lm_run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"mlx_lm lora failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
-    rows = _CLASSIC.findall(text) or _TABLE.findall(text)
-    rates = [float(tps.replace(",", "")) for _, tps in rows]
-    if len(rates) < 3:
-        raise SystemExit(f"could not read mlx_lm's tokens/s reports:\n{proc.stdout[-2000:]}")
-    return statistics.mean(rates[1:])
+    lines = _stamped(cmd + ["--adapter-path", str(work / "mlx_lm_run")])
+    reports, own = [], []
+    for t, line in lines:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        if m := _CLASSIC.search(line):
+            reports.append((int(m[1]), t, float(m[3])))
+        elif m := _TABLE.match(line):
+            reports.append((int(m[1]), t, float(m[3]) * 1000))
+        else:
+            continue
+        own.append(float(m[2].replace(",", "")))
+    return _window_rate(reports), statistics.mean(own[1:])
 
 
 def nestedfn_tokens_per_sec(
-    cfg: Path, work: Path, warmup: int, extra: list[str], tag: str
+    cfg: Path, work: Path, extra: list[str], tag: str
 ) -> tuple[float, float]:
-    """(tokens/s, final train loss) of ``nestedfn train -c cfg`` with ``extra`` options."""
+    """(tokens/s timed from outside, final train loss) of ``nestedfn train -c cfg`` with
+    ``extra`` options."""
     out = work / f"nestedfn_{tag}"
     cmd = [sys.executable, "-m", "nestedfn", "train", "-c", str(cfg), "--adapter-path", str(out)]
-    cmd += ["--force", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"nestedfn train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    lines = _stamped(cmd + ["--force", *extra])
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if r["type"] == "train"]
-    warm = recs[warmup - 1]
-    steady = recs[warmup:]
-    tokens = sum(r["tokens"] for r in steady)
-    return tokens / (steady[-1]["elapsed"] - warm["elapsed"]), recs[-1]["loss"]
+    trained = dict(zip((r["step"] for r in recs), accumulate(r["tokens"] for r in recs)))
+    reports = [(int(m[1]), t, trained[int(m[1])]) for t, x in lines if (m := _NESTEDFN.match(x))]
+    return _window_rate(reports), recs[-1]["loss"]
 
 
 def main() -> None:
@@ -89,7 +119,6 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=10, help="nestedfn steps left out")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from nestedfn.lm.demo import build_demo_model, write_demo_dataset
@@ -106,16 +135,20 @@ def main() -> None:
             flush=True,
         )
         runs: dict[str, list[float]] = {"mlx_lm": [], "nested_adam": [], "adam": []}
+        own: list[float] = []  # mlx-lm's own figure (its step time only)
         losses: dict[str, float] = {}
         for r in range(a.rounds):
             for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
+                note = ""
                 if name == "mlx_lm":
-                    tps = mlx_lm_tokens_per_sec(cfg, work)
+                    tps, mine = mlx_lm_tokens_per_sec(cfg, work)
+                    own.append(mine)
+                    note = f"  (its own report, step time only: {mine:.0f})"
                 else:
                     extra = ["--optimizer", "nested_adam"] if name == "nested_adam" else []
-                    tps, losses[name] = nestedfn_tokens_per_sec(cfg, work, a.warmup, extra, name)
+                    tps, losses[name] = nestedfn_tokens_per_sec(cfg, work, extra, name)
                 runs[name].append(tps)
-                print(f"round {r + 1}: {name:12s} {tps:8.0f} tokens/s", flush=True)
+                print(f"round {r + 1}: {name:12s} {tps:8.0f} tokens/s{note}", flush=True)
         med = {k: statistics.median(v) for k, v in runs.items()}
         for k in ("nested_adam", "adam"):
             print(
@@ -125,7 +158,16 @@ def main() -> None:
         if a.json:
             ratios = {k: med[k] / med["mlx_lm"] for k in ("nested_adam", "adam")}
             Path(a.json).write_text(
-                json.dumps({"runs": runs, "median": med, "ratio": ratios, "loss": losses}, indent=1)
+                json.dumps(
+                    {
+                        "runs": runs,
+                        "median": med,
+                        "ratio": ratios,
+                        "loss": losses,
+                        "mlx_lm_own_report": own,
+                    },
+                    indent=1,
+                )
             )
 
 

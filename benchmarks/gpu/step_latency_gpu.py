@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+from itertools import accumulate
 from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -171,6 +172,32 @@ def host_split(params, grads, kind: str, iters: int) -> dict[str, float]:
     return {"call": _med(call), "eval": _med(ev)}
 
 
+def views_floor(params, iters: int, kinds: int = 3) -> dict[str, float]:
+    """A lower bound of any step that returns its state in the tree layout, in MLX: one
+    elementwise op per kind over a flat buffer of the tree's size (``kinds``: Adam's params,
+    m, v), split into one view per leaf, then ``mx.eval`` of the views; median ms of the call
+    and of its eval.  No optimizer arithmetic: what the arrays alone cost on this backend."""
+    import time
+
+    sizes = [x.size for x in nf.flatten(params)[0]]
+    cuts = list(accumulate(sizes))[:-1]
+    bufs = [mx.zeros((sum(sizes),)) for _ in range(kinds)]
+    mx.eval(bufs)
+    call, ev = [], []
+    for it in range(iters + 5):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        bufs = [b + 1.0 for b in bufs]
+        views = [v for b in bufs for v in mx.split(b, cuts)]
+        t1 = time.perf_counter()
+        mx.eval(views)
+        mx.synchronize()
+        if it >= 5:
+            call.append(1e3 * (t1 - t0))
+            ev.append(1e3 * (time.perf_counter() - t1))
+    return {"call": _med(call), "eval": _med(ev), "arrays": len(views)}
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 4) if xs else float("nan")
 
@@ -235,6 +262,7 @@ def main() -> None:
     grads = nf.tree_map(lambda x: mx.random.normal(x.shape) * 1e-3, params)
     mx.eval(params, grads)
     split = {k: host_split(params, grads, k, N) for k in ("default", "packed")}
+    split["views_floor"] = views_floor(params, N)
     result["host_split_lora_adam"] = split
     print("LoRA Adam, ms of the call / of its eval:", split, flush=True)
     makers = {

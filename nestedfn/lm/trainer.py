@@ -170,12 +170,6 @@ class Summary:
     resumed_at: int | None = None
 
 
-def _tier_updates(opt_state: Any) -> list[int] | None:
-    if _find_nested(opt_state) is None:
-        return None
-    return [t.updates for t in tier_stats(opt_state)]
-
-
 def _absolute(config: TrainConfig, out: Path) -> TrainConfig:
     """``config`` with absolute model, data and adapter paths and ``adapter_path`` the run
     directory, so the saved ``config.yaml`` resumes from any working directory."""
@@ -568,6 +562,7 @@ class _Run:
     stopped: bool = False
     tokens: float = 0.0
     seconds: float = 0.0
+    tiered: bool | None = None  # whether the state holds tiers (its structure never changes)
     test: float | None = None
     resumed_at: int | None = None
     # set by loop(): the metrics file, the reporter, the last completed step and bookkeeping
@@ -691,7 +686,9 @@ class _Run:
 
     def record_step(self, i: int, loss: float, tokens: float, dt: float) -> None:
         step, c = i + 1, self.config
-        tiers = _tier_updates(self.state.opt_state)
+        if self.tiered is None:  # decided once: the walk costs ~0.5 ms a step otherwise
+            self.tiered = _find_nested(self.state.opt_state) is not None
+        tiers = [t.updates for t in tier_stats(self.state.opt_state)] if self.tiered else None
         lr = float(self.prep.schedule(i // c.grad_accumulation))
         peak = mx.get_peak_memory() / 1e9
         record = {"type": "train", "step": step, "loss": loss, "lr": lr, "tokens": tokens}
