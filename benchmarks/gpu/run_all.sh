@@ -3,10 +3,10 @@
 # (and JSON) under $OUT, so one failing stage does not lose the others.  Run from the repo root
 # after MLX's CUDA build is unpacked in /root/mlxsite (shared/gpu/README.md, steps 2-3):
 #   bash benchmarks/gpu/run_all.sh [STAGES]    STAGES: a comma list of
-#   env,mt,bench,suite,trainer,throughput,profile,resident  (default: all of them)
+#   env,mt,bench,suite,trainer,throughput,profile,resident,bf16  (default: all of them)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=",${1:-env,mt,bench,suite,trainer,throughput,profile,resident},"
+STAGES=",${1:-env,mt,bench,suite,trainer,throughput,profile,resident,bf16},"
 T_MT=${T_MT:-120}; T_BENCH=${T_BENCH:-200}; T_SUITE=${T_SUITE:-300}; T_TRAINER=${T_TRAINER:-150}
 T_TP=${T_TP:-150}; T_RES=${T_RES:-120}; T_PROF=${T_PROF:-120}
 # install (once per machine): MLX's CUDA build from /root/mlxsite (a .pth, so that every
@@ -61,5 +61,8 @@ if stage profile; then  # where a GPU training step's host time goes (cProfile, 
 fi
 if stage resident; then
   run resident "$T_RES" python3 benchmarks/resident_step.py --device gpu --rounds 3
+fi
+if stage bf16; then  # the bfloat16 resident step's refusal on a GPU, leaf by leaf
+  run bf16 60 python3 benchmarks/gpu/resident_bf16.py --steps 3
 fi
 cat "$OUT/status"
