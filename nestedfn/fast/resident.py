@@ -64,7 +64,14 @@ from nestedfn.optim.core import (
     apply_updates,
     tracing_step,
 )
-from nestedfn.tree.structure import TreeDef, TreeMismatchError, _structure_diff, flatten, unflatten
+from nestedfn.tree.structure import (
+    TreeDef,
+    TreeMismatchError,
+    _structure_diff,
+    flatten,
+    tree_map,
+    unflatten,
+)
 
 __all__ = ["ResidentState", "ResidentStep", "resident_step"]
 
@@ -339,20 +346,26 @@ class ResidentStep:
 
     def _check(self, state: ResidentState, batch: tuple, value: Any, got: ResidentState) -> None:
         """Raise ``NotPackableError`` naming the first leaf where this step differs from
-        ``mx.value_and_grad`` on the tree and ``apply_gradients``."""
+        ``mx.value_and_grad`` on the tree and ``apply_gradients`` (with low-precision params,
+        judged against the same step in float32: ``first_mismatch``)."""
         before = self.unpack_state(state)
         td = self._entry.params_def
 
         def loss_of_leaves(leaves: list[mx.array]) -> Any:
             return self.loss_fn(unflatten(td, leaves), *batch)
 
-        e_value, grad_leaves = mx.value_and_grad(loss_of_leaves)(flatten(before.params)[0])
-        expected = apply_gradients(self.opt, before, unflatten(td, grad_leaves))
+        def tree_step(start: TrainState) -> dict:
+            loss, grads = mx.value_and_grad(loss_of_leaves)(flatten(start.params)[0])
+            new = apply_gradients(self.opt, start, unflatten(td, grads))
+            return {"loss": loss, "params": new.params, "opt_state": new.opt_state}
+
         after = self.unpack_state(got)
+        low = any(dt in _LOW for dt in self.layout.dtypes)  # gradients and loss round there
         path = first_mismatch(
-            {"loss": e_value, "params": expected.params, "opt_state": expected.opt_state},
+            tree_step(before),
             {"loss": value, "params": after.params, "opt_state": after.opt_state},
-            any(dt in _LOW for dt in self.layout.dtypes),  # gradients and loss round there
+            low,
+            tree_step(_upcast(before)) if low else None,  # the same step in float32
         )
         if path is not None:
             raise NotPackableError(
@@ -361,6 +374,15 @@ class ResidentStep:
                 "elementwise over params (per-leaf shapes, labels, masks or tiers), use "
                 "compile_step(opt) instead"
             )
+
+
+def _upcast(state: TrainState) -> TrainState:
+    """``state`` with its low-precision arrays cast to float32."""
+
+    def up(x: Any) -> Any:
+        return x.astype(mx.float32) if isinstance(x, mx.array) and x.dtype in _LOW else x
+
+    return TrainState(tree_map(up, state.params), tree_map(up, state.opt_state), state.step)
 
 
 def resident_step(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nestedfn.fast.compile import compile_step
-from nestedfn.fast.packed_step import PackedState
+from nestedfn.fast.packed_step import PackedState, first_mismatch
 from nestedfn.fast.packing import NotPackableError
 from nestedfn.optim.core import Optimizer, apply_gradients, chain, init
 from nestedfn.tree import TreeMismatchError, flatten, tree_map
@@ -325,3 +325,24 @@ def test_packed_int_gradients_are_refused_naming_the_dtype():
     grads = {"a": mx.ones((2,), dtype=mx.int32), "b": mx.ones((3,), dtype=mx.int32)}
     with pytest.raises(NotPackableError, match="'a' has dtype int32"):
         compile_step(adam(1e-2), packed=True)(init(adam(1e-2), params), grads)
+
+
+def test_first_mismatch_judges_bfloat16_against_the_float32_step():
+    """With the float32 step given, a bfloat16 leaf passes when it is about as accurate as
+    the eager one, even where the two differ elementwise far beyond bfloat16 rounding of a
+    small entry (what two GPU graphs do); a gross error is still found, naming the leaf."""
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal(64).astype(np.float32) * 4
+    exact[3] = 0.01  # a small entry: elementwise tolerances fail there first
+    eager = exact * (1 + 4e-3 * rng.standard_normal(64).astype(np.float32))
+    other = exact * (1 + 4e-3 * rng.standard_normal(64).astype(np.float32))
+    eager[3], other[3] = 0.0, 0.02  # 0.02 apart on an entry of 0.01
+
+    def tree(x):
+        return {"w": mx.array(x).astype(mx.bfloat16)}
+
+    x = {"w": mx.array(exact)}
+    assert first_mismatch(tree(eager), tree(other), True) == "w"  # elementwise: refused
+    assert first_mismatch(tree(eager), tree(other), True, x) is None
+    assert first_mismatch(tree(eager), tree(exact * 1.5), True, x) == "w"
+    assert first_mismatch(tree(eager), tree(np.full(64, np.nan)), True, x) == "w"
