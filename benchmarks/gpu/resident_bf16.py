@@ -22,14 +22,9 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nestedfn.fast.resident import resident_step  # noqa: E402
-from nestedfn.optim.core import TrainState  # noqa: E402
 from nestedfn.optim.optimizers import adam, momentum  # noqa: E402
-from nestedfn.tree import flatten, tree_map  # noqa: E402
-from tests.fast.test_resident import _batch, _mlp, _mlp_loss, _reference_step  # noqa: E402
-
-
-def _up(tree):
-    return tree_map(lambda x: x.astype(mx.float32) if isinstance(x, mx.array) else x, tree)
+from nestedfn.tree import flatten  # noqa: E402
+from tests.fast.test_resident import _batch, _mlp, _mlp_loss, _reference_step, _upcast  # noqa: E402
 
 
 def _err(x: mx.array, ref: mx.array) -> tuple[float, float]:
@@ -53,8 +48,7 @@ def main() -> None:
             batch = _batch(100 + t)
             before = fn.unpack_state(state)
             _, eager = _reference_step(opt, _mlp_loss, before, *batch)
-            up = TrainState(_up(before.params), _up(before.opt_state), before.step)
-            _, exact = _reference_step(opt, _mlp_loss, up, *batch)
+            _, exact = _reference_step(opt, _mlp_loss, _upcast(before), *batch)
             _, state = fn(state, *batch)
             got = fn.unpack_state(state)
             trees = [(got, "resident"), (eager, "eager")]

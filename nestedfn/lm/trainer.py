@@ -562,7 +562,7 @@ class _Run:
     stopped: bool = False
     tokens: float = 0.0
     seconds: float = 0.0
-    tiered: bool | None = None  # whether the state holds tiers (its structure never changes)
+    tiered: bool = False  # whether the state holds tiers (set by loop(): fixed for a run)
     test: float | None = None
     resumed_at: int | None = None
     # set by loop(): the metrics file, the reporter, the last completed step and bookkeeping
@@ -595,6 +595,7 @@ class _Run:
     def loop(self) -> Summary:
         c = self.config
         self.metrics = _Metrics(self.out / METRICS_FILE, self.main)
+        self.tiered = _find_nested(self.state.opt_state) is not None
         self.bar = Reporter(
             c.steps, int(self.state.step), c.steps_per_report, self.show, self.log,
             trained_tokens=self.tokens,
@@ -686,8 +687,6 @@ class _Run:
 
     def record_step(self, i: int, loss: float, tokens: float, dt: float) -> None:
         step, c = i + 1, self.config
-        if self.tiered is None:  # decided once: the walk costs ~0.5 ms a step otherwise
-            self.tiered = _find_nested(self.state.opt_state) is not None
         tiers = [t.updates for t in tier_stats(self.state.opt_state)] if self.tiered else None
         lr = float(self.prep.schedule(i // c.grad_accumulation))
         peak = mx.get_peak_memory() / 1e9
